@@ -1,0 +1,41 @@
+//! Types shared by spliced's eBPF program (`proxy-ebpf`) and the daemon (`proxy-user`).
+//!
+//! Everything here is `#[repr(C)]` and [`bytemuck::Pod`], so both sides agree on the layout of
+//! map keys and values byte for byte. The `user` feature adds what only the daemon needs.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Name of the SOCKHASH that maps a source socket's cookie to the socket its bytes go to.
+/// No program is attached to it: it is only the lookup table of `bpf_sk_redirect_hash`.
+pub const TARGETS_MAP: &str = "TARGETS";
+/// Name of the SOCKHASH whose sockets run the verdict program (key: the socket's own cookie).
+pub const ACTIVE_MAP: &str = "ACTIVE";
+/// Name of the hash map of per-socket [`SockStats`], keyed by socket cookie.
+pub const STATS_MAP: &str = "STATS";
+/// Name of the `sk_skb/stream_verdict` program.
+pub const VERDICT_PROG: &str = "spliced_verdict";
+
+/// Capacity of each socket map: two sockets per spliced connection.
+pub const MAX_SOCKETS: u32 = 131_072;
+
+/// Counters the verdict program keeps for one source socket (key: its socket cookie).
+///
+/// The daemon creates the entry before it activates the socket and removes it when the
+/// connection ends; the program only updates entries that exist.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct SockStats {
+    /// Payload bytes the verdict redirected from this socket to its peer.
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last redirected skb; 0 if none yet.
+    pub last_ns: u64,
+    /// Redirects the kernel refused (peer missing from the targets map). Must stay 0.
+    pub failed: u64,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: `SockStats` is `#[repr(C)]`, has no padding and is valid for any bit pattern.
+    unsafe impl aya::Pod for super::SockStats {}
+}
