@@ -1,7 +1,7 @@
 //! The verdict program: redirect every received skb to the peer socket's egress.
 
 use aya_ebpf::{
-    bindings::sk_action::SK_PASS,
+    bindings::{sk_action::SK_PASS, BPF_F_NO_PREALLOC},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
     maps::{HashMap, SockHash},
@@ -19,9 +19,10 @@ static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static ACTIVE: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Own cookie -> counters, kept for metrics, logs and backpressure.
+/// Own cookie -> counters, kept for logs, metrics and backpressure. Not preallocated: the
+/// daemon inserts an entry per live socket, so memory follows the number of connections.
 #[map]
-static STATS: HashMap<u64, SockStats> = HashMap::with_max_entries(MAX_SOCKETS, 0);
+static STATS: HashMap<u64, SockStats> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
 #[stream_verdict]
 pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {

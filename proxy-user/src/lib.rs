@@ -1,1 +1,15 @@
+//! spliced: a TCP forwarder that splices connections inside the kernel with sockmap.
+pub mod addr;
+pub mod cli;
+pub mod config;
+mod forward;
+mod server;
+mod sockmap;
+mod sockopt;
+mod watch;
+
+pub use config::{Config, Mode, Route};
+pub use server::{Daemon, DataPath, StartError, Stats};
+
+/// The embedded eBPF object; empty when built without the eBPF toolchain.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

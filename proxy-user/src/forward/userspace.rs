@@ -1,0 +1,244 @@
+//! The userspace data paths: `splice` (splice(2) through a pipe, no copy into userspace) and
+//! `copy` (a userspace buffer). Used where sockmap is unavailable, and for connections sockmap
+//! cannot take (a socket no longer ESTABLISHED at insert time, sockmap.md trap 4).
+use std::{
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    pin::pin,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use tokio::{io::Interest, net::TcpStream};
+use tokio_util::sync::CancellationToken;
+
+use super::{End, Outcome};
+use crate::sockopt;
+
+/// Moves bytes from a socket into an intermediate store and out to another socket.
+trait Mover {
+    /// Bytes held, read from the source and not yet written.
+    fn pending(&self) -> usize;
+    /// Reads from `src` into the store (only called when it is empty). 0 is EOF.
+    fn fill(&mut self, src: RawFd) -> io::Result<usize>;
+    /// Writes from the store to `dst`.
+    fn drain(&mut self, dst: RawFd) -> io::Result<usize>;
+}
+
+fn ret(n: isize) -> io::Result<usize> {
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A userspace buffer.
+struct Buffer {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Buffer {
+    const SIZE: usize = 256 * 1024;
+    fn new() -> Self {
+        Buffer {
+            buf: vec![0; Self::SIZE].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Mover for Buffer {
+    fn pending(&self) -> usize {
+        self.end - self.start
+    }
+    fn fill(&mut self, src: RawFd) -> io::Result<usize> {
+        // SAFETY: the buffer is valid for writes of its length.
+        let n = ret(unsafe { libc::recv(src, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) })?;
+        (self.start, self.end) = (0, n);
+        Ok(n)
+    }
+    fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
+        let data = &self.buf[self.start..self.end];
+        // SAFETY: `data` is valid for reads of its length.
+        let n = ret(unsafe {
+            libc::send(dst, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL)
+        })?;
+        self.start += n;
+        Ok(n)
+    }
+}
+
+/// A pipe between two splice(2) calls.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+    capacity: usize,
+    held: usize,
+}
+
+impl Pipe {
+    /// 1 MiB, the default `pipe-max-size`; the kernel's 64 KiB default costs throughput.
+    const SIZE: libc::c_int = 1 << 20;
+
+    fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fresh descriptors owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: plain fcntl; on failure the pipe keeps its default size.
+        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, Self::SIZE) };
+        let capacity = if size > 0 { size as usize } else { 64 * 1024 };
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+            held: 0,
+        })
+    }
+}
+
+impl Mover for Pipe {
+    fn pending(&self) -> usize {
+        self.held
+    }
+    fn fill(&mut self, src: RawFd) -> io::Result<usize> {
+        // SAFETY: valid fds, null offsets (sockets and pipes have none).
+        let n = ret(unsafe {
+            libc::splice(
+                src,
+                std::ptr::null_mut(),
+                self.write.as_raw_fd(),
+                std::ptr::null_mut(),
+                self.capacity,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        })?;
+        self.held += n;
+        Ok(n)
+    }
+    fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
+        // SAFETY: as in `fill`.
+        let n = ret(unsafe {
+            libc::splice(
+                self.read.as_raw_fd(),
+                std::ptr::null_mut(),
+                dst,
+                std::ptr::null_mut(),
+                self.held,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
+        })?;
+        self.held -= n;
+        Ok(n)
+    }
+}
+
+/// Which socket a direction failed on.
+enum Failed {
+    Source(io::Error),
+    Destination(io::Error),
+}
+
+/// One direction: move bytes until EOF, then shut the destination's write side (half-close).
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    mover: &mut impl Mover,
+    count: &AtomicU64,
+) -> Result<(), Failed> {
+    loop {
+        let n = loop {
+            src.readable().await.map_err(Failed::Source)?;
+            match src.try_io(Interest::READABLE, || mover.fill(src.as_raw_fd())) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Failed::Source(e)),
+            }
+        };
+        if n == 0 {
+            return sockopt::shutdown_write(dst).map_err(Failed::Destination);
+        }
+        while mover.pending() > 0 {
+            dst.writable().await.map_err(Failed::Destination)?;
+            match dst.try_io(Interest::WRITABLE, || mover.drain(dst.as_raw_fd())) {
+                Ok(n) => {
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(Failed::Destination(e)),
+            }
+        }
+    }
+}
+
+/// Which userspace path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Splice,
+    Copy,
+}
+
+/// Forwards until both directions have ended, one side failed, or `cancel` fires.
+pub async fn run(
+    kind: Kind,
+    client: TcpStream,
+    upstream: TcpStream,
+    cancel: &CancellationToken,
+) -> Outcome {
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let end = match kind {
+        Kind::Copy => {
+            drive(&client, &upstream, Buffer::new(), Buffer::new(), &up, &down, cancel).await
+        }
+        Kind::Splice => match (Pipe::new(), Pipe::new()) {
+            (Ok(a), Ok(b)) => drive(&client, &upstream, a, b, &up, &down, cancel).await,
+            (Err(e), _) | (_, Err(e)) => End::Ours(e),
+        },
+    };
+    if !matches!(end, End::Complete) {
+        // Make both peers see a reset rather than a clean end they could mistake for success.
+        let _ = sockopt::set_linger_zero(&client);
+        let _ = sockopt::set_linger_zero(&upstream);
+    }
+    Outcome {
+        up: up.load(Ordering::Relaxed),
+        down: down.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+async fn drive(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    mut up_store: impl Mover,
+    mut down_store: impl Mover,
+    up: &AtomicU64,
+    down: &AtomicU64,
+    cancel: &CancellationToken,
+) -> End {
+    let mut upload = pin!(pump(client, upstream, &mut up_store, up));
+    let mut download = pin!(pump(upstream, client, &mut down_store, down));
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut upload, if !up_done => match r {
+                Ok(()) => up_done = true,
+                Err(Failed::Source(e)) => return End::ClientFailed(e),
+                Err(Failed::Destination(e)) => return End::UpstreamFailed(e),
+            },
+            r = &mut download, if !down_done => match r {
+                Ok(()) => down_done = true,
+                Err(Failed::Source(e)) => return End::UpstreamFailed(e),
+                Err(Failed::Destination(e)) => return End::ClientFailed(e),
+            },
+            () = cancel.cancelled() => return End::Shutdown,
+        }
+    }
+    End::Complete
+}

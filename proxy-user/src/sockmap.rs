@@ -1,0 +1,336 @@
+//! Loading the verdict program and putting connections into its maps.
+//!
+//! Needs Linux 5.10 (verdict-only `sk_skb/stream_verdict`, `bpf_get_socket_cookie` for sk_skb),
+//! CAP_BPF and CAP_NET_ADMIN (or root), and a kernel whose `recvmsg` on a sockmap socket re-runs
+//! the verdict on bytes queued before the insert (the 2023 stable fixes; see [`Sockmap::probe`]).
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::{AsRawFd, RawFd},
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::{
+    maps::{HashMap, MapData, SockHash},
+    programs::SkSkb,
+    Ebpf,
+};
+use proxy_common::{SockStats, ACTIVE_MAP, STATS_MAP, TARGETS_MAP, VERDICT_PROG};
+
+use crate::sockopt;
+
+/// Why the sockmap data path cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// Why a connection could not be put into the maps.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// A socket was no longer ESTABLISHED (sockmap.md, trap 4: a client that sent and shut down
+    /// at once is often in CLOSE_WAIT already). The connection needs a userspace path.
+    #[error("socket not ESTABLISHED (sockmap accepts only established sockets)")]
+    NotEstablished,
+    /// Any other map failure (map full, ...).
+    #[error("sockmap insert failed: {0}")]
+    Map(#[from] aya::maps::MapError),
+}
+
+struct Maps {
+    targets: SockHash<MapData, u64>,
+    active: SockHash<MapData, u64>,
+    stats: HashMap<MapData, u64, SockStats>,
+}
+
+/// The loaded verdict program and its maps. Dropping it detaches the program and frees the maps.
+pub struct Sockmap {
+    maps: Mutex<Maps>,
+    log_reader: Option<tokio::task::JoinHandle<()>>,
+    // Kept alive: dropping `Ebpf` detaches the program (aya).
+    _ebpf: Ebpf,
+}
+
+/// The two sockets of one connection, as the maps know them.
+#[derive(Clone, Copy, Debug)]
+pub struct Pair {
+    pub client: RawFd,
+    pub client_cookie: u64,
+    pub upstream: RawFd,
+    pub upstream_cookie: u64,
+}
+
+impl Sockmap {
+    /// Loads `object` (the embedded eBPF object), attaches the verdict program to the active map
+    /// and starts forwarding the program's aya-log records to the `log` crate.
+    /// Must be called inside a tokio runtime.
+    pub fn load(object: &[u8]) -> Result<Sockmap, Unavailable> {
+        if object.is_empty() {
+            return Err(Unavailable(
+                "this spliced was built without its eBPF object (nightly rust-src or bpf-linker \
+                 was missing at build time): run `cargo xtask setup` and rebuild"
+                    .into(),
+            ));
+        }
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(object).map_err(|e| {
+            Unavailable(format!(
+                "loading the eBPF program failed: {e}{}",
+                privilege_hint(&e.to_string())
+            ))
+        })?;
+        let log_reader = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_reader(logger),
+            Err(e) => {
+                tracing::warn!("eBPF log records will not be shown: {e}");
+                None
+            }
+        };
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| Unavailable(format!("the eBPF object has no map {name}")))
+        };
+        let targets: SockHash<MapData, u64> = take(&mut ebpf, TARGETS_MAP)?
+            .try_into()
+            .map_err(|e| Unavailable(format!("map {TARGETS_MAP}: {e}")))?;
+        let active: SockHash<MapData, u64> = take(&mut ebpf, ACTIVE_MAP)?
+            .try_into()
+            .map_err(|e| Unavailable(format!("map {ACTIVE_MAP}: {e}")))?;
+        let stats: HashMap<MapData, u64, SockStats> = take(&mut ebpf, STATS_MAP)?
+            .try_into()
+            .map_err(|e| Unavailable(format!("map {STATS_MAP}: {e}")))?;
+        let program: &mut SkSkb = ebpf
+            .program_mut(VERDICT_PROG)
+            .ok_or_else(|| Unavailable(format!("the eBPF object has no program {VERDICT_PROG}")))?
+            .try_into()
+            .map_err(|e| Unavailable(format!("program {VERDICT_PROG}: {e}")))?;
+        program.load().map_err(|e| {
+            Unavailable(format!(
+                "the kernel refused the sk_skb verdict program: {e} (needs Linux 5.10 or later){}",
+                privilege_hint(&format!("{e:?}"))
+            ))
+        })?;
+        program
+            .attach(active.fd())
+            .map_err(|e| Unavailable(format!("attaching the verdict program failed: {e}")))?;
+        Ok(Sockmap {
+            maps: Mutex::new(Maps {
+                targets,
+                active,
+                stats,
+            }),
+            log_reader,
+            _ebpf: ebpf,
+        })
+    }
+
+    fn maps(&self) -> std::sync::MutexGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the maps inconsistent in a way the
+        // kernel cares about; keep serving.
+        self.maps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Puts both sockets into the maps: both targets first, then both active (trap 2: a socket
+    /// activated before its peer is a target loses its bytes). On error nothing stays inserted
+    /// and no byte has been redirected: activation of the first socket is the last step that can
+    /// fail with EOPNOTSUPP... except the second activation; see [`InsertError`] handling there.
+    pub fn insert(&self, pair: &Pair) -> Result<(), InsertError> {
+        let mut m = self.maps();
+        let Maps {
+            targets,
+            active,
+            stats,
+        } = &mut *m;
+        let zero = SockStats::default();
+        let steps = (|| -> Result<(), aya::maps::MapError> {
+            stats.insert(pair.client_cookie, zero, 0)?;
+            stats.insert(pair.upstream_cookie, zero, 0)?;
+            targets.insert(pair.client_cookie, pair.upstream, 0)?;
+            targets.insert(pair.upstream_cookie, pair.client, 0)?;
+            Ok(())
+        })();
+        if let Err(e) = steps {
+            remove_all(targets, active, stats, pair);
+            return Err(classify(e));
+        }
+        // Activate the upstream first. If the client's activation then fails (it went to
+        // CLOSE_WAIT between the two calls), the upstream may already have redirected bytes into
+        // the client's backlog; `deactivate` + drain handles that in the caller, so report it.
+        if let Err(e) = active.insert(pair.upstream_cookie, pair.upstream, 0) {
+            remove_all(targets, active, stats, pair);
+            return Err(classify(e));
+        }
+        if let Err(e) = active.insert(pair.client_cookie, pair.client, 0) {
+            let _ = active.remove(&pair.upstream_cookie);
+            drop(m);
+            return Err(classify(e));
+        }
+        Ok(())
+    }
+
+    /// Stops the verdict on both sockets. Bytes already redirected stay in the peers' backlogs
+    /// and keep draining as long as the sockets stay in the targets map.
+    pub fn deactivate(&self, pair: &Pair) {
+        let mut m = self.maps();
+        let _ = m.active.remove(&pair.client_cookie);
+        let _ = m.active.remove(&pair.upstream_cookie);
+    }
+
+    /// Removes the pair from every map. Only after the backlogs have drained (trap 6): a socket
+    /// leaving the maps drops the bytes still queued in its psock.
+    pub fn remove(&self, pair: &Pair) {
+        let mut m = self.maps();
+        let Maps {
+            targets,
+            active,
+            stats,
+        } = &mut *m;
+        remove_all(targets, active, stats, pair);
+    }
+
+    /// The verdict program's counters for a socket.
+    pub fn stats(&self, cookie: u64) -> SockStats {
+        self.maps().stats.get(&cookie, 0).unwrap_or_default()
+    }
+
+    /// Proves the data path works on this kernel, end to end: two loopback TCP connections are
+    /// spliced, a byte written *before* the insert must arrive (the early-bytes flush of trap 3
+    /// depends on a 2023 kernel fix), and a byte each way after it.
+    pub fn probe(&self) -> Result<(), Unavailable> {
+        let err = |what: &str, e: std::io::Error| Unavailable(format!("sockmap probe: {what}: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| err("bind", e))?;
+        let addr = listener.local_addr().map_err(|e| err("local_addr", e))?;
+        let mut a = TcpStream::connect(addr).map_err(|e| err("connect", e))?;
+        let (b, _) = listener.accept().map_err(|e| err("accept", e))?;
+        let c = TcpStream::connect(addr).map_err(|e| err("connect", e))?;
+        let (mut d, _) = listener.accept().map_err(|e| err("accept", e))?;
+        for s in [&a, &d] {
+            s.set_read_timeout(Some(Duration::from_secs(2)))
+                .map_err(|e| err("timeout", e))?;
+        }
+        a.write_all(b"e").map_err(|e| err("write", e))?;
+        let pair = Pair {
+            client: b.as_raw_fd(),
+            client_cookie: sockopt::cookie(&b).map_err(|e| err("SO_COOKIE", e))?,
+            upstream: c.as_raw_fd(),
+            upstream_cookie: sockopt::cookie(&c).map_err(|e| err("SO_COOKIE", e))?,
+        };
+        // Give the early byte time to land in b's receive queue before the insert.
+        std::thread::sleep(Duration::from_millis(20));
+        self.insert(&pair)
+            .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
+        let result = (|| {
+            flush_early_bytes(pair.client).map_err(|e| err("early-bytes flush", e))?;
+            flush_early_bytes(pair.upstream).map_err(|e| err("early-bytes flush", e))?;
+            let mut got = [0u8; 2];
+            d.read_exact(&mut got[..1])
+                .map_err(|e| err("a byte sent before the insert did not arrive", e))?;
+            a.write_all(b"x").map_err(|e| err("write", e))?;
+            d.read_exact(&mut got[1..]).map_err(|e| err("no redirect client->upstream", e))?;
+            if &got != b"ex" {
+                return Err(Unavailable(format!("sockmap probe: got {got:?}, sent \"ex\"")));
+            }
+            d.write_all(b"y").map_err(|e| err("write", e))?;
+            a.read_exact(&mut got[..1]).map_err(|e| err("no redirect upstream->client", e))?;
+            if got[0] != b'y' {
+                return Err(Unavailable("sockmap probe: wrong byte upstream->client".into()));
+            }
+            Ok(())
+        })();
+        self.remove(&pair);
+        let _ = a.shutdown(Shutdown::Both);
+        result
+    }
+}
+
+/// Trap 3: bytes that reached a socket before it was activated stay in its receive queue until
+/// the next packet. A non-blocking `recv` on a sockmap socket re-runs the data-ready path, which
+/// hands them to the verdict in order. It returns EAGAIN, or 0 when a FIN was already queued.
+/// Any byte actually returned would be out of band for the redirect: report it as an error.
+pub fn flush_early_bytes(fd: RawFd) -> std::io::Result<()> {
+    let mut byte = [0u8; 1];
+    match sockopt::recv_nonblocking(fd, &mut byte)? {
+        None | Some(0) => Ok(()),
+        Some(_) => Err(std::io::Error::other(
+            "recv returned payload on a sockmap socket: the kernel did not redirect it",
+        )),
+    }
+}
+
+fn remove_all(
+    targets: &mut SockHash<MapData, u64>,
+    active: &mut SockHash<MapData, u64>,
+    stats: &mut HashMap<MapData, u64, SockStats>,
+    pair: &Pair,
+) {
+    for cookie in [pair.client_cookie, pair.upstream_cookie] {
+        let _ = active.remove(&cookie);
+    }
+    for cookie in [pair.client_cookie, pair.upstream_cookie] {
+        let _ = targets.remove(&cookie);
+        let _ = stats.remove(&cookie);
+    }
+}
+
+fn classify(e: aya::maps::MapError) -> InsertError {
+    if let aya::maps::MapError::SyscallError(s) = &e {
+        if s.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return InsertError::NotEstablished;
+        }
+    }
+    InsertError::Map(e)
+}
+
+fn privilege_hint(e: &str) -> &'static str {
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || e.contains("Operation not permitted") || e.contains("EPERM") {
+        " (loading eBPF needs root, or CAP_BPF and CAP_NET_ADMIN)"
+    } else {
+        ""
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so loading does not fail there.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid struct. Failure only matters on old kernels, where
+    // loading then reports its own error.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}
+
+impl Drop for Sockmap {
+    fn drop(&mut self) {
+        if let Some(reader) = self.log_reader.take() {
+            reader.abort();
+        }
+    }
+}
+
+fn spawn_log_reader(
+    logger: aya_log::EbpfLogger<&'static dyn log::Log>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    // SAFETY: the logger owns its ring buffer's fd and keeps it open while it lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let mut logger = match registered {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!("eBPF log records will not be shown: {e}");
+                return None;
+            }
+        };
+    Some(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
+}

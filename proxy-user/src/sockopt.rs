@@ -1,0 +1,147 @@
+//! Socket options and queries spliced needs that std, tokio and socket2 do not offer.
+use std::{
+    io,
+    mem::{size_of, MaybeUninit},
+    os::fd::{AsRawFd, RawFd},
+};
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Reads a fixed-size socket option.
+fn getsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is valid for `len` bytes, and the kernel writes at most `len`.
+    check(unsafe {
+        libc::getsockopt(fd.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len)
+    })?;
+    // SAFETY: zero-initialised and partly or wholly written by the kernel; T is plain data.
+    Ok(unsafe { value.assume_init() })
+}
+
+fn setsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
+    // SAFETY: `value` is valid for its size for the duration of the call.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// The socket's cookie (`SO_COOKIE`, Linux 4.12): a 64-bit id unique for the boot, the key of
+/// every spliced map. Unlike a 4-tuple it tells apart two `fe80::` peers on different links.
+pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// The head of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h), up to the byte
+/// counters spliced needs (Linux 4.1 for `bytes_acked`/`bytes_received`, 4.19 for the rest it
+/// reads). The kernel copies `min(len, sizeof)` bytes, so a shorter struct is fine.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpInfo {
+    pub state: u8,
+    pub ca_state: u8,
+    pub retransmits: u8,
+    pub probes: u8,
+    pub backoff: u8,
+    pub options: u8,
+    pub wscale: u8,
+    pub flags: u8,
+    pub rto: u32,
+    pub ato: u32,
+    pub snd_mss: u32,
+    pub rcv_mss: u32,
+    pub unacked: u32,
+    pub sacked: u32,
+    pub lost: u32,
+    pub retrans: u32,
+    pub fackets: u32,
+    pub last_data_sent: u32,
+    pub last_ack_sent: u32,
+    pub last_data_recv: u32,
+    pub last_ack_recv: u32,
+    pub pmtu: u32,
+    pub rcv_ssthresh: u32,
+    pub rtt: u32,
+    pub rttvar: u32,
+    pub snd_ssthresh: u32,
+    pub snd_cwnd: u32,
+    pub advmss: u32,
+    pub reordering: u32,
+    pub rcv_rtt: u32,
+    pub rcv_space: u32,
+    pub total_retrans: u32,
+    pub pacing_rate: u64,
+    pub max_pacing_rate: u64,
+    /// Bytes the peer has acknowledged; counts our SYN when we called connect().
+    pub bytes_acked: u64,
+    /// Bytes received in sequence; counts the peer's FIN once it has arrived.
+    pub bytes_received: u64,
+}
+
+/// `TCP_INFO` for the socket.
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
+    getsockopt::<TcpInfo>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Bytes in the send queue not yet acknowledged by the peer (`SIOCOUTQ`).
+pub fn outq(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(n as u64)
+}
+
+/// The pending socket error (`SO_ERROR`), cleared by reading it.
+pub fn take_error(fd: &impl AsRawFd) -> io::Result<Option<io::Error>> {
+    let err = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+}
+
+/// Sets `SO_SNDBUF`, using `SO_SNDBUFFORCE` first so root is not capped by `wmem_max`.
+/// Setting it turns the kernel's send-buffer autotuning off for this socket.
+pub fn set_send_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes / 2).unwrap_or(libc::c_int::MAX / 2);
+    // The kernel doubles the value for bookkeeping overhead; halve it so `bytes` is what is set.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes))
+}
+
+/// Arms `SO_LINGER {on, 0}` so that the next close sends an RST instead of a FIN.
+pub fn set_linger_zero(fd: &impl AsRawFd) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, libc::linger { l_onoff: 1, l_linger: 0 })
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends our FIN once the send queue is out.
+pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: plain syscall on an fd we own.
+    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+}
+
+/// A non-blocking 1-byte `recv(MSG_DONTWAIT)`: `Ok(Some(n))` for n bytes (0 = EOF queued),
+/// `Ok(None)` for `EAGAIN`.
+pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if n >= 0 {
+        return Ok(Some(n as usize));
+    }
+    let err = io::Error::last_os_error();
+    if err.kind() == io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(err)
+    }
+}
