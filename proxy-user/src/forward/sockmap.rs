@@ -242,3 +242,100 @@ async fn drain_then_remove(sockmap: &Sockmap, pair: &Pair, client: &TcpStream) -
     sockmap.remove(pair);
     drained
 }
+
+#[cfg(test)]
+mod tests {
+    //! The sockmap path on loopback pairs, without the daemon around it. Needs root and the
+    //! eBPF object; skipped otherwise, unless CI=true or SPLICED_REQUIRE_EBPF=1.
+    use std::{
+        io::{Read, Write},
+        net::{Shutdown, TcpListener},
+        time::Duration,
+    };
+
+    use super::*;
+
+    fn required() -> bool {
+        std::env::var("CI").is_ok_and(|v| v == "true")
+            || std::env::var("SPLICED_REQUIRE_EBPF").is_ok_and(|v| v == "1")
+    }
+
+    fn load() -> Option<Sockmap> {
+        match Sockmap::load(crate::EBPF_OBJECT) {
+            Ok(s) => Some(s),
+            Err(e) if !required() => {
+                eprintln!("skipping: {e}");
+                None
+            }
+            Err(e) => panic!("sockmap unavailable: {e}"),
+        }
+    }
+
+    /// (client end, proxy's client socket, proxy's upstream socket, upstream end)
+    fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let a = TcpStream::connect(addr).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let c = TcpStream::connect(addr).unwrap();
+        let (d, _) = l.accept().unwrap();
+        for s in [&a, &d] {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        }
+        b.set_nonblocking(true).unwrap();
+        c.set_nonblocking(true).unwrap();
+        (a, b, c, d)
+    }
+
+    fn pattern(i: u64) -> u8 {
+        (i.wrapping_mul(2654435761) >> 13) as u8
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn half_close_both_ways_keeps_every_byte() {
+        let Some(sockmap) = load() else { return };
+        let watcher = Watcher::new().unwrap();
+        let (mut a, b, c, mut d) = sockets();
+        const N: u64 = 64 << 20;
+        let cancel = CancellationToken::new();
+        let proxy = async { run(&sockmap, &watcher, b, c, Some(16 << 20), &cancel).await };
+        let ends = tokio::task::spawn_blocking(move || {
+            let writer = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut i = 0u64;
+                while i < N {
+                    for x in buf.iter_mut() {
+                        *x = pattern(i);
+                        i += 1;
+                    }
+                    a.write_all(&buf).unwrap();
+                }
+                a.shutdown(Shutdown::Write).unwrap();
+                let mut reply = Vec::new();
+                a.read_to_end(&mut reply).unwrap();
+                reply
+            });
+            let mut buf = vec![0u8; 65536];
+            let mut i = 0u64;
+            loop {
+                let n = d.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                for &x in &buf[..n] {
+                    assert_eq!(x, pattern(i), "byte {i} corrupted");
+                    i += 1;
+                }
+            }
+            assert_eq!(i, N, "upstream got {i} of {N} bytes");
+            d.write_all(b"reply after EOF").unwrap();
+            d.shutdown(Shutdown::Write).unwrap();
+            writer.join().unwrap()
+        });
+        let (outcome, reply) = tokio::join!(proxy, ends);
+        let outcome = outcome.ok().expect("sockmap declined an established pair");
+        assert_eq!(reply.unwrap(), b"reply after EOF");
+        assert!(matches!(outcome.end, End::Complete), "{:?}", outcome.end);
+        assert_eq!((outcome.up, outcome.down), (N, 15));
+    }
+}
