@@ -13,6 +13,8 @@ use anyhow::{anyhow, Context as _};
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=SPLICED_REQUIRE_EBPF");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    // aya-build watches proxy-ebpf; the map types it shares live here.
+    println!("cargo:rerun-if-changed=../proxy-common/src");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let stub = out_dir.join("proxy-ebpf");
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));

@@ -13,6 +13,11 @@ pub const TARGETS_MAP: &str = "TARGETS";
 pub const ACTIVE_MAP: &str = "ACTIVE";
 /// Name of the hash map of per-socket [`SockStats`], keyed by socket cookie.
 pub const STATS_MAP: &str = "STATS";
+/// Name of the hash map of per-socket [`SockLimit`]s, keyed by socket cookie.
+pub const LIMITS_MAP: &str = "LIMITS";
+/// Name of the ring buffer through which the verdict reports a socket that crossed its limit:
+/// each record is the socket's cookie (`u64`).
+pub const PRESSURE_MAP: &str = "PRESSURE";
 /// Name of the `sk_skb/stream_verdict` program.
 pub const VERDICT_PROG: &str = "spliced_verdict";
 
@@ -32,10 +37,29 @@ pub struct SockStats {
     pub last_ns: u64,
     /// Redirects the kernel refused (peer missing from the targets map). Must stay 0.
     pub failed: u64,
+    /// The [`SockLimit::generation`] the verdict last reported through `PRESSURE`.
+    pub reported: u64,
+}
+
+/// The daemon's backpressure limit for one source socket (key: its socket cookie); written only
+/// by the daemon, so the verdict's counters in [`SockStats`] are never overwritten.
+///
+/// When `SockStats::bytes` exceeds `limit`, the verdict pushes the cookie into `PRESSURE` once per
+/// `generation`. The daemon then compares what the peer has taken with what was redirected, and
+/// either raises the limit (new generation) or pauses the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
+pub struct SockLimit {
+    /// Redirected-byte count beyond which the daemon wants to hear from the verdict.
+    pub limit: u64,
+    /// Bumped by the daemon each time it sets a new limit.
+    pub generation: u64,
 }
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: `SockStats` is `#[repr(C)]`, has no padding and is valid for any bit pattern.
     unsafe impl aya::Pod for super::SockStats {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockLimit {}
 }

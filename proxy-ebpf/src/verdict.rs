@@ -4,11 +4,11 @@ use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_NO_PREALLOC},
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
-    maps::{HashMap, SockHash},
+    maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{debug, warn};
-use proxy_common::{SockStats, MAX_SOCKETS};
+use proxy_common::{SockLimit, SockStats, MAX_SOCKETS};
 
 /// Source cookie -> peer socket. Filled by the daemon for both sockets *before* either is put
 /// into `ACTIVE`: a verdict that finds no target would lose the bytes (sockmap.md, trap 2).
@@ -23,6 +23,16 @@ static ACTIVE: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 /// daemon inserts an entry per live socket, so memory follows the number of connections.
 #[map]
 static STATS: HashMap<u64, SockStats> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Own cookie -> the daemon's backpressure limit (sockmap.md, trap 8).
+#[map]
+static LIMITS: HashMap<u64, SockLimit> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Cookies of sockets whose redirected bytes crossed their limit. Each live socket reports at
+/// most once per limit generation, so 64 KiB (4,096 records) is plenty; a full ring only delays
+/// a report until the daemon's next look at that connection.
+#[map]
+static PRESSURE: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[stream_verdict]
 pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
@@ -49,6 +59,16 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
             if verdict == SK_PASS {
                 (*stats).bytes += u64::from(len);
                 (*stats).last_ns = bpf_ktime_get_ns();
+                // Trap 8: the peer's backlog is charged to no socket and nothing stalls the
+                // sender. Tell the daemon when this socket has run ahead of its limit; it pauses
+                // the socket (out of ACTIVE: its bytes then wait in its own receive queue, and
+                // TCP flow control stalls the sender) until the peer catches up.
+                if let Some(limit) = LIMITS.get(&cookie) {
+                    if (*stats).bytes > limit.limit && (*stats).reported != limit.generation {
+                        (*stats).reported = limit.generation;
+                        let _ = PRESSURE.output::<u64>(cookie, 0);
+                    }
+                }
             } else {
                 (*stats).failed += 1;
             }

@@ -20,10 +20,14 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Mode, Route},
-    forward::{self, userspace::Kind, End, Outcome},
+    forward::{
+        self,
+        sockmap::{Budget, Pool},
+        userspace::Kind,
+        End, Outcome,
+    },
     sockmap::Sockmap,
     sockopt,
-    watch::Watcher,
 };
 
 /// The data path that carries a connection's bytes.
@@ -81,7 +85,9 @@ pub struct StartError(pub String);
 
 /// State every connection task shares.
 struct Shared {
-    sockmap: Option<(Sockmap, Watcher)>,
+    sockmap: Option<Sockmap>,
+    /// Bound on bytes held in psock backlogs (trap 8), global and per direction.
+    budget: Budget,
     counters: Counters,
     send_buffer: Option<usize>,
     /// Fires when the grace period is over: live connections are reset.
@@ -136,6 +142,10 @@ impl Daemon {
             sockmap,
             counters: Counters::default(),
             send_buffer: config.send_buffer,
+            budget: Budget {
+                per_direction: DEFAULT_MAX_BUFFERED,
+                pool: Arc::new(Pool::new(DEFAULT_MAX_BUFFERED_TOTAL)),
+            },
             close_all: CancellationToken::new(),
         });
         let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -244,7 +254,12 @@ impl Daemon {
     }
 }
 
-async fn load_sockmap() -> Result<(Sockmap, Watcher), String> {
+/// Per-direction bound on bytes held in a peer's psock backlog.
+const DEFAULT_MAX_BUFFERED: u64 = 4 << 20;
+/// Bound across all connections.
+const DEFAULT_MAX_BUFFERED_TOTAL: u64 = 256 << 20;
+
+async fn load_sockmap() -> Result<Sockmap, String> {
     let sockmap = Sockmap::load(crate::EBPF_OBJECT).map_err(|e| e.to_string())?;
     let sockmap = Arc::new(sockmap);
     let probe = sockmap.clone();
@@ -252,9 +267,7 @@ async fn load_sockmap() -> Result<(Sockmap, Watcher), String> {
         .await
         .map_err(|e| format!("sockmap probe: {e}"))?
         .map_err(|e| e.to_string())?;
-    let sockmap = Arc::into_inner(sockmap).ok_or("sockmap probe kept a reference")?;
-    let watcher = Watcher::new().map_err(|e| format!("epoll: {e}"))?;
-    Ok((sockmap, watcher))
+    Arc::into_inner(sockmap).ok_or_else(|| "sockmap probe kept a reference".to_owned())
 }
 
 async fn bind(route: &Route) -> Result<TcpListener, StartError> {
@@ -456,7 +469,7 @@ async fn carry(
 ) -> (DataPath, Outcome) {
     let cancel = &shared.close_all;
     let kind = match (route.path, &shared.sockmap) {
-        (DataPath::Sockmap, Some((sockmap, watcher))) => {
+        (DataPath::Sockmap, Some(sockmap)) => {
             // Out of tokio's epoll: the sockets' data wakeups would be spurious (trap 7).
             let (client, upstream) = match (client.into_std(), upstream.into_std()) {
                 (Ok(c), Ok(u)) => (c, u),
@@ -464,7 +477,15 @@ async fn carry(
                     return (DataPath::Sockmap, Outcome { up: 0, down: 0, end: End::Ours(e) })
                 }
             };
-            match forward::sockmap::run(sockmap, watcher, client, upstream, shared.send_buffer, cancel).await {
+            let outcome = forward::sockmap::run(
+                sockmap,
+                client,
+                upstream,
+                shared.send_buffer,
+                &shared.budget,
+                cancel,
+            );
+            match outcome.await {
                 Ok(outcome) => return (DataPath::Sockmap, outcome),
                 Err(declined) => {
                     debug!(route = %route.route.name, "sockmap declined the connection ({}); using splice", declined.why);

@@ -7,18 +7,21 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
     os::fd::{AsRawFd, RawFd},
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use aya::{
-    maps::{HashMap, MapData, SockHash},
+    maps::{HashMap, MapData, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf,
 };
-use proxy_common::{SockStats, ACTIVE_MAP, STATS_MAP, TARGETS_MAP, VERDICT_PROG};
+use proxy_common::{
+    SockLimit, SockStats, ACTIVE_MAP, LIMITS_MAP, PRESSURE_MAP, STATS_MAP, TARGETS_MAP,
+    VERDICT_PROG,
+};
 
-use crate::sockopt;
+use crate::{sockopt, watch::Watcher};
 
 /// Why the sockmap data path cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +44,15 @@ struct Maps {
     targets: SockHash<MapData, u64>,
     active: SockHash<MapData, u64>,
     stats: HashMap<MapData, u64, SockStats>,
+    limits: HashMap<MapData, u64, SockLimit>,
 }
 
 /// The loaded verdict program and its maps. Dropping it detaches the program and frees the maps.
 pub struct Sockmap {
     maps: Mutex<Maps>,
+    watcher: Arc<Watcher>,
     log_reader: Option<tokio::task::JoinHandle<()>>,
+    pressure_reader: tokio::task::JoinHandle<()>,
     // Kept alive: dropping `Ebpf` detaches the program (aya).
     _ebpf: Ebpf,
 }
@@ -99,6 +105,12 @@ impl Sockmap {
         let stats: HashMap<MapData, u64, SockStats> = take(&mut ebpf, STATS_MAP)?
             .try_into()
             .map_err(|e| Unavailable(format!("map {STATS_MAP}: {e}")))?;
+        let limits: HashMap<MapData, u64, SockLimit> = take(&mut ebpf, LIMITS_MAP)?
+            .try_into()
+            .map_err(|e| Unavailable(format!("map {LIMITS_MAP}: {e}")))?;
+        let pressure: RingBuf<MapData> = take(&mut ebpf, PRESSURE_MAP)?
+            .try_into()
+            .map_err(|e| Unavailable(format!("map {PRESSURE_MAP}: {e}")))?;
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
             .ok_or_else(|| Unavailable(format!("the eBPF object has no program {VERDICT_PROG}")))?
@@ -113,13 +125,20 @@ impl Sockmap {
         program
             .attach(active.fd())
             .map_err(|e| Unavailable(format!("attaching the verdict program failed: {e}")))?;
+        let watcher = Arc::new(
+            Watcher::new().map_err(|e| Unavailable(format!("epoll_create: {e}")))?,
+        );
+        let pressure_reader = spawn_pressure_reader(pressure, watcher.clone())?;
         Ok(Sockmap {
             maps: Mutex::new(Maps {
                 targets,
                 active,
                 stats,
+                limits,
             }),
+            watcher,
             log_reader,
+            pressure_reader,
             _ebpf: ebpf,
         })
     }
@@ -130,39 +149,31 @@ impl Sockmap {
         self.maps.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Puts both sockets into the maps: both targets first, then both active (trap 2: a socket
-    /// activated before its peer is a target loses its bytes). On error nothing stays inserted
-    /// and no byte has been redirected: activation of the first socket is the last step that can
-    /// fail with EOPNOTSUPP... except the second activation; see [`InsertError`] handling there.
-    pub fn insert(&self, pair: &Pair) -> Result<(), InsertError> {
+    /// Puts both sockets into the maps: counters and limits, then both targets, then both
+    /// active (trap 2: a socket activated before its peer is a target loses its bytes).
+    ///
+    /// On error nothing is active any more. If only the client's activation failed (it went to
+    /// CLOSE_WAIT in between, trap 4), the upstream was active for a moment: the pair stays in
+    /// the targets map so its redirected bytes can drain; the caller removes it afterwards.
+    pub fn insert(&self, pair: &Pair, limit: SockLimit) -> Result<(), InsertError> {
         let mut m = self.maps();
-        let Maps {
-            targets,
-            active,
-            stats,
-        } = &mut *m;
         let zero = SockStats::default();
+        let (c, u) = (pair.client_cookie, pair.upstream_cookie);
         let steps = (|| -> Result<(), aya::maps::MapError> {
-            stats.insert(pair.client_cookie, zero, 0)?;
-            stats.insert(pair.upstream_cookie, zero, 0)?;
-            targets.insert(pair.client_cookie, pair.upstream, 0)?;
-            targets.insert(pair.upstream_cookie, pair.client, 0)?;
-            Ok(())
+            m.stats.insert(c, zero, 0)?;
+            m.stats.insert(u, zero, 0)?;
+            m.limits.insert(c, limit, 0)?;
+            m.limits.insert(u, limit, 0)?;
+            m.targets.insert(c, pair.upstream, 0)?;
+            m.targets.insert(u, pair.client, 0)?;
+            m.active.insert(u, pair.upstream, 0)
         })();
         if let Err(e) = steps {
-            remove_all(targets, active, stats, pair);
+            remove_all(&mut m, pair);
             return Err(classify(e));
         }
-        // Activate the upstream first. If the client's activation then fails (it went to
-        // CLOSE_WAIT between the two calls), the upstream may already have redirected bytes into
-        // the client's backlog; `deactivate` + drain handles that in the caller, so report it.
-        if let Err(e) = active.insert(pair.upstream_cookie, pair.upstream, 0) {
-            remove_all(targets, active, stats, pair);
-            return Err(classify(e));
-        }
-        if let Err(e) = active.insert(pair.client_cookie, pair.client, 0) {
-            let _ = active.remove(&pair.upstream_cookie);
-            drop(m);
+        if let Err(e) = m.active.insert(c, pair.client, 0) {
+            let _ = m.active.remove(&u);
             return Err(classify(e));
         }
         Ok(())
@@ -179,18 +190,33 @@ impl Sockmap {
     /// Removes the pair from every map. Only after the backlogs have drained (trap 6): a socket
     /// leaving the maps drops the bytes still queued in its psock.
     pub fn remove(&self, pair: &Pair) {
-        let mut m = self.maps();
-        let Maps {
-            targets,
-            active,
-            stats,
-        } = &mut *m;
-        remove_all(targets, active, stats, pair);
+        remove_all(&mut self.maps(), pair);
     }
 
     /// The verdict program's counters for a socket.
     pub fn stats(&self, cookie: u64) -> SockStats {
         self.maps().stats.get(&cookie, 0).unwrap_or_default()
+    }
+
+    /// Sets the redirected-byte count past which the verdict reports socket `cookie`.
+    pub fn set_limit(&self, cookie: u64, limit: SockLimit) -> Result<(), aya::maps::MapError> {
+        self.maps().limits.insert(cookie, limit, 0)
+    }
+
+    /// Takes one socket out of the active map: the verdict stops, and its new bytes wait in its
+    /// own receive queue, where they count against its receive window (real TCP backpressure).
+    pub fn pause(&self, cookie: u64) {
+        let _ = self.maps().active.remove(&cookie);
+    }
+
+    /// Puts a paused socket back. The caller flushes the bytes that queued meanwhile (trap 3).
+    pub fn resume(&self, cookie: u64, fd: RawFd) -> Result<(), InsertError> {
+        self.maps().active.insert(cookie, fd, 0).map_err(classify)
+    }
+
+    /// The epoll set that reports FIN, RST, errors and pressure for sockmap connections.
+    pub fn watcher(&self) -> &Watcher {
+        &self.watcher
     }
 
     /// Proves the data path works on this kernel, end to end: two loopback TCP connections are
@@ -217,7 +243,7 @@ impl Sockmap {
         };
         // Give the early byte time to land in b's receive queue before the insert.
         std::thread::sleep(Duration::from_millis(20));
-        self.insert(&pair)
+        self.insert(&pair, SockLimit { limit: u64::MAX, generation: 1 })
             .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
         let result = (|| {
             flush_early_bytes(pair.client).map_err(|e| err("early-bytes flush", e))?;
@@ -257,18 +283,14 @@ pub fn flush_early_bytes(fd: RawFd) -> std::io::Result<()> {
     }
 }
 
-fn remove_all(
-    targets: &mut SockHash<MapData, u64>,
-    active: &mut SockHash<MapData, u64>,
-    stats: &mut HashMap<MapData, u64, SockStats>,
-    pair: &Pair,
-) {
+fn remove_all(m: &mut Maps, pair: &Pair) {
     for cookie in [pair.client_cookie, pair.upstream_cookie] {
-        let _ = active.remove(&cookie);
+        let _ = m.active.remove(&cookie);
     }
     for cookie in [pair.client_cookie, pair.upstream_cookie] {
-        let _ = targets.remove(&cookie);
-        let _ = stats.remove(&cookie);
+        let _ = m.targets.remove(&cookie);
+        let _ = m.stats.remove(&cookie);
+        let _ = m.limits.remove(&cookie);
     }
 }
 
@@ -307,7 +329,34 @@ impl Drop for Sockmap {
         if let Some(reader) = self.log_reader.take() {
             reader.abort();
         }
+        self.pressure_reader.abort();
     }
+}
+
+/// Forwards the verdict's pressure reports (a cookie each) to the connection they concern.
+fn spawn_pressure_reader(
+    ring: RingBuf<MapData>,
+    watcher: Arc<Watcher>,
+) -> Result<tokio::task::JoinHandle<()>, Unavailable> {
+    // SAFETY: the RingBuf owns its map fd and keeps it open while it lives.
+    let mut ring = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| Unavailable(format!("registering the pressure ring: {e}")))?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = ring.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) {
+                    watcher.notify(u64::from_ne_bytes(bytes));
+                }
+            }
+            guard.clear_ready();
+        }
+    }))
 }
 
 fn spawn_log_reader(

@@ -10,21 +10,18 @@ use std::{
     collections::HashMap,
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{Arc, Mutex},
 };
 
 use tokio::{io::unix::AsyncFd, sync::Notify, task::JoinHandle};
 
 type Waiters = Arc<Mutex<HashMap<u64, Arc<Notify>>>>;
 
-/// The shared epoll set and its dispatcher task.
+/// The shared epoll set and its dispatcher task. Sockets are registered under their socket
+/// cookie, so the verdict's pressure reports (keyed by cookie) wake the same connection.
 pub struct Watcher {
     epoll: Arc<AsyncFd<OwnedFd>>,
     waiters: Waiters,
-    next: AtomicU64,
     dispatcher: JoinHandle<()>,
 }
 
@@ -33,7 +30,7 @@ pub struct Watcher {
 pub struct Watch {
     epoll: Arc<AsyncFd<OwnedFd>>,
     waiters: Waiters,
-    token: u64,
+    cookies: Vec<u64>,
     fds: Vec<RawFd>,
     notify: Arc<Notify>,
 }
@@ -58,27 +55,27 @@ impl Watcher {
         Ok(Watcher {
             epoll,
             waiters,
-            next: AtomicU64::new(1),
             dispatcher,
         })
     }
 
-    /// Registers `fds` (the sockets of one connection) for FIN, RST and error notifications.
-    pub fn watch(&self, fds: &[RawFd]) -> io::Result<Watch> {
-        let token = self.next.fetch_add(1, Ordering::Relaxed);
+    /// Registers the sockets of one connection, given as `(fd, cookie)`, for FIN, RST and error
+    /// notifications, and for [`Watcher::notify`] with their cookies.
+    pub fn watch(&self, sockets: &[(RawFd, u64)]) -> io::Result<Watch> {
         let notify = Arc::new(Notify::new());
-        lock(&self.waiters).insert(token, notify.clone());
         let mut watch = Watch {
             epoll: self.epoll.clone(),
             waiters: self.waiters.clone(),
-            token,
-            fds: Vec::with_capacity(fds.len()),
+            cookies: Vec::with_capacity(sockets.len()),
+            fds: Vec::with_capacity(sockets.len()),
             notify,
         };
-        for &fd in fds {
+        for &(fd, cookie) in sockets {
+            lock(&self.waiters).insert(cookie, watch.notify.clone());
+            watch.cookies.push(cookie);
             let mut event = libc::epoll_event {
                 events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: token,
+                u64: cookie,
             };
             // SAFETY: valid epoll fd and event struct. EPOLLERR and EPOLLHUP are always reported.
             let ret = unsafe {
@@ -90,6 +87,15 @@ impl Watcher {
             watch.fds.push(fd);
         }
         Ok(watch)
+    }
+}
+
+impl Watcher {
+    /// Wakes the connection that socket `cookie` belongs to, if it is watched.
+    pub fn notify(&self, cookie: u64) {
+        if let Some(n) = lock(&self.waiters).get(&cookie) {
+            n.notify_one();
+        }
     }
 }
 
@@ -121,7 +127,10 @@ impl Drop for Watch {
                 )
             };
         }
-        lock(&self.waiters).remove(&self.token);
+        let mut waiters = lock(&self.waiters);
+        for cookie in &self.cookies {
+            waiters.remove(cookie);
+        }
     }
 }
 

@@ -4,16 +4,21 @@ use std::{
     io,
     net::TcpStream,
     os::fd::{AsRawFd, RawFd},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
+use proxy_common::SockLimit;
+use tokio::io::{unix::AsyncFd, Interest};
 use tokio_util::sync::CancellationToken;
 
 use super::{End, Outcome};
 use crate::{
     sockmap::{flush_early_bytes, InsertError, Pair, Sockmap},
     sockopt,
-    watch::Watcher,
 };
 
 /// A connection sockmap would not take; hand it to a userspace path.
@@ -69,14 +74,200 @@ fn undelivered(src: &TcpStream, src_fin: bool, dst: &TcpStream, dst_connected: b
 const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
 const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
 
+/// The smallest per-direction allowance, granted even when the global pool is exhausted, so a
+/// connection always makes progress.
+const MIN_GRANT: u64 = 256 * 1024;
+
+/// The global bound on bytes held in psock backlogs across all connections (trap 8). Each
+/// direction of each sockmap connection reserves its allowance here for its lifetime.
+#[derive(Debug)]
+pub struct Pool {
+    max: u64,
+    reserved: AtomicU64,
+}
+
+impl Pool {
+    /// A pool of `max` bytes.
+    pub fn new(max: u64) -> Self {
+        Pool {
+            max,
+            reserved: AtomicU64::new(0),
+        }
+    }
+
+    /// Reserves up to `want` bytes: what is left, but at least [`MIN_GRANT`].
+    fn reserve(&self, want: u64) -> u64 {
+        let mut grant = 0;
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |reserved| {
+                grant = want.min(self.max.saturating_sub(reserved)).max(MIN_GRANT.min(want));
+                Some(reserved + grant)
+            });
+        grant
+    }
+
+    fn release(&self, grant: u64) {
+        self.reserved.fetch_sub(grant, Ordering::AcqRel);
+    }
+
+    /// Bytes reserved now.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
+    }
+}
+
+/// Backpressure settings of one connection.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// Most bytes one direction may hold in the peer's backlog (route `max_buffered`).
+    pub per_direction: u64,
+    /// The global pool (`max_buffered_total`).
+    pub pool: Arc<Pool>,
+}
+
+/// One direction of a sockmap connection: the bytes `src` receives go to `dst`.
+struct Direction<'a> {
+    src: &'a TcpStream,
+    src_cookie: u64,
+    dst: &'a TcpStream,
+    /// `dst` called connect(): its `bytes_acked` counts the SYN.
+    dst_connected: bool,
+    /// This direction's share of the global pool.
+    grant: u64,
+    generation: u64,
+    /// Out of the active map until the peer catches up.
+    paused: bool,
+    /// Bytes moved by userspace after `src` could not be re-activated (it had gone to
+    /// CLOSE_WAIT while paused: trap 4 on the way back).
+    copied: u64,
+    /// `src`'s FIN has been forwarded as `dst`'s.
+    done: bool,
+}
+
+impl Direction<'_> {
+    /// Bytes from `src` that have entered `dst`'s send queue.
+    fn written(&self) -> io::Result<u64> {
+        let d = sockopt::tcp_info(self.dst)?;
+        Ok((d.bytes_acked + sockopt::outq(self.dst)?).saturating_sub(u64::from(self.dst_connected)))
+    }
+
+    /// Redirected (or copied) from `src` and not yet in `dst`'s send queue: the psock backlog
+    /// that trap 8 is about.
+    fn backlog(&self, sockmap: &Sockmap) -> io::Result<u64> {
+        let moved = sockmap.stats(self.src_cookie).bytes + self.copied;
+        Ok(moved.saturating_sub(self.written()?))
+    }
+
+    /// Asks the verdict to report again once `grant` more bytes than `dst` has taken are
+    /// redirected.
+    fn arm(&mut self, sockmap: &Sockmap) -> io::Result<()> {
+        self.generation += 1;
+        let limit = SockLimit {
+            limit: self.written()? + self.grant,
+            generation: self.generation,
+        };
+        sockmap.set_limit(self.src_cookie, limit).map_err(io::Error::other)
+    }
+
+    /// Handles a pressure report, if one came for this generation: pause `src` if its backlog
+    /// is over the grant, else raise the limit.
+    fn on_pressure(&mut self, sockmap: &Sockmap) -> io::Result<()> {
+        if self.paused || self.done || sockmap.stats(self.src_cookie).reported != self.generation {
+            return Ok(());
+        }
+        if self.backlog(sockmap)? > self.grant {
+            sockmap.pause(self.src_cookie);
+            self.paused = true;
+            tracing::trace!(cookie = self.src_cookie, "paused: peer backlog over {} bytes", self.grant);
+            Ok(())
+        } else {
+            self.arm(sockmap)
+        }
+    }
+
+    /// While paused: resume once the backlog is down to half the grant. A source that went to
+    /// CLOSE_WAIT meanwhile cannot be re-inserted (trap 4): once the backlog is empty its last
+    /// bytes are copied in userspace instead.
+    async fn on_tick(&mut self, sockmap: &Sockmap) -> io::Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
+        let backlog = self.backlog(sockmap)?;
+        if backlog > self.grant / 2 {
+            return Ok(());
+        }
+        self.arm(sockmap)?;
+        match sockmap.resume(self.src_cookie, self.src.as_raw_fd()) {
+            Ok(()) => {
+                self.paused = false;
+                tracing::trace!(cookie = self.src_cookie, "resumed");
+                // Trap 3: what queued while paused waits for the next packet otherwise.
+                flush_early_bytes(self.src.as_raw_fd())
+            }
+            Err(InsertError::NotEstablished) if backlog == 0 => {
+                self.copied += copy_tail(self.src, self.dst).await?;
+                self.paused = false;
+                Ok(())
+            }
+            Err(InsertError::NotEstablished) => Ok(()),
+            Err(InsertError::Map(e)) => Err(io::Error::other(e)),
+        }
+    }
+}
+
+/// Copies what is left in `src`'s receive queue (it is at EOF) into `dst`, in order.
+async fn copy_tail(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+    struct Fd(RawFd);
+    impl AsRawFd for Fd {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0
+        }
+    }
+    // SAFETY: `dst` outlives the registration, which is dropped at the end of this function.
+    let dst_fd = unsafe { AsyncFd::register_with_interest(Fd(dst.as_raw_fd()), Interest::WRITABLE) }
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0u64;
+    loop {
+        let Some(n) = sockopt::recv_nonblocking(src.as_raw_fd(), &mut buf)? else {
+            // Not at EOF after all: nothing more to copy now.
+            return Ok(total);
+        };
+        if n == 0 {
+            return Ok(total);
+        }
+        let mut sent = 0;
+        while sent < n {
+            let mut guard = dst_fd.writable().await?;
+            match guard.try_io(|fd| {
+                // SAFETY: `buf[sent..n]` is valid for reads.
+                let r = unsafe {
+                    libc::send(fd.as_raw_fd(), buf[sent..n].as_ptr().cast(), n - sent, libc::MSG_NOSIGNAL)
+                };
+                if r < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(r as usize)
+                }
+            }) {
+                Ok(Ok(k)) => sent += k,
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        total += n as u64;
+    }
+}
+
 /// Forwards `client` <-> `upstream` in the kernel until both sides have closed, one fails, or
 /// `cancel` fires. Returns the sockets back if sockmap cannot take them.
 pub async fn run(
     sockmap: &Sockmap,
-    watcher: &Watcher,
     client: TcpStream,
     upstream: TcpStream,
     send_buffer: Option<usize>,
+    budget: &Budget,
     cancel: &CancellationToken,
 ) -> Result<Outcome, Declined> {
     if let Some(bytes) = send_buffer {
@@ -97,19 +288,72 @@ pub async fn run(
         upstream: upstream.as_raw_fd(),
         upstream_cookie,
     };
-    let watch = match watcher.watch(&[pair.client, pair.upstream]) {
+    let watch = match sockmap
+        .watcher()
+        .watch(&[(pair.client, client_cookie), (pair.upstream, upstream_cookie)])
+    {
         Ok(w) => w,
         Err(e) => return Ok(abort(&client, &upstream, None, sockmap, End::Ours(e))),
     };
-    if let Err(why) = sockmap.insert(&pair) {
+    let grants = [
+        budget.pool.reserve(budget.per_direction),
+        budget.pool.reserve(budget.per_direction),
+    ];
+    let outcome = splice_pair(sockmap, &watch, client, upstream, &pair, grants, cancel).await;
+    drop(watch);
+    for grant in grants {
+        budget.pool.release(grant);
+    }
+    outcome
+}
+
+async fn splice_pair(
+    sockmap: &Sockmap,
+    watch: &crate::watch::Watch,
+    client: TcpStream,
+    upstream: TcpStream,
+    pair: &Pair,
+    grants: [u64; 2],
+    cancel: &CancellationToken,
+) -> Result<Outcome, Declined> {
+    let mut up = Direction {
+        src: &client,
+        src_cookie: pair.client_cookie,
+        dst: &upstream,
+        dst_connected: true,
+        grant: grants[0],
+        generation: 1,
+        paused: false,
+        copied: 0,
+        done: false,
+    };
+    let mut down = Direction {
+        src: &upstream,
+        src_cookie: pair.upstream_cookie,
+        dst: &client,
+        dst_connected: false,
+        grant: grants[1],
+        generation: 1,
+        paused: false,
+        copied: 0,
+        done: false,
+    };
+    // Nothing has been written to either socket yet, so the first limit is the grant itself.
+    let first = SockLimit {
+        limit: grants[0].min(grants[1]),
+        generation: 1,
+    };
+    if let Err(why) = sockmap.insert(pair, first) {
         // The upstream may have been active for a moment (its activation succeeded, the
         // client's did not): wait until what it redirected has left the client's backlog.
-        let drained = drain_then_remove(sockmap, &pair, &client).await;
-        drop(watch);
+        let drained = drain_then_remove(sockmap, pair, &client).await;
         if !drained {
-            let e = io::Error::other(format!("{why}, and the client did not read what was already redirected"));
+            let e = io::Error::other(format!(
+                "{why}, and the client did not read what was already redirected"
+            ));
             return Ok(abort(&client, &upstream, None, sockmap, End::ClientFailed(e)));
         }
+        drop((up, down));
         return Err(Declined {
             client,
             upstream,
@@ -119,12 +363,10 @@ pub async fn run(
     // Trap 3: bytes that arrived before activation sit in the receive queues until flushed.
     for fd in [pair.client, pair.upstream] {
         if let Err(e) = flush_early_bytes(fd) {
-            drop(watch);
-            return Ok(abort(&client, &upstream, Some(&pair), sockmap, End::Ours(e)));
+            return Ok(abort(&client, &upstream, Some(pair), sockmap, End::Ours(e)));
         }
     }
 
-    let (mut up_done, mut down_done) = (false, false);
     let mut poll_interval = DRAIN_POLL_MIN;
     let end = loop {
         let (c, u) = match (poll_state(pair.client), poll_state(pair.upstream)) {
@@ -137,49 +379,63 @@ pub async fn run(
         if u.error {
             break End::UpstreamFailed(socket_error(&upstream));
         }
+        if let Err(e) = up.on_pressure(sockmap).and_then(|()| down.on_pressure(sockmap)) {
+            break End::Ours(e);
+        }
         // A FIN arrived: forward it once everything before it has reached the peer's queue.
-        if c.eof && !up_done {
+        if c.eof && !up.done && !up.paused {
             match undelivered(&client, true, &upstream, true) {
                 Ok(0) => match sockopt::shutdown_write(&upstream) {
-                    Ok(()) => up_done = true,
+                    Ok(()) => up.done = true,
                     Err(e) => break End::UpstreamFailed(e),
                 },
                 Ok(_) => {}
                 Err(e) => break End::Ours(e),
             }
         }
-        if u.eof && !down_done {
+        if u.eof && !down.done && !down.paused {
             match undelivered(&upstream, true, &client, false) {
                 Ok(0) => match sockopt::shutdown_write(&client) {
-                    Ok(()) => down_done = true,
+                    Ok(()) => down.done = true,
                     Err(e) => break End::ClientFailed(e),
                 },
                 Ok(_) => {}
                 Err(e) => break End::Ours(e),
             }
         }
-        if up_done && down_done {
+        if up.done && down.done {
             break End::Complete;
         }
-        let draining = (c.eof && !up_done) || (u.eof && !down_done);
+        let waiting = (c.eof && !up.done) || (u.eof && !down.done) || up.paused || down.paused;
         tokio::select! {
             () = watch.changed() => poll_interval = DRAIN_POLL_MIN,
-            () = tokio::time::sleep(poll_interval), if draining => {
+            () = tokio::time::sleep(poll_interval), if waiting => {
                 poll_interval = (poll_interval * 2).min(DRAIN_POLL_MAX);
+                let ticked = match up.on_tick(sockmap).await {
+                    Ok(()) => down.on_tick(sockmap).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = ticked {
+                    break End::Ours(e);
+                }
             }
             () = cancel.cancelled() => break End::Shutdown,
         }
     };
-    drop(watch);
-    Ok(match end {
+    let copied = (up.copied, down.copied);
+    drop((up, down));
+    let mut outcome = match end {
         End::Complete => {
-            let outcome = counted(sockmap, &pair, End::Complete);
+            let outcome = counted(sockmap, pair, End::Complete);
             // Both backlogs are empty (checked before each shutdown): removal loses nothing.
-            sockmap.remove(&pair);
+            sockmap.remove(pair);
             outcome
         }
-        end => abort(&client, &upstream, Some(&pair), sockmap, end),
-    })
+        end => abort(&client, &upstream, Some(pair), sockmap, end),
+    };
+    outcome.up += copied.0;
+    outcome.down += copied.1;
+    Ok(outcome)
 }
 
 fn counted(sockmap: &Sockmap, pair: &Pair, end: End) -> Outcome {
@@ -294,11 +550,14 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn half_close_both_ways_keeps_every_byte() {
         let Some(sockmap) = load() else { return };
-        let watcher = Watcher::new().unwrap();
         let (mut a, b, c, mut d) = sockets();
         const N: u64 = 64 << 20;
         let cancel = CancellationToken::new();
-        let proxy = async { run(&sockmap, &watcher, b, c, Some(16 << 20), &cancel).await };
+        let budget = Budget {
+            per_direction: 4 << 20,
+            pool: Arc::new(Pool::new(64 << 20)),
+        };
+        let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
         let ends = tokio::task::spawn_blocking(move || {
             let writer = std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
@@ -337,5 +596,67 @@ mod tests {
         assert_eq!(reply.unwrap(), b"reply after EOF");
         assert!(matches!(outcome.end, End::Complete), "{:?}", outcome.end);
         assert_eq!((outcome.up, outcome.down), (N, 15));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stalled_reader_stalls_the_sender() {
+        let Some(sockmap) = load() else { return };
+        let (a, b, c, mut d) = sockets();
+        const BUDGET: u64 = 4 << 20;
+        let pool = Arc::new(Pool::new(64 << 20));
+        let budget = Budget {
+            per_direction: BUDGET,
+            pool: pool.clone(),
+        };
+        let cancel = CancellationToken::new();
+        let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
+        let ends = tokio::task::spawn_blocking(move || {
+            // The upstream reads nothing for 2 s while the client writes what it can.
+            a.set_nonblocking(true).unwrap();
+            let mut a = a;
+            let start = std::time::Instant::now();
+            let mut sent = 0u64;
+            let mut buf = vec![0u8; 65536];
+            while start.elapsed() < Duration::from_secs(2) {
+                for (k, x) in buf.iter_mut().enumerate() {
+                    *x = pattern(sent + k as u64);
+                }
+                match a.write(&buf) {
+                    Ok(n) => sent += n as u64,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        // Re-generate from the new offset next time round.
+                    }
+                    Err(e) => panic!("client write: {e}"),
+                }
+            }
+            a.set_nonblocking(false).unwrap();
+            a.shutdown(Shutdown::Write).unwrap();
+            let mut i = 0u64;
+            loop {
+                let n = d.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                for &x in &buf[..n] {
+                    assert_eq!(x, pattern(i), "byte {i} corrupted");
+                    i += 1;
+                }
+            }
+            assert_eq!(i, sent);
+            d.shutdown(Shutdown::Write).unwrap();
+            sent
+        });
+        let (outcome, sent) = tokio::join!(proxy, ends);
+        let sent = sent.unwrap();
+        let outcome = outcome.ok().expect("sockmap declined an established pair");
+        assert!(matches!(outcome.end, End::Complete), "{:?}", outcome.end);
+        assert_eq!(outcome.up, sent);
+        // Socket buffers: the client's send queue, the proxy's receive and 16 MiB send queue,
+        // the upstream's receive queue (tcp_rmem max 6 MiB each); plus the budget.
+        let bound = BUDGET + (16 << 20) + 3 * (6 << 20) + (4 << 20);
+        eprintln!("client got {sent} bytes out while the upstream did not read (bound {bound})");
+        assert!(sent < bound, "client sent {sent} bytes, bound {bound}");
+        assert_eq!(pool.reserved(), 0);
     }
 }
