@@ -659,4 +659,59 @@ mod tests {
         assert!(sent < bound, "client sent {sent} bytes, bound {bound}");
         assert_eq!(pool.reserved(), 0);
     }
+
+    /// The client's FIN arrives while its socket is paused, so it cannot be re-activated
+    /// (CLOSE_WAIT): its last bytes go through the userspace tail copy.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fin_while_paused_loses_nothing() {
+        let Some(sockmap) = load() else { return };
+        let (mut a, b, c, mut d) = sockets();
+        const N: u64 = 8 << 20;
+        let budget = Budget {
+            per_direction: 1 << 20,
+            pool: Arc::new(Pool::new(64 << 20)),
+        };
+        // A large receive buffer on the proxy's client socket, so that the rest of the data and
+        // the FIN fit into it while it is paused.
+        socket2::SockRef::from(&b).set_recv_buffer_size(32 << 20).unwrap();
+        let cancel = CancellationToken::new();
+        let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
+        let ends = tokio::task::spawn_blocking(move || {
+            let writer = std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut i = 0u64;
+                while i < N {
+                    for x in buf.iter_mut() {
+                        *x = pattern(i);
+                        i += 1;
+                    }
+                    a.write_all(&buf).unwrap();
+                }
+                a.shutdown(Shutdown::Write).unwrap();
+                let mut rest = Vec::new();
+                a.read_to_end(&mut rest).unwrap();
+            });
+            std::thread::sleep(Duration::from_millis(1500));
+            let mut buf = vec![0u8; 65536];
+            let mut i = 0u64;
+            loop {
+                let n = d.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                for &x in &buf[..n] {
+                    assert_eq!(x, pattern(i), "byte {i} corrupted");
+                    i += 1;
+                }
+            }
+            d.shutdown(Shutdown::Write).unwrap();
+            writer.join().unwrap();
+            i
+        });
+        let (outcome, got) = tokio::join!(proxy, ends);
+        assert_eq!(got.unwrap(), N);
+        let outcome = outcome.ok().expect("sockmap declined an established pair");
+        assert!(matches!(outcome.end, End::Complete), "{:?}", outcome.end);
+        assert_eq!(outcome.up, N);
+    }
 }
