@@ -9,7 +9,6 @@ use std::{env, fs, path::PathBuf, process::Command};
 
 use anyhow::{anyhow, Context as _};
 
-
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=SPLICED_REQUIRE_EBPF");
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
@@ -24,7 +23,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Err(missing) = toolchain_ready() {
         if env::var("SPLICED_REQUIRE_EBPF").is_ok_and(|v| v == "1") {
-            return Err(anyhow!("cannot build the eBPF object: {missing}; run `cargo xtask setup`"));
+            return Err(anyhow!(
+                "cannot build the eBPF object: {missing}; run `cargo xtask setup`"
+            ));
         }
         println!("cargo:warning=building spliced without its eBPF object: {missing}; run `cargo xtask setup`");
         fs::write(&stub, []).context("writing the empty eBPF object")?;

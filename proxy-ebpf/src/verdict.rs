@@ -47,7 +47,10 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
         // Trap 1: a FIN arrives as a zero-length skb. Redirected, the peer's backlog send would
         // return 0, which the kernel treats as fatal (EPIPE on the peer). Keep it here; the
         // daemon learns of EOF from EPOLLRDHUP and shuts the peer down itself.
-        debug!(ctx, "socket {}: zero-length skb (FIN) kept, not redirected", cookie);
+        debug!(
+            ctx,
+            "socket {}: zero-length skb (FIN) kept, not redirected", cookie
+        );
         return Ok(SK_PASS);
     }
     let stats = STATS.get_ptr_mut(&cookie);
@@ -75,7 +78,10 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
         }
     }
     if verdict != SK_PASS {
-        warn!(ctx, "socket {}: no peer in TARGETS, {} bytes kept on the source", cookie, len);
+        warn!(
+            ctx,
+            "socket {}: no peer in TARGETS, {} bytes kept on the source", cookie, len
+        );
         // Keep the bytes in the source's own queue rather than dropping them.
         return Ok(SK_PASS);
     }

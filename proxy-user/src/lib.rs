@@ -12,4 +12,5 @@ pub use config::{Config, Mode, Route};
 pub use server::{Daemon, DataPath, StartError, Stats};
 
 /// The embedded eBPF object; empty when built without the eBPF toolchain.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+pub static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));

@@ -210,7 +210,10 @@ impl Daemon {
     }
 
     fn route(&self, name: &str) -> Option<&RouteState> {
-        self.routes.iter().map(|r| &**r).find(|r| r.route.name == name)
+        self.routes
+            .iter()
+            .map(|r| &**r)
+            .find(|r| r.route.name == name)
     }
 
     /// Counters so far.
@@ -272,7 +275,10 @@ async fn load_sockmap() -> Result<Sockmap, String> {
 
 async fn bind(route: &Route) -> Result<TcpListener, StartError> {
     let fail = |e: &dyn std::fmt::Display| {
-        StartError(format!("route {}: cannot listen on {}: {e}", route.name, route.listen))
+        StartError(format!(
+            "route {}: cannot listen on {}: {e}",
+            route.name, route.listen
+        ))
     };
     let addr = *route
         .listen
@@ -292,7 +298,9 @@ async fn bind(route: &Route) -> Result<TcpListener, StartError> {
         let hint = match e.kind() {
             io::ErrorKind::AddrInUse => " (another process listens there: pick another port)",
             io::ErrorKind::AddrNotAvailable => " (no interface has that address)",
-            io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+            io::ErrorKind::PermissionDenied => {
+                " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            }
             _ => "",
         };
         fail(&format!("{e}{hint}"))
@@ -321,7 +329,13 @@ async fn accept_loop(
                     let _ = sockopt::set_linger_zero(&client);
                     continue;
                 };
-                connections.spawn(connection(client, peer, route.clone(), shared.clone(), permit));
+                connections.spawn(connection(
+                    client,
+                    peer,
+                    route.clone(),
+                    shared.clone(),
+                    permit,
+                ));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // EMFILE and friends: the pending connection stays queued; retrying at once
@@ -367,10 +381,12 @@ async fn dial(route: &Route) -> Result<(TcpStream, SocketAddr), DialError> {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or(DialError::Resolve(crate::addr::AddrError(format!(
-            "{} resolved to no address",
-            route.upstream
-        )))))
+        Err(
+            last.unwrap_or(DialError::Resolve(crate::addr::AddrError(format!(
+                "{} resolved to no address",
+                route.upstream
+            )))),
+        )
     };
     tokio::time::timeout(route.connect_timeout, attempt)
         .await
@@ -474,7 +490,14 @@ async fn carry(
             let (client, upstream) = match (client.into_std(), upstream.into_std()) {
                 (Ok(c), Ok(u)) => (c, u),
                 (Err(e), _) | (_, Err(e)) => {
-                    return (DataPath::Sockmap, Outcome { up: 0, down: 0, end: End::Ours(e) })
+                    return (
+                        DataPath::Sockmap,
+                        Outcome {
+                            up: 0,
+                            down: 0,
+                            end: End::Ours(e),
+                        },
+                    )
                 }
             };
             let outcome = forward::sockmap::run(
@@ -498,7 +521,14 @@ async fn carry(
                             return (DataPath::Splice, outcome);
                         }
                         (Err(e), _) | (_, Err(e)) => {
-                            return (DataPath::Splice, Outcome { up: 0, down: 0, end: End::Ours(e) })
+                            return (
+                                DataPath::Splice,
+                                Outcome {
+                                    up: 0,
+                                    down: 0,
+                                    end: End::Ours(e),
+                                },
+                            )
                         }
                     }
                 }
@@ -508,6 +538,13 @@ async fn carry(
         // Sockmap without a loaded program cannot happen (start refuses it); splice is safe.
         _ => Kind::Splice,
     };
-    let path = if kind == Kind::Copy { DataPath::Copy } else { DataPath::Splice };
-    (path, forward::userspace::run(kind, client, upstream, cancel).await)
+    let path = if kind == Kind::Copy {
+        DataPath::Copy
+    } else {
+        DataPath::Splice
+    };
+    (
+        path,
+        forward::userspace::run(kind, client, upstream, cancel).await,
+    )
 }

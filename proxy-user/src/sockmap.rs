@@ -125,9 +125,8 @@ impl Sockmap {
         program
             .attach(active.fd())
             .map_err(|e| Unavailable(format!("attaching the verdict program failed: {e}")))?;
-        let watcher = Arc::new(
-            Watcher::new().map_err(|e| Unavailable(format!("epoll_create: {e}")))?,
-        );
+        let watcher =
+            Arc::new(Watcher::new().map_err(|e| Unavailable(format!("epoll_create: {e}")))?);
         let pressure_reader = spawn_pressure_reader(pressure, watcher.clone())?;
         Ok(Sockmap {
             maps: Mutex::new(Maps {
@@ -223,7 +222,8 @@ impl Sockmap {
     /// spliced, a byte written *before* the insert must arrive (the early-bytes flush of trap 3
     /// depends on a 2023 kernel fix), and a byte each way after it.
     pub fn probe(&self) -> Result<(), Unavailable> {
-        let err = |what: &str, e: std::io::Error| Unavailable(format!("sockmap probe: {what}: {e}"));
+        let err =
+            |what: &str, e: std::io::Error| Unavailable(format!("sockmap probe: {what}: {e}"));
         let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| err("bind", e))?;
         let addr = listener.local_addr().map_err(|e| err("local_addr", e))?;
         let mut a = TcpStream::connect(addr).map_err(|e| err("connect", e))?;
@@ -243,8 +243,14 @@ impl Sockmap {
         };
         // Give the early byte time to land in b's receive queue before the insert.
         std::thread::sleep(Duration::from_millis(20));
-        self.insert(&pair, SockLimit { limit: u64::MAX, generation: 1 })
-            .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
+        self.insert(
+            &pair,
+            SockLimit {
+                limit: u64::MAX,
+                generation: 1,
+            },
+        )
+        .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
         let result = (|| {
             flush_early_bytes(pair.client).map_err(|e| err("early-bytes flush", e))?;
             flush_early_bytes(pair.upstream).map_err(|e| err("early-bytes flush", e))?;
@@ -252,14 +258,20 @@ impl Sockmap {
             d.read_exact(&mut got[..1])
                 .map_err(|e| err("a byte sent before the insert did not arrive", e))?;
             a.write_all(b"x").map_err(|e| err("write", e))?;
-            d.read_exact(&mut got[1..]).map_err(|e| err("no redirect client->upstream", e))?;
+            d.read_exact(&mut got[1..])
+                .map_err(|e| err("no redirect client->upstream", e))?;
             if &got != b"ex" {
-                return Err(Unavailable(format!("sockmap probe: got {got:?}, sent \"ex\"")));
+                return Err(Unavailable(format!(
+                    "sockmap probe: got {got:?}, sent \"ex\""
+                )));
             }
             d.write_all(b"y").map_err(|e| err("write", e))?;
-            a.read_exact(&mut got[..1]).map_err(|e| err("no redirect upstream->client", e))?;
+            a.read_exact(&mut got[..1])
+                .map_err(|e| err("no redirect upstream->client", e))?;
             if got[0] != b'y' {
-                return Err(Unavailable("sockmap probe: wrong byte upstream->client".into()));
+                return Err(Unavailable(
+                    "sockmap probe: wrong byte upstream->client".into(),
+                ));
             }
             Ok(())
         })();
@@ -367,12 +379,12 @@ fn spawn_log_reader(
         tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
     };
     let mut logger = match registered {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::warn!("eBPF log records will not be shown: {e}");
-                return None;
-            }
-        };
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("eBPF log records will not be shown: {e}");
+            return None;
+        }
+    };
     Some(tokio::spawn(async move {
         loop {
             let Ok(mut guard) = logger.readable_mut().await else {

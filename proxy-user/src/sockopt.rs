@@ -19,13 +19,24 @@ fn getsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int)
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is valid for `len` bytes, and the kernel writes at most `len`.
     check(unsafe {
-        libc::getsockopt(fd.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len)
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
     })?;
     // SAFETY: zero-initialised and partly or wholly written by the kernel; T is plain data.
     Ok(unsafe { value.assume_init() })
 }
 
-fn setsockopt<T: Copy>(fd: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: T) -> io::Result<()> {
+fn setsockopt<T: Copy>(
+    fd: &impl AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: T,
+) -> io::Result<()> {
     // SAFETY: `value` is valid for its size for the duration of the call.
     check(unsafe {
         libc::setsockopt(
@@ -121,7 +132,15 @@ pub fn set_send_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
 
 /// Arms `SO_LINGER {on, 0}` so that the next close sends an RST instead of a FIN.
 pub fn set_linger_zero(fd: &impl AsRawFd) -> io::Result<()> {
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, libc::linger { l_onoff: 1, l_linger: 0 })
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
 }
 
 /// `shutdown(fd, SHUT_WR)`: sends our FIN once the send queue is out.

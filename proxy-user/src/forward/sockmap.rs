@@ -60,7 +60,12 @@ fn poll_state(fd: RawFd) -> io::Result<State> {
 /// drops them (a prototype lost 9.9 MB of 1 GiB). Everything `src` received went through the
 /// verdict into `dst`, so `dst` is drained when
 /// `src.bytes_received - FIN == dst.bytes_acked - SYN(if dst called connect()) + SIOCOUTQ(dst)`.
-fn undelivered(src: &TcpStream, src_fin: bool, dst: &TcpStream, dst_connected: bool) -> io::Result<u64> {
+fn undelivered(
+    src: &TcpStream,
+    src_fin: bool,
+    dst: &TcpStream,
+    dst_connected: bool,
+) -> io::Result<u64> {
     let s = sockopt::tcp_info(src)?;
     let d = sockopt::tcp_info(dst)?;
     let queued = sockopt::outq(dst)?;
@@ -101,7 +106,9 @@ impl Pool {
         let _ = self
             .reserved
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |reserved| {
-                grant = want.min(self.max.saturating_sub(reserved)).max(MIN_GRANT.min(want));
+                grant = want
+                    .min(self.max.saturating_sub(reserved))
+                    .max(MIN_GRANT.min(want));
                 Some(reserved + grant)
             });
         grant
@@ -112,6 +119,7 @@ impl Pool {
     }
 
     /// Bytes reserved now.
+    #[cfg(test)]
     pub fn reserved(&self) -> u64 {
         self.reserved.load(Ordering::Acquire)
     }
@@ -149,7 +157,10 @@ impl Direction<'_> {
     /// Bytes from `src` that have entered `dst`'s send queue.
     fn written(&self) -> io::Result<u64> {
         let d = sockopt::tcp_info(self.dst)?;
-        Ok((d.bytes_acked + sockopt::outq(self.dst)?).saturating_sub(u64::from(self.dst_connected)))
+        Ok(
+            (d.bytes_acked + sockopt::outq(self.dst)?)
+                .saturating_sub(u64::from(self.dst_connected)),
+        )
     }
 
     /// Redirected (or copied) from `src` and not yet in `dst`'s send queue: the psock backlog
@@ -167,7 +178,9 @@ impl Direction<'_> {
             limit: self.written()? + self.grant,
             generation: self.generation,
         };
-        sockmap.set_limit(self.src_cookie, limit).map_err(io::Error::other)
+        sockmap
+            .set_limit(self.src_cookie, limit)
+            .map_err(io::Error::other)
     }
 
     /// Handles a pressure report, if one came for this generation: pause `src` if its backlog
@@ -179,7 +192,11 @@ impl Direction<'_> {
         if self.backlog(sockmap)? > self.grant {
             sockmap.pause(self.src_cookie);
             self.paused = true;
-            tracing::trace!(cookie = self.src_cookie, "paused: peer backlog over {} bytes", self.grant);
+            tracing::trace!(
+                cookie = self.src_cookie,
+                "paused: peer backlog over {} bytes",
+                self.grant
+            );
             Ok(())
         } else {
             self.arm(sockmap)
@@ -206,7 +223,11 @@ impl Direction<'_> {
                 flush_early_bytes(self.src.as_raw_fd())
             }
             Err(InsertError::NotEstablished) if backlog == 0 => {
-                self.copied += copy_tail(self.src, self.dst).await?;
+                // Everything `src` received before its FIN, less what already went through.
+                let info = sockopt::tcp_info(self.src)?;
+                let moved = sockmap.stats(self.src_cookie).bytes + self.copied;
+                let left = info.bytes_received.saturating_sub(1 + moved);
+                self.copied += copy_tail(self.src, self.dst, left).await?;
                 self.paused = false;
                 Ok(())
             }
@@ -216,8 +237,14 @@ impl Direction<'_> {
     }
 }
 
-/// Copies what is left in `src`'s receive queue (it is at EOF) into `dst`, in order.
-async fn copy_tail(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
+/// Copies the `left` bytes still in `src`'s receive queue (it is at EOF) into `dst`, in order.
+///
+/// Exactly `left`, never up to EOF: a FIN that reached the verdict while `src` was active sits in
+/// its psock as a zero-length message (trap 1), and `recv` on it fails with EFAULT.
+async fn copy_tail(src: &TcpStream, dst: &TcpStream, left: u64) -> io::Result<u64> {
+    if left == 0 {
+        return Ok(0);
+    }
     struct Fd(RawFd);
     impl AsRawFd for Fd {
         fn as_raw_fd(&self) -> RawFd {
@@ -225,25 +252,34 @@ async fn copy_tail(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         }
     }
     // SAFETY: `dst` outlives the registration, which is dropped at the end of this function.
-    let dst_fd = unsafe { AsyncFd::register_with_interest(Fd(dst.as_raw_fd()), Interest::WRITABLE) }
-        .map_err(|e| io::Error::other(e.to_string()))?;
+    let dst_fd =
+        unsafe { AsyncFd::register_with_interest(Fd(dst.as_raw_fd()), Interest::WRITABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
-    loop {
-        let Some(n) = sockopt::recv_nonblocking(src.as_raw_fd(), &mut buf)? else {
-            // Not at EOF after all: nothing more to copy now.
-            return Ok(total);
+    while total < left {
+        let want = buf.len().min((left - total) as usize);
+        let n = match sockopt::recv_nonblocking(src.as_raw_fd(), &mut buf[..want])? {
+            Some(0) | None => {
+                return Err(io::Error::other(format!(
+                    "{} of {left} bytes left after the FIN could be read",
+                    total
+                )))
+            }
+            Some(n) => n,
         };
-        if n == 0 {
-            return Ok(total);
-        }
         let mut sent = 0;
         while sent < n {
             let mut guard = dst_fd.writable().await?;
             match guard.try_io(|fd| {
                 // SAFETY: `buf[sent..n]` is valid for reads.
                 let r = unsafe {
-                    libc::send(fd.as_raw_fd(), buf[sent..n].as_ptr().cast(), n - sent, libc::MSG_NOSIGNAL)
+                    libc::send(
+                        fd.as_raw_fd(),
+                        buf[sent..n].as_ptr().cast(),
+                        n - sent,
+                        libc::MSG_NOSIGNAL,
+                    )
                 };
                 if r < 0 {
                     Err(io::Error::last_os_error())
@@ -258,6 +294,7 @@ async fn copy_tail(src: &TcpStream, dst: &TcpStream) -> io::Result<u64> {
         }
         total += n as u64;
     }
+    Ok(total)
 }
 
 /// Forwards `client` <-> `upstream` in the kernel until both sides have closed, one fails, or
@@ -276,35 +313,50 @@ pub async fn run(
         let _ = sockopt::set_send_buffer(&client, bytes);
         let _ = sockopt::set_send_buffer(&upstream, bytes);
     }
-    let (client_cookie, upstream_cookie) = match (sockopt::cookie(&client), sockopt::cookie(&upstream)) {
-        (Ok(c), Ok(u)) => (c, u),
-        (Err(e), _) | (_, Err(e)) => {
-            return Ok(abort(&client, &upstream, None, sockmap, End::Ours(e)));
-        }
-    };
+    let (client_cookie, upstream_cookie) =
+        match (sockopt::cookie(&client), sockopt::cookie(&upstream)) {
+            (Ok(c), Ok(u)) => (c, u),
+            (Err(e), _) | (_, Err(e)) => {
+                return Ok(abort(&client, &upstream, None, sockmap, End::Ours(e)));
+            }
+        };
     let pair = Pair {
         client: client.as_raw_fd(),
         client_cookie,
         upstream: upstream.as_raw_fd(),
         upstream_cookie,
     };
-    let watch = match sockmap
-        .watcher()
-        .watch(&[(pair.client, client_cookie), (pair.upstream, upstream_cookie)])
-    {
+    let watch = match sockmap.watcher().watch(&[
+        (pair.client, client_cookie),
+        (pair.upstream, upstream_cookie),
+    ]) {
         Ok(w) => w,
         Err(e) => return Ok(abort(&client, &upstream, None, sockmap, End::Ours(e))),
     };
-    let grants = [
-        budget.pool.reserve(budget.per_direction),
-        budget.pool.reserve(budget.per_direction),
-    ];
-    let outcome = splice_pair(sockmap, &watch, client, upstream, &pair, grants, cancel).await;
-    drop(watch);
-    for grant in grants {
-        budget.pool.release(grant);
+    // Released on every way out, a dropped (cancelled) future included.
+    let reservation = Reservation {
+        pool: &budget.pool,
+        grants: [
+            budget.pool.reserve(budget.per_direction),
+            budget.pool.reserve(budget.per_direction),
+        ],
+    };
+    let grants = reservation.grants;
+    splice_pair(sockmap, &watch, client, upstream, &pair, grants, cancel).await
+}
+
+/// One connection's share of the global pool, given back when dropped.
+struct Reservation<'a> {
+    pool: &'a Pool,
+    grants: [u64; 2],
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        for grant in self.grants {
+            self.pool.release(grant);
+        }
     }
-    outcome
 }
 
 async fn splice_pair(
@@ -351,9 +403,14 @@ async fn splice_pair(
             let e = io::Error::other(format!(
                 "{why}, and the client did not read what was already redirected"
             ));
-            return Ok(abort(&client, &upstream, None, sockmap, End::ClientFailed(e)));
+            return Ok(abort(
+                &client,
+                &upstream,
+                None,
+                sockmap,
+                End::ClientFailed(e),
+            ));
         }
-        drop((up, down));
         return Err(Declined {
             client,
             upstream,
@@ -379,7 +436,10 @@ async fn splice_pair(
         if u.error {
             break End::UpstreamFailed(socket_error(&upstream));
         }
-        if let Err(e) = up.on_pressure(sockmap).and_then(|()| down.on_pressure(sockmap)) {
+        if let Err(e) = up
+            .on_pressure(sockmap)
+            .and_then(|()| down.on_pressure(sockmap))
+        {
             break End::Ours(e);
         }
         // A FIN arrived: forward it once everything before it has reached the peer's queue.
@@ -423,7 +483,7 @@ async fn splice_pair(
         }
     };
     let copied = (up.copied, down.copied);
-    drop((up, down));
+
     let mut outcome = match end {
         End::Complete => {
             let outcome = counted(sockmap, pair, End::Complete);
@@ -460,7 +520,11 @@ fn abort(
             sockmap.remove(pair);
             o
         }
-        None => Outcome { up: 0, down: 0, end },
+        None => Outcome {
+            up: 0,
+            down: 0,
+            end,
+        },
     };
     let _ = sockopt::set_linger_zero(client);
     let _ = sockopt::set_linger_zero(upstream);
@@ -487,8 +551,8 @@ async fn drain_then_remove(sockmap: &Sockmap, pair: &Pair, client: &TcpStream) -
         if drained {
             break;
         }
-        let written = sockopt::tcp_info(client)
-            .and_then(|i| Ok(i.bytes_acked + sockopt::outq(client)?));
+        let written =
+            sockopt::tcp_info(client).and_then(|i| Ok(i.bytes_acked + sockopt::outq(client)?));
         match written {
             Ok(w) if w >= redirected => drained = true,
             Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -673,7 +737,9 @@ mod tests {
         };
         // A large receive buffer on the proxy's client socket, so that the rest of the data and
         // the FIN fit into it while it is paused.
-        socket2::SockRef::from(&b).set_recv_buffer_size(32 << 20).unwrap();
+        socket2::SockRef::from(&b)
+            .set_recv_buffer_size(32 << 20)
+            .unwrap();
         let cancel = CancellationToken::new();
         let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
         let ends = tokio::task::spawn_blocking(move || {

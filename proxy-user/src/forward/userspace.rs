@@ -63,9 +63,8 @@ impl Mover for Buffer {
     fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
         let data = &self.buf[self.start..self.end];
         // SAFETY: `data` is valid for reads of its length.
-        let n = ret(unsafe {
-            libc::send(dst, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL)
-        })?;
+        let n =
+            ret(unsafe { libc::send(dst, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) })?;
         self.start += n;
         Ok(n)
     }
@@ -194,7 +193,16 @@ pub async fn run(
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = match kind {
         Kind::Copy => {
-            drive(&client, &upstream, Buffer::new(), Buffer::new(), &up, &down, cancel).await
+            drive(
+                &client,
+                &upstream,
+                Buffer::new(),
+                Buffer::new(),
+                &up,
+                &down,
+                cancel,
+            )
+            .await
         }
         Kind::Splice => match (Pipe::new(), Pipe::new()) {
             (Ok(a), Ok(b)) => drive(&client, &upstream, a, b, &up, &down, cancel).await,

@@ -1,0 +1,404 @@
+//! Command line (clap).
+//!
+//! Three forms:
+//!
+//! - `spliced --listen ADDR --upstream ADDR [--mode auto|sockmap|splice|copy]` forwards one
+//!   route, named "cli";
+//! - `spliced --config FILE` runs every route of a TOML file (see [`crate::config`]);
+//! - `spliced check --config FILE` validates a file and exits.
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Parser, Subcommand};
+
+use crate::{
+    addr::{AddrError, Endpoint},
+    config::{check_zone, Config, ConfigError, Mode, Route},
+};
+
+/// The route name of the `--listen/--upstream` form.
+pub const CLI_ROUTE: &str = "cli";
+
+const ABOUT: &str = "A TCP forwarder that splices connections inside the kernel.";
+
+const LONG_ABOUT: &str = "\
+A TCP forwarder that splices connections inside the kernel.
+
+spliced accepts TCP connections on a listen address and forwards each one to an upstream. \
+With the sockmap mode the bytes move socket to socket inside the kernel (an eBPF sk_msg \
+redirect) and never reach userspace; splice and copy are the fallbacks. Half-closes are \
+carried through, and SIGINT/SIGTERM drain live connections for a grace period.
+
+Upstreams may be IP literals, host names (resolved at every connection) or link-local IPv6 \
+addresses with their interface, e.g. \"[fe80::1%lxdbr0]:2368\".";
+
+const USAGE: &str = "\
+spliced --listen <ADDR> --upstream <ADDR> [--mode <MODE>]
+       spliced --config <FILE>
+       spliced check --config <FILE>";
+
+const AFTER_HELP: &str = "\
+Examples:
+  spliced --listen 127.0.0.1:8080 --upstream '[fe80::216:3eff:fe12:3456%lxdbr0]:2368'
+  spliced --config /etc/spliced.toml
+  spliced check --config /etc/spliced.toml
+
+An invalid address or configuration exits with status 64 (EX_USAGE).";
+
+/// spliced's command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "spliced",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    override_usage = USAGE,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    group(ArgGroup::new("source").args(["listen", "config"]).required(true)),
+)]
+pub struct Cli {
+    /// Address to accept connections on: an IP literal and a port, e.g. 127.0.0.1:8080 or
+    /// [::]:8080 (port 0 picks a free port).
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "upstream",
+        conflicts_with = "config"
+    )]
+    pub listen: Option<String>,
+
+    /// Where to forward each connection: ip:port, [ipv6]:port, [fe80::1%IFACE]:port or
+    /// name:port.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "listen",
+        conflicts_with = "config"
+    )]
+    pub upstream: Option<String>,
+
+    /// Data path for the --listen route (default: auto, sockmap when the kernel supports it).
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        requires = "listen",
+        conflicts_with = "config"
+    )]
+    pub mode: Option<Mode>,
+
+    /// Run every route of this TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands; without one, spliced runs.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate a configuration file (addresses, interfaces, keys) without binding anything.
+    Check {
+        /// The TOML configuration file to check.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+impl Cli {
+    /// The configuration of the run forms: the one route of `--listen/--upstream`, or the file
+    /// of `--config` (also for `check --config`). Returns every error found.
+    pub fn into_config(self) -> Result<Config, Vec<ConfigError>> {
+        if let Some(Command::Check { config }) = self.command {
+            return Config::load(&config);
+        }
+        if let Some(path) = self.config {
+            return Config::load(&path);
+        }
+        let (Some(listen), Some(upstream)) = (self.listen, self.upstream) else {
+            return Err(vec![ConfigError(
+                "nothing to run; give --listen ADDR --upstream ADDR, or --config FILE".into(),
+            )]);
+        };
+        let listen = endpoint("--listen", Endpoint::parse_listen(&listen));
+        let upstream = endpoint("--upstream", upstream.parse());
+        match (listen, upstream) {
+            (Ok(listen), Ok(upstream)) => {
+                let route = Route::new(CLI_ROUTE, listen, upstream)
+                    .with_mode(self.mode.unwrap_or(Mode::Auto));
+                Ok(Config::new(vec![route]))
+            }
+            (listen, upstream) => Err([listen.err(), upstream.err()]
+                .into_iter()
+                .flatten()
+                .collect()),
+        }
+    }
+}
+
+/// Checks a parsed address (and that its zone interface exists), naming the option in errors.
+fn endpoint(option: &str, parsed: Result<Endpoint, AddrError>) -> Result<Endpoint, ConfigError> {
+    let e = parsed.map_err(|e| ConfigError(format!("{option}: {}", e.0)))?;
+    check_zone(&e).map_err(|msg| ConfigError(format!("{option}: {msg}")))?;
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{error::ErrorKind, CommandFactory};
+    use std::time::Duration;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("spliced").chain(args.iter().copied()))
+    }
+
+    fn parse_err(args: &[&str]) -> ErrorKind {
+        parse(args).expect_err("should be refused").kind()
+    }
+
+    fn errors(args: &[&str]) -> Vec<String> {
+        parse(args)
+            .unwrap()
+            .into_config()
+            .expect_err("should be refused")
+            .into_iter()
+            .map(|e| e.0)
+            .collect()
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn listen_upstream_form() {
+        let cli = parse(&["--listen", "127.0.0.1:0", "--upstream", "10.0.0.2:80"]).unwrap();
+        assert_eq!(cli.listen.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(cli.upstream.as_deref(), Some("10.0.0.2:80"));
+        assert_eq!(cli.mode, None);
+        assert!(cli.config.is_none() && cli.command.is_none());
+        let config = cli.into_config().unwrap();
+        assert_eq!(config.routes.len(), 1);
+        let route = &config.routes[0];
+        assert_eq!(route.name, "cli");
+        assert_eq!(route.listen.to_string(), "127.0.0.1:0");
+        assert_eq!(route.upstream.to_string(), "10.0.0.2:80");
+        assert_eq!(route.mode, Mode::Auto);
+        assert_eq!(route.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.grace_period, Duration::from_secs(30));
+        assert_eq!(config.send_buffer, Some(16 << 20));
+        assert_eq!(config.max_connections, 10_000);
+    }
+
+    #[test]
+    fn mode_option() {
+        for (arg, mode) in [
+            ("auto", Mode::Auto),
+            ("sockmap", Mode::Sockmap),
+            ("splice", Mode::Splice),
+            ("copy", Mode::Copy),
+        ] {
+            let cli = parse(&[
+                "--listen",
+                "[::1]:8080",
+                "--upstream",
+                "[fe80::1%lo]:2368",
+                "--mode",
+                arg,
+            ])
+            .unwrap();
+            assert_eq!(cli.mode, Some(mode));
+            assert_eq!(cli.into_config().unwrap().routes[0].mode, mode);
+        }
+        assert_eq!(
+            parse_err(&[
+                "--listen",
+                "[::1]:8080",
+                "--upstream",
+                "[::1]:80",
+                "--mode",
+                "fast"
+            ]),
+            ErrorKind::InvalidValue
+        );
+    }
+
+    #[test]
+    fn config_form() {
+        let cli = parse(&["--config", "/etc/spliced.toml"]).unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/spliced.toml")));
+        assert!(cli.listen.is_none() && cli.command.is_none());
+    }
+
+    #[test]
+    fn check_form() {
+        let cli = parse(&["check", "--config", "spliced.toml"]).unwrap();
+        match cli.command {
+            Some(Command::Check { config }) => assert_eq!(config, PathBuf::from("spliced.toml")),
+            None => panic!("expected the check subcommand"),
+        }
+        assert!(cli.config.is_none());
+    }
+
+    #[test]
+    fn one_form_is_required() {
+        assert_eq!(parse_err(&[]), ErrorKind::MissingRequiredArgument);
+        assert_eq!(parse_err(&["check"]), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn listen_and_upstream_go_together() {
+        assert_eq!(
+            parse_err(&["--listen", "127.0.0.1:0"]),
+            ErrorKind::MissingRequiredArgument
+        );
+        assert_eq!(
+            parse_err(&["--upstream", "10.0.0.2:80"]),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn listen_conflicts_with_config() {
+        assert_eq!(
+            parse_err(&[
+                "--config",
+                "f.toml",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "10.0.0.2:80"
+            ]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse_err(&["--config", "f.toml", "--upstream", "10.0.0.2:80"]),
+            ErrorKind::ArgumentConflict
+        );
+    }
+
+    #[test]
+    fn mode_only_with_listen() {
+        assert_eq!(
+            parse_err(&["--config", "f.toml", "--mode", "copy"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse_err(&["--mode", "copy"]),
+            ErrorKind::MissingRequiredArgument
+        );
+    }
+
+    #[test]
+    fn check_takes_no_run_options() {
+        assert_eq!(
+            parse_err(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "10.0.0.2:80",
+                "check",
+                "--config",
+                "f"
+            ]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse_err(&["check", "--config", "f", "--listen", "127.0.0.1:0"]),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(parse_err(&["bogus"]), ErrorKind::InvalidSubcommand);
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert_eq!(parse_err(&["--help"]), ErrorKind::DisplayHelp);
+        assert_eq!(parse_err(&["--version"]), ErrorKind::DisplayVersion);
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--listen <ADDR>"), "{help}");
+        assert!(help.contains("sockmap"), "{help}");
+    }
+
+    #[test]
+    fn error_bad_listen_and_upstream_both_reported() {
+        assert_eq!(
+            errors(&["--listen", "localhost:8080", "--upstream", "fe80::1:80"]),
+            vec![
+                r#"--listen: "localhost:8080": listen addresses must be IP literals, not host names; write e.g. "127.0.0.1:8080" or "[::1]:8080""#,
+                r#"--upstream: "fe80::1:80": an IPv6 address needs brackets: write "[fe80::1]:80" (a link-local address also needs its interface: "[fe80::1%eth0]:80")"#,
+            ]
+        );
+    }
+
+    #[test]
+    fn error_unknown_zone_interface() {
+        assert_eq!(
+            errors(&[
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                "[fe80::1%nosuchif0]:2368"
+            ]),
+            vec![
+                r#"--upstream: interface "nosuchif0" (the zone of "[fe80::1%nosuchif0]:2368") does not exist on this machine; fix the name or create the interface first (ip link shows the interfaces)"#
+            ]
+        );
+    }
+
+    #[test]
+    fn error_unreadable_config() {
+        let errs = errors(&["--config", "/nonexistent/spliced.toml"]);
+        assert_eq!(errs.len(), 1);
+        assert!(
+            errs[0].starts_with("/nonexistent/spliced.toml: cannot read the configuration file: "),
+            "{errs:?}"
+        );
+        let errs = errors(&["check", "--config", "/nonexistent/spliced.toml"]);
+        assert!(errs[0].contains("cannot read"), "{errs:?}");
+    }
+
+    #[test]
+    fn error_nothing_to_run() {
+        let cli = Cli {
+            listen: None,
+            upstream: None,
+            mode: None,
+            config: None,
+            command: None,
+        };
+        let errs: Vec<String> = cli
+            .into_config()
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(
+            errs,
+            vec!["nothing to run; give --listen ADDR --upstream ADDR, or --config FILE"]
+        );
+    }
+
+    #[test]
+    fn config_file_is_loaded() {
+        let dir = std::env::temp_dir().join(format!("spliced-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("spliced.toml");
+        std::fs::write(
+            &path,
+            "mode = \"copy\"\n[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\nupstream = \"10.0.0.2:80\"\n",
+        )
+        .unwrap();
+        let config = parse(&["--config", path.to_str().unwrap()])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(config.routes.len(), 1);
+        assert_eq!(config.routes[0].name, "a");
+        assert_eq!(config.routes[0].mode, Mode::Copy);
+    }
+}

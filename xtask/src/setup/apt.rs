@@ -1,0 +1,70 @@
+//! The Debian packages the tests and the demo call: `ip`, `curl`, `python3 -m http.server`,
+//! `ps`/`kill`, `nsenter`/`unshare`, `iperf3`.
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::{report, Outcome};
+use crate::util::{is_root, run};
+
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "python3",
+    "procps",
+    "util-linux",
+    "iperf3",
+];
+
+/// Installs the missing packages; `apt-get update` runs only when something is missing.
+pub fn ensure() -> Result<()> {
+    let missing = missing()?;
+    if !missing.is_empty() {
+        apt_get(&["update"])?;
+        let mut install = vec!["install", "-y", "--no-install-recommends"];
+        install.extend(missing.iter().copied());
+        apt_get(&install)?;
+    }
+    for package in PACKAGES {
+        let outcome = if missing.contains(package) {
+            Outcome::Installed(String::new())
+        } else {
+            Outcome::Ok
+        };
+        report(&format!("apt {package}"), &outcome);
+    }
+    Ok(())
+}
+
+/// The packages dpkg does not list as installed. `dpkg-query` exits 1 when one is unknown; its
+/// stdout still lists the others, so the status is ignored.
+fn missing() -> Result<Vec<&'static str>> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
+        .args(PACKAGES)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let installed: Vec<&str> = stdout
+        .lines()
+        .filter_map(|line| {
+            let (name, status) = line.split_once(' ')?;
+            status.starts_with("ii").then_some(name)
+        })
+        .collect();
+    Ok(PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !installed.contains(p))
+        .collect())
+}
+
+fn apt_get(args: &[&str]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new("apt-get")
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get"]);
+        sudo
+    };
+    run(cmd.env("DEBIAN_FRONTEND", "noninteractive").args(args))
+}
