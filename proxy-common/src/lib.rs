@@ -24,7 +24,8 @@ pub const VERDICT_PROG: &str = "spliced_verdict";
 /// Capacity of each socket map: two sockets per spliced connection.
 pub const MAX_SOCKETS: u32 = 131_072;
 
-/// Counters the verdict program keeps for one source socket (key: its socket cookie).
+/// Counters and state the verdict program keeps for one source socket (key: its socket
+/// cookie). Written only by the verdict, under the socket's lock, so plain adds do not race.
 ///
 /// The daemon creates the entry before it activates the socket and removes it when the
 /// connection ends; the program only updates entries that exist.
@@ -33,27 +34,36 @@ pub const MAX_SOCKETS: u32 = 131_072;
 pub struct SockStats {
     /// Payload bytes the verdict redirected from this socket to its peer.
     pub bytes: u64,
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last redirected skb; 0 if none yet.
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last skb seen; 0 if none yet.
     pub last_ns: u64,
     /// Redirects the kernel refused (peer missing from the targets map). Must stay 0.
     pub failed: u64,
     /// The [`SockLimit::generation`] the verdict last reported through `PRESSURE`.
     pub reported: u64,
+    /// Payload bytes the verdict *held*: passed to this socket's own receive path (its psock
+    /// ingress queue, charged to its receive buffer) instead of redirecting them. The daemon
+    /// reads them with `recv` and writes them to the peer itself.
+    pub passed: u64,
+    /// 1 while the verdict holds (every skb is passed, none redirected), else 0. The verdict
+    /// starts holding when redirecting would take the socket past [`SockLimit::limit`] and goes
+    /// back to redirecting only once the daemon has consumed every held byte and raised the
+    /// limit: all redirected bytes come before all held ones, and back, without reordering.
+    pub held: u64,
 }
 
-/// The daemon's backpressure limit for one source socket (key: its socket cookie); written only
-/// by the daemon, so the verdict's counters in [`SockStats`] are never overwritten.
-///
-/// When `SockStats::bytes` exceeds `limit`, the verdict pushes the cookie into `PRESSURE` once per
-/// `generation`. The daemon then compares what the peer has taken with what was redirected, and
-/// either raises the limit (new generation) or pauses the socket.
+/// The daemon's side of one source socket's backpressure (key: its socket cookie); written only
+/// by the daemon, so the verdict's [`SockStats`] are never overwritten.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, Pod, Zeroable, PartialEq, Eq)]
 pub struct SockLimit {
-    /// Redirected-byte count beyond which the daemon wants to hear from the verdict.
+    /// Bound on `SockStats::bytes + consumed` (every byte moved from this socket to its peer):
+    /// the daemon sets it to what the peer has taken plus the connection's allowance.
     pub limit: u64,
-    /// Bumped by the daemon each time it sets a new limit.
+    /// Bumped by the daemon each time it sets a new limit; the verdict reports entering the
+    /// held state through `PRESSURE` once per generation.
     pub generation: u64,
+    /// Held bytes the daemon has read and written into the peer's send queue.
+    pub consumed: u64,
 }
 
 #[cfg(feature = "user")]

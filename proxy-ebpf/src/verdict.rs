@@ -1,4 +1,5 @@
-//! The verdict program: redirect every received skb to the peer socket's egress.
+//! The verdict program: redirect every received skb to the peer socket's egress, within the
+//! daemon's bound on bytes in flight (sockmap.md, trap 8).
 
 use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_NO_PREALLOC},
@@ -19,30 +20,30 @@ static TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 #[map]
 static ACTIVE: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);
 
-/// Own cookie -> counters, kept for logs, metrics and backpressure. Not preallocated: the
-/// daemon inserts an entry per live socket, so memory follows the number of connections.
+/// Own cookie -> counters and hold state. Not preallocated: the daemon inserts an entry per live
+/// socket, so memory follows the number of connections.
 #[map]
 static STATS: HashMap<u64, SockStats> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Own cookie -> the daemon's backpressure limit (sockmap.md, trap 8).
+/// Own cookie -> the daemon's bound and progress (trap 8).
 #[map]
 static LIMITS: HashMap<u64, SockLimit> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Cookies of sockets whose redirected bytes crossed their limit. Each live socket reports at
-/// most once per limit generation, so 64 KiB (4,096 records) is plenty; a full ring only delays
-/// a report until the daemon's next look at that connection.
+/// Cookies of sockets that started holding. Each live socket reports at most once per limit
+/// generation, so 64 KiB (4,096 records) is plenty; a full ring only delays a report until the
+/// daemon's next periodic look at that connection.
 #[map]
 static PRESSURE: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
 
 #[stream_verdict]
 pub fn spliced_verdict(ctx: SkBuffContext) -> u32 {
-    try_verdict(&ctx).unwrap_or(SK_PASS)
+    verdict(&ctx)
 }
 
-fn try_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
+fn verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the skb's socket; the pointer is the program's context.
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
-    let len = ctx.len();
+    let len = u64::from(ctx.len());
     if len == 0 {
         // Trap 1: a FIN arrives as a zero-length skb. Redirected, the peer's backlog send would
         // return 0, which the kernel treats as fatal (EPIPE on the peer). Keep it here; the
@@ -51,39 +52,62 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, i64> {
             ctx,
             "socket {}: zero-length skb (FIN) kept, not redirected", cookie
         );
-        return Ok(SK_PASS);
+        return SK_PASS;
     }
-    let stats = STATS.get_ptr_mut(&cookie);
-    let verdict = TARGETS.redirect_skb(ctx, &mut cookie, 0) as u32;
-    if let Some(stats) = stats {
-        // SAFETY: a pointer into a map value that lives as long as the entry. Only this socket's
-        // receive path writes it, under the socket lock, so plain adds do not race.
-        unsafe {
-            if verdict == SK_PASS {
-                (*stats).bytes += u64::from(len);
-                (*stats).last_ns = bpf_ktime_get_ns();
-                // Trap 8: the peer's backlog is charged to no socket and nothing stalls the
-                // sender. Tell the daemon when this socket has run ahead of its limit; it pauses
-                // the socket (out of ACTIVE: its bytes then wait in its own receive queue, and
-                // TCP flow control stalls the sender) until the peer catches up.
-                if let Some(limit) = LIMITS.get(&cookie) {
-                    if (*stats).bytes > limit.limit && (*stats).reported != limit.generation {
-                        (*stats).reported = limit.generation;
-                        let _ = PRESSURE.output::<u64>(cookie, 0);
-                    }
-                }
-            } else {
-                (*stats).failed += 1;
-            }
+    let Some(stats) = STATS.get_ptr_mut(&cookie) else {
+        // Not a socket the daemon set up fully (cannot happen: STATS is filled before ACTIVE).
+        return TARGETS.redirect_skb(ctx, &mut cookie, 0) as u32;
+    };
+    // SAFETY: a pointer into a map value that lives as long as the entry. Only this socket's
+    // receive path writes it, under the socket lock, so plain read-modify-writes do not race.
+    let stats = unsafe { &mut *stats };
+    // SAFETY: ktime has no preconditions.
+    stats.last_ns = unsafe { bpf_ktime_get_ns() };
+    let limit = LIMITS
+        .get_ptr(&cookie)
+        // SAFETY: as above; the daemon replaces the value whole, each field is read once.
+        .map(|l| unsafe { *l })
+        .unwrap_or(SockLimit {
+            limit: u64::MAX,
+            generation: 0,
+            consumed: 0,
+        });
+    let within = stats.bytes + limit.consumed + len <= limit.limit;
+    if stats.held != 0 {
+        // Back to redirecting only when every held byte is in the peer's send queue (nothing of
+        // ours is still in this socket's ingress queue) and the daemon made room.
+        if limit.consumed != stats.passed || !within {
+            return hold(stats, len);
         }
+        stats.held = 0;
+    } else if !within {
+        // Trap 8: redirected bytes wait in the peer's backlog, charged to no socket, and
+        // nothing stalls the sender. Hold them on this socket instead: they count against its
+        // receive buffer, its window closes, and TCP flow control stalls the sender.
+        stats.held = 1;
+        if stats.reported != limit.generation {
+            stats.reported = limit.generation;
+            let _ = PRESSURE.output::<u64>(&cookie, 0);
+        }
+        return hold(stats, len);
     }
-    if verdict != SK_PASS {
-        warn!(
-            ctx,
-            "socket {}: no peer in TARGETS, {} bytes kept on the source", cookie, len
-        );
-        // Keep the bytes in the source's own queue rather than dropping them.
-        return Ok(SK_PASS);
+    if TARGETS.redirect_skb(ctx, &mut cookie, 0) as u32 == SK_PASS {
+        stats.bytes += len;
+        return SK_PASS;
     }
-    Ok(verdict)
+    // No peer in TARGETS: keep the bytes on this socket, in order, for the daemon to copy.
+    stats.failed += 1;
+    warn!(
+        ctx,
+        "socket {}: no peer in TARGETS, {} bytes held on the source", cookie, len
+    );
+    stats.held = 1;
+    let _ = PRESSURE.output::<u64>(&cookie, 0);
+    hold(stats, len)
+}
+
+/// Passes the skb to the socket's own receive path (its psock ingress queue).
+fn hold(stats: &mut SockStats, len: u64) -> u32 {
+    stats.passed += len;
+    SK_PASS
 }

@@ -11,7 +11,10 @@ use spliced::{
 use tracing::{error, info};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(&e),
+    };
     init_logging();
     let config = match cli.command {
         Some(Command::Check { ref config }) => {
@@ -54,6 +57,17 @@ fn main() -> ExitCode {
     })
 }
 
+/// Prints clap's message. --help and --version exit 0; every command-line error exits 64
+/// (EX_USAGE), like an invalid address or configuration, not clap's own status 2.
+fn clap_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.exit_code() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EX_USAGE as u8)
+    }
+}
+
 fn usage_errors(errors: &[ConfigError]) -> ExitCode {
     for e in errors {
         eprintln!("error: {e}");
@@ -69,6 +83,7 @@ fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 

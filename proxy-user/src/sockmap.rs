@@ -57,6 +57,14 @@ pub struct Sockmap {
     _ebpf: Ebpf,
 }
 
+/// Which sockets of a pair run the verdict after [`Sockmap::insert`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Both,
+    /// The upstream was no longer ESTABLISHED: only the client's bytes go through the kernel.
+    ClientOnly,
+}
+
 /// The two sockets of one connection, as the maps know them.
 #[derive(Clone, Copy, Debug)]
 pub struct Pair {
@@ -151,10 +159,13 @@ impl Sockmap {
     /// Puts both sockets into the maps: counters and limits, then both targets, then both
     /// active (trap 2: a socket activated before its peer is a target loses its bytes).
     ///
-    /// On error nothing is active any more. If only the client's activation failed (it went to
-    /// CLOSE_WAIT in between, trap 4), the upstream was active for a moment: the pair stays in
-    /// the targets map so its redirected bytes can drain; the caller removes it afterwards.
-    pub fn insert(&self, pair: &Pair, limit: SockLimit) -> Result<(), InsertError> {
+    /// The client is activated first: it is the one likely to have gone to CLOSE_WAIT already
+    /// (trap 4), and if its activation fails nothing was active, so the pair leaves the maps
+    /// without ever having run the verdict. If the upstream's activation fails (it closed in the
+    /// last microseconds), the client stays active and the result says so: the caller serves the
+    /// upstream's direction in userspace. Taking an active socket out of `ACTIVE` while bytes
+    /// arrive is never done: a verdict detached in the middle of a receive drops them.
+    pub fn insert(&self, pair: &Pair, limit: SockLimit) -> Result<Activation, InsertError> {
         let mut m = self.maps();
         let zero = SockStats::default();
         let (c, u) = (pair.client_cookie, pair.upstream_cookie);
@@ -165,25 +176,17 @@ impl Sockmap {
             m.limits.insert(u, limit, 0)?;
             m.targets.insert(c, pair.upstream, 0)?;
             m.targets.insert(u, pair.client, 0)?;
-            m.active.insert(u, pair.upstream, 0)
+            m.active.insert(c, pair.client, 0)
         })();
         if let Err(e) = steps {
             remove_all(&mut m, pair);
             return Err(classify(e));
         }
-        if let Err(e) = m.active.insert(c, pair.client, 0) {
-            let _ = m.active.remove(&u);
-            return Err(classify(e));
+        match m.active.insert(u, pair.upstream, 0).map_err(classify) {
+            Ok(()) => Ok(Activation::Both),
+            Err(InsertError::NotEstablished) => Ok(Activation::ClientOnly),
+            Err(e) => Err(e),
         }
-        Ok(())
-    }
-
-    /// Stops the verdict on both sockets. Bytes already redirected stay in the peers' backlogs
-    /// and keep draining as long as the sockets stay in the targets map.
-    pub fn deactivate(&self, pair: &Pair) {
-        let mut m = self.maps();
-        let _ = m.active.remove(&pair.client_cookie);
-        let _ = m.active.remove(&pair.upstream_cookie);
     }
 
     /// Removes the pair from every map. Only after the backlogs have drained (trap 6): a socket
@@ -197,20 +200,9 @@ impl Sockmap {
         self.maps().stats.get(&cookie, 0).unwrap_or_default()
     }
 
-    /// Sets the redirected-byte count past which the verdict reports socket `cookie`.
+    /// Sets the bound and progress the verdict checks for socket `cookie`.
     pub fn set_limit(&self, cookie: u64, limit: SockLimit) -> Result<(), aya::maps::MapError> {
         self.maps().limits.insert(cookie, limit, 0)
-    }
-
-    /// Takes one socket out of the active map: the verdict stops, and its new bytes wait in its
-    /// own receive queue, where they count against its receive window (real TCP backpressure).
-    pub fn pause(&self, cookie: u64) {
-        let _ = self.maps().active.remove(&cookie);
-    }
-
-    /// Puts a paused socket back. The caller flushes the bytes that queued meanwhile (trap 3).
-    pub fn resume(&self, cookie: u64, fd: RawFd) -> Result<(), InsertError> {
-        self.maps().active.insert(cookie, fd, 0).map_err(classify)
     }
 
     /// The epoll set that reports FIN, RST, errors and pressure for sockmap connections.
@@ -220,7 +212,8 @@ impl Sockmap {
 
     /// Proves the data path works on this kernel, end to end: two loopback TCP connections are
     /// spliced, a byte written *before* the insert must arrive (the early-bytes flush of trap 3
-    /// depends on a 2023 kernel fix), and a byte each way after it.
+    /// depends on a 2023 kernel fix), a byte each way after it, and a byte past the limit must
+    /// be held on its source socket and readable there (backpressure, trap 8).
     pub fn probe(&self) -> Result<(), Unavailable> {
         let err =
             |what: &str, e: std::io::Error| Unavailable(format!("sockmap probe: {what}: {e}"));
@@ -243,15 +236,22 @@ impl Sockmap {
         };
         // Give the early byte time to land in b's receive queue before the insert.
         std::thread::sleep(Duration::from_millis(20));
-        self.insert(
-            &pair,
-            SockLimit {
-                limit: u64::MAX,
-                generation: 1,
-            },
-        )
-        .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
+        let activation = self
+            .insert(
+                &pair,
+                SockLimit {
+                    limit: u64::MAX,
+                    generation: 1,
+                    consumed: 0,
+                },
+            )
+            .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
         let result = (|| {
+            if activation != Activation::Both {
+                return Err(Unavailable(
+                    "sockmap probe: a fresh loopback connection could not be activated".into(),
+                ));
+            }
             flush_early_bytes(pair.client).map_err(|e| err("early-bytes flush", e))?;
             flush_early_bytes(pair.upstream).map_err(|e| err("early-bytes flush", e))?;
             let mut got = [0u8; 2];
@@ -272,6 +272,37 @@ impl Sockmap {
                 return Err(Unavailable(
                     "sockmap probe: wrong byte upstream->client".into(),
                 ));
+            }
+            // Backpressure: past its limit the verdict holds bytes on the source socket, where
+            // `recv` must find them (the userspace half of trap 8's handling).
+            let redirected = self.stats(pair.client_cookie).bytes;
+            let hold = SockLimit {
+                limit: redirected,
+                generation: 2,
+                consumed: 0,
+            };
+            self.set_limit(pair.client_cookie, hold)
+                .map_err(|e| Unavailable(format!("sockmap probe: set limit: {e}")))?;
+            a.write_all(b"h").map_err(|e| err("write", e))?;
+            let mut held = [0u8; 1];
+            let mut found = false;
+            for _ in 0..200 {
+                match sockopt::recv_nonblocking(pair.client, &mut held) {
+                    Ok(Some(1)) => {
+                        found = true;
+                        break;
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(e) => return Err(err("recv of a held byte", e)),
+                }
+            }
+            let stats = self.stats(pair.client_cookie);
+            if !found || held[0] != b'h' || stats.passed != 1 || stats.held != 1 {
+                return Err(Unavailable(format!(
+                    "sockmap probe: a byte held past the limit was not readable on the source \
+                     (found {found}, passed {}, held {})",
+                    stats.passed, stats.held
+                )));
             }
             Ok(())
         })();

@@ -1,5 +1,31 @@
-//! The sockmap data path: after set-up no payload crosses into userspace. The daemon only
-//! watches for FIN and RST and carries them across, in the order the traps of sockmap.md demand.
+//! The sockmap data path: after set-up no payload crosses into userspace, except bytes held back
+//! for backpressure. The daemon watches for FIN and RST and carries them across, in the order
+//! the traps of sockmap.md demand.
+//!
+//! # Backpressure (trap 8)
+//! A redirected byte leaves the source's receive queue at once and waits in the peer's psock
+//! backlog, charged to no socket: with a peer that does not read, the sender is never stalled.
+//! So each direction gets an allowance (route `max_buffered`, reserved from the global
+//! `max_buffered_total`). The verdict program counts what it redirected; once redirecting an skb
+//! would take the direction past `what the peer has taken + allowance`, it *holds*: it passes
+//! this and every later skb to the source socket's own receive path (its psock ingress queue)
+//! instead. Held bytes are charged to the source's receive buffer, so its window closes and TCP
+//! flow control stalls the sender, exactly as through splice. The daemon, woken through a ring
+//! buffer, waits until the peer has taken everything redirected so far, then reads the held bytes
+//! with `recv` and writes them to the peer itself, and raises the limit. The verdict goes back to
+//! redirecting only when the daemon has written every held byte (`consumed == passed`), so all
+//! redirected bytes precede all held ones and back again: nothing is reordered.
+//!
+//! Kernel behaviour this relies on, each checked by the start-up probe or the tests here: a
+//! verdict's `SK_PASS` on a socket in a sockmap queues the skb on the socket's psock ingress list
+//! (`sk_psock_skb_ingress_self`), charged with `skb_set_owner_r`, so `tcp_space()` and with it the
+//! advertised window shrink; over `sk_rcvbuf` the psock retries from its backlog worker, so at
+//! most one more window arrives; `recv` (tcp_bpf_recvmsg) returns the ingress list in order.
+//!
+//! What is never done: taking an active socket out of the `ACTIVE` map while bytes may arrive.
+//! `sock_map_del_link` clears the psock's verdict without the socket lock, and an skb that
+//! `tcp_read_skb` already dequeued then meets no program and is dropped (seen here: 265 KB lost
+//! of 256 MiB under CPU contention, with an earlier remove-to-pause design).
 use std::{
     io,
     net::TcpStream,
@@ -12,12 +38,11 @@ use std::{
 };
 
 use proxy_common::SockLimit;
-use tokio::io::{unix::AsyncFd, Interest};
 use tokio_util::sync::CancellationToken;
 
 use super::{End, Outcome};
 use crate::{
-    sockmap::{flush_early_bytes, InsertError, Pair, Sockmap},
+    sockmap::{flush_early_bytes, Activation, InsertError, Pair, Sockmap},
     sockopt,
 };
 
@@ -53,12 +78,12 @@ fn poll_state(fd: RawFd) -> io::Result<State> {
     })
 }
 
-/// Bytes `src` has received (less its FIN) that are not yet in `dst`'s send queue, i.e. still
-/// in flight through the verdict or waiting in `dst`'s psock backlog.
+/// Bytes `src` has received (less its FIN) that are not yet in `dst`'s send queue: in flight
+/// through the verdict, waiting in `dst`'s psock backlog, or held on `src`.
 ///
 /// Trap 6: shutting `dst` down, or removing it from the maps, while its backlog holds bytes
-/// drops them (a prototype lost 9.9 MB of 1 GiB). Everything `src` received went through the
-/// verdict into `dst`, so `dst` is drained when
+/// drops them (a prototype lost 9.9 MB of 1 GiB). Every byte `src` received goes to `dst`, by the
+/// verdict or by the daemon, so `dst` has everything when
 /// `src.bytes_received - FIN == dst.bytes_acked - SYN(if dst called connect()) + SIOCOUTQ(dst)`.
 fn undelivered(
     src: &TcpStream,
@@ -67,17 +92,25 @@ fn undelivered(
     dst_connected: bool,
 ) -> io::Result<u64> {
     let s = sockopt::tcp_info(src)?;
-    let d = sockopt::tcp_info(dst)?;
-    let queued = sockopt::outq(dst)?;
     let received = s.bytes_received - u64::from(src_fin && s.bytes_received > 0);
-    let written = (d.bytes_acked + queued).saturating_sub(u64::from(dst_connected));
-    Ok(received.saturating_sub(written))
+    Ok(received.saturating_sub(written(dst, dst_connected)?))
 }
 
-/// Polling interval bounds while a backlog drains. The backlog has no wakeup of its own: while
-/// the destination's send buffer is full the kernel retries it once a jiffy (trap 9).
-const DRAIN_POLL_MIN: Duration = Duration::from_millis(1);
-const DRAIN_POLL_MAX: Duration = Duration::from_millis(50);
+/// Bytes that have entered `dst`'s send queue (acknowledged or still queued).
+fn written(dst: &TcpStream, dst_connected: bool) -> io::Result<u64> {
+    let d = sockopt::tcp_info(dst)?;
+    Ok((d.bytes_acked + sockopt::outq(dst)?).saturating_sub(u64::from(dst_connected)))
+}
+
+/// Polling interval bounds while a backlog drains or held bytes wait. The backlog has no wakeup
+/// of its own: while the destination's send buffer is full the kernel retries it once a jiffy
+/// (trap 9).
+const POLL_MIN: Duration = Duration::from_millis(1);
+const POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Userspace copy buffer for held bytes, and the most one look copies.
+const COPY_BUF: usize = 256 * 1024;
+const COPY_MAX_PER_LOOK: usize = 64;
 
 /// The smallest per-direction allowance, granted even when the global pool is exhausted, so a
 /// connection always makes progress.
@@ -144,157 +177,120 @@ struct Direction<'a> {
     /// This direction's share of the global pool.
     grant: u64,
     generation: u64,
-    /// Out of the active map until the peer catches up.
-    paused: bool,
-    /// Bytes moved by userspace after `src` could not be re-activated (it had gone to
-    /// CLOSE_WAIT while paused: trap 4 on the way back).
-    copied: u64,
+    /// `src` runs the verdict. False only for an upstream that closed before it could be
+    /// activated: its bytes are all copied by the daemon.
+    active: bool,
+    /// Bytes the daemon read from `src` and wrote into `dst`.
+    consumed: u64,
+    /// Read from `src`, not yet accepted by `dst`.
+    pending: Vec<u8>,
+    pending_from: usize,
+    /// Whether the last look found work for the daemon (held or pending bytes, or an inactive
+    /// source): the connection then polls instead of sleeping until the next event.
+    busy: bool,
     /// `src`'s FIN has been forwarded as `dst`'s.
     done: bool,
 }
 
 impl Direction<'_> {
-    /// Bytes from `src` that have entered `dst`'s send queue.
-    fn written(&self) -> io::Result<u64> {
-        let d = sockopt::tcp_info(self.dst)?;
-        Ok(
-            (d.bytes_acked + sockopt::outq(self.dst)?)
-                .saturating_sub(u64::from(self.dst_connected)),
-        )
-    }
-
-    /// Redirected (or copied) from `src` and not yet in `dst`'s send queue: the psock backlog
-    /// that trap 8 is about.
-    fn backlog(&self, sockmap: &Sockmap) -> io::Result<u64> {
-        let moved = sockmap.stats(self.src_cookie).bytes + self.copied;
-        Ok(moved.saturating_sub(self.written()?))
-    }
-
-    /// Asks the verdict to report again once `grant` more bytes than `dst` has taken are
-    /// redirected.
-    fn arm(&mut self, sockmap: &Sockmap) -> io::Result<()> {
+    /// Tells the verdict what the daemon has written and how far it may go: the peer's progress
+    /// plus the allowance.
+    fn publish(&mut self, sockmap: &Sockmap) -> io::Result<()> {
         self.generation += 1;
         let limit = SockLimit {
-            limit: self.written()? + self.grant,
+            limit: written(self.dst, self.dst_connected)? + self.grant,
             generation: self.generation,
+            consumed: self.consumed,
         };
         sockmap
             .set_limit(self.src_cookie, limit)
             .map_err(io::Error::other)
     }
 
-    /// Handles a pressure report, if one came for this generation: pause `src` if its backlog
-    /// is over the grant, else raise the limit.
-    fn on_pressure(&mut self, sockmap: &Sockmap) -> io::Result<()> {
-        if self.paused || self.done || sockmap.stats(self.src_cookie).reported != self.generation {
-            return Ok(());
+    /// One look at this direction: copies held bytes once the peer has taken everything
+    /// redirected before them, and forwards the FIN once everything before it is in `dst`.
+    fn service(&mut self, sockmap: &Sockmap, src_eof: bool) -> io::Result<bool> {
+        if self.done {
+            self.busy = false;
+            return Ok(false);
         }
-        if self.backlog(sockmap)? > self.grant {
-            sockmap.pause(self.src_cookie);
-            self.paused = true;
-            tracing::trace!(
-                cookie = self.src_cookie,
-                "paused: peer backlog over {} bytes",
-                self.grant
-            );
-            Ok(())
-        } else {
-            self.arm(sockmap)
-        }
-    }
-
-    /// While paused: resume once the backlog is down to half the grant. A source that went to
-    /// CLOSE_WAIT meanwhile cannot be re-inserted (trap 4): once the backlog is empty its last
-    /// bytes are copied in userspace instead.
-    async fn on_tick(&mut self, sockmap: &Sockmap) -> io::Result<()> {
-        if !self.paused {
-            return Ok(());
-        }
-        let backlog = self.backlog(sockmap)?;
-        if backlog > self.grant / 2 {
-            return Ok(());
-        }
-        self.arm(sockmap)?;
-        match sockmap.resume(self.src_cookie, self.src.as_raw_fd()) {
-            Ok(()) => {
-                self.paused = false;
-                tracing::trace!(cookie = self.src_cookie, "resumed");
-                // Trap 3: what queued while paused waits for the next packet otherwise.
-                flush_early_bytes(self.src.as_raw_fd())
-            }
-            Err(InsertError::NotEstablished) if backlog == 0 => {
-                // Everything `src` received before its FIN, less what already went through.
-                let info = sockopt::tcp_info(self.src)?;
-                let moved = sockmap.stats(self.src_cookie).bytes + self.copied;
-                let left = info.bytes_received.saturating_sub(1 + moved);
-                self.copied += copy_tail(self.src, self.dst, left).await?;
-                self.paused = false;
-                Ok(())
-            }
-            Err(InsertError::NotEstablished) => Ok(()),
-            Err(InsertError::Map(e)) => Err(io::Error::other(e)),
-        }
-    }
-}
-
-/// Copies the `left` bytes still in `src`'s receive queue (it is at EOF) into `dst`, in order.
-///
-/// Exactly `left`, never up to EOF: a FIN that reached the verdict while `src` was active sits in
-/// its psock as a zero-length message (trap 1), and `recv` on it fails with EFAULT.
-async fn copy_tail(src: &TcpStream, dst: &TcpStream, left: u64) -> io::Result<u64> {
-    if left == 0 {
-        return Ok(0);
-    }
-    struct Fd(RawFd);
-    impl AsRawFd for Fd {
-        fn as_raw_fd(&self) -> RawFd {
-            self.0
-        }
-    }
-    // SAFETY: `dst` outlives the registration, which is dropped at the end of this function.
-    let dst_fd =
-        unsafe { AsyncFd::register_with_interest(Fd(dst.as_raw_fd()), Interest::WRITABLE) }
-            .map_err(|e| io::Error::other(e.to_string()))?;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0u64;
-    while total < left {
-        let want = buf.len().min((left - total) as usize);
-        let n = match sockopt::recv_nonblocking(src.as_raw_fd(), &mut buf[..want])? {
-            Some(0) | None => {
-                return Err(io::Error::other(format!(
-                    "{} of {left} bytes left after the FIN could be read",
-                    total
-                )))
-            }
-            Some(n) => n,
-        };
-        let mut sent = 0;
-        while sent < n {
-            let mut guard = dst_fd.writable().await?;
-            match guard.try_io(|fd| {
-                // SAFETY: `buf[sent..n]` is valid for reads.
-                let r = unsafe {
-                    libc::send(
-                        fd.as_raw_fd(),
-                        buf[sent..n].as_ptr().cast(),
-                        n - sent,
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
-                if r < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(r as usize)
+        let mut progress = false;
+        let stats = sockmap.stats(self.src_cookie);
+        let held = stats.held != 0;
+        if !self.active || held || self.pending_from < self.pending.len() {
+            // Held bytes go out only after every redirected byte is in dst's queue: they come
+            // after them in the stream. (While held, the verdict redirects nothing more.)
+            let before = stats.bytes + self.consumed;
+            let ready = written(self.dst, self.dst_connected)? >= before || !self.active;
+            if ready {
+                // Held bytes end at `passed`; an inactive source's at its FIN.
+                let end = if self.active { stats.passed } else { u64::MAX };
+                let copied = self.copy(end)?;
+                if copied > 0 || held {
+                    self.publish(sockmap)?;
                 }
-            }) {
-                Ok(Ok(k)) => sent += k,
-                Ok(Err(e)) => return Err(e),
-                Err(_would_block) => continue,
+                progress = copied > 0;
+            }
+            self.busy = true;
+        } else {
+            self.busy = false;
+        }
+        if src_eof && self.pending_from == self.pending.len() {
+            let left = undelivered(self.src, true, self.dst, self.dst_connected)?;
+            if left == 0 {
+                sockopt::shutdown_write(self.dst)?;
+                self.done = true;
+                self.busy = false;
+                progress = true;
             }
         }
-        total += n as u64;
+        Ok(progress)
     }
-    Ok(total)
+
+    /// Moves bytes from `src` to `dst` without blocking, reading no further than stream offset
+    /// `end` (counted like `consumed`); returns how many reached `dst`. Never past `end`: after
+    /// the held bytes, a FIN that reached the verdict sits in the psock as a zero-length message
+    /// (trap 1), and `recv` on it fails.
+    fn copy(&mut self, end: u64) -> io::Result<u64> {
+        let mut moved = 0u64;
+        let mut read = self.consumed + (self.pending.len() - self.pending_from) as u64;
+        for _ in 0..COPY_MAX_PER_LOOK {
+            if self.pending_from == self.pending.len() {
+                let want = end.saturating_sub(read).min(COPY_BUF as u64) as usize;
+                if want == 0 {
+                    break;
+                }
+                self.pending.resize(want, 0);
+                self.pending_from = 0;
+                match sockopt::recv_nonblocking(self.src.as_raw_fd(), &mut self.pending)? {
+                    Some(0) | None => {
+                        self.pending.clear();
+                        break;
+                    }
+                    Some(n) => {
+                        self.pending.truncate(n);
+                        read += n as u64;
+                    }
+                }
+            }
+            match sockopt::send_nonblocking(
+                self.dst.as_raw_fd(),
+                &self.pending[self.pending_from..],
+            )? {
+                Some(n) => {
+                    self.pending_from += n;
+                    self.consumed += n as u64;
+                    moved += n as u64;
+                }
+                None => break,
+            }
+        }
+        if self.pending_from == self.pending.len() {
+            self.pending.clear();
+            self.pending_from = 0;
+        }
+        Ok(moved)
+    }
 }
 
 /// Forwards `client` <-> `upstream` in the kernel until both sides have closed, one fails, or
@@ -317,7 +313,14 @@ pub async fn run(
         match (sockopt::cookie(&client), sockopt::cookie(&upstream)) {
             (Ok(c), Ok(u)) => (c, u),
             (Err(e), _) | (_, Err(e)) => {
-                return Ok(abort(&client, &upstream, None, sockmap, End::Ours(e)));
+                return Ok(abort(
+                    &client,
+                    &upstream,
+                    None,
+                    sockmap,
+                    (0, 0),
+                    End::Ours(e),
+                ));
             }
         };
     let pair = Pair {
@@ -331,7 +334,16 @@ pub async fn run(
         (pair.upstream, upstream_cookie),
     ]) {
         Ok(w) => w,
-        Err(e) => return Ok(abort(&client, &upstream, None, sockmap, End::Ours(e))),
+        Err(e) => {
+            return Ok(abort(
+                &client,
+                &upstream,
+                None,
+                sockmap,
+                (0, 0),
+                End::Ours(e),
+            ))
+        }
     };
     // Released on every way out, a dropped (cancelled) future included.
     let reservation = Reservation {
@@ -368,6 +380,24 @@ async fn splice_pair(
     grants: [u64; 2],
     cancel: &CancellationToken,
 ) -> Result<Outcome, Declined> {
+    // No bound while the early bytes are flushed (trap 3): a hold during the flush would make
+    // its one-byte recv return payload. The real limits follow right after.
+    let unbounded = SockLimit {
+        limit: u64::MAX,
+        generation: 1,
+        consumed: 0,
+    };
+    let activation = match sockmap.insert(pair, unbounded) {
+        Ok(a) => a,
+        // Nothing was ever active: the sockets are untouched, a userspace path takes them.
+        Err(why) => {
+            return Err(Declined {
+                client,
+                upstream,
+                why,
+            })
+        }
+    };
     let mut up = Direction {
         src: &client,
         src_cookie: pair.client_cookie,
@@ -375,8 +405,11 @@ async fn splice_pair(
         dst_connected: true,
         grant: grants[0],
         generation: 1,
-        paused: false,
-        copied: 0,
+        active: true,
+        consumed: 0,
+        pending: Vec::new(),
+        pending_from: 0,
+        busy: false,
         done: false,
     };
     let mut down = Direction {
@@ -386,45 +419,43 @@ async fn splice_pair(
         dst_connected: false,
         grant: grants[1],
         generation: 1,
-        paused: false,
-        copied: 0,
+        active: activation == Activation::Both,
+        consumed: 0,
+        pending: Vec::new(),
+        pending_from: 0,
+        busy: false,
         done: false,
     };
-    // Nothing has been written to either socket yet, so the first limit is the grant itself.
-    let first = SockLimit {
-        limit: grants[0].min(grants[1]),
-        generation: 1,
-    };
-    if let Err(why) = sockmap.insert(pair, first) {
-        // The upstream may have been active for a moment (its activation succeeded, the
-        // client's did not): wait until what it redirected has left the client's backlog.
-        let drained = drain_then_remove(sockmap, pair, &client).await;
-        if !drained {
-            let e = io::Error::other(format!(
-                "{why}, and the client did not read what was already redirected"
-            ));
-            return Ok(abort(
-                &client,
-                &upstream,
-                None,
-                sockmap,
-                End::ClientFailed(e),
-            ));
-        }
-        return Err(Declined {
-            client,
-            upstream,
-            why,
-        });
-    }
     // Trap 3: bytes that arrived before activation sit in the receive queues until flushed.
-    for fd in [pair.client, pair.upstream] {
-        if let Err(e) = flush_early_bytes(fd) {
-            return Ok(abort(&client, &upstream, Some(pair), sockmap, End::Ours(e)));
+    for d in [&up, &down] {
+        if d.active {
+            if let Err(e) = flush_early_bytes(d.src.as_raw_fd()) {
+                return Ok(abort(
+                    &client,
+                    &upstream,
+                    Some(pair),
+                    sockmap,
+                    (0, 0),
+                    End::Ours(e),
+                ));
+            }
         }
+    }
+    if let Err(e) = up.publish(sockmap).and_then(|()| down.publish(sockmap)) {
+        return Ok(abort(
+            &client,
+            &upstream,
+            Some(pair),
+            sockmap,
+            (0, 0),
+            End::Ours(e),
+        ));
+    }
+    if !down.active {
+        tracing::debug!("upstream closed before activation: its bytes are copied in userspace");
     }
 
-    let mut poll_interval = DRAIN_POLL_MIN;
+    let mut poll_interval = POLL_MIN;
     let end = loop {
         let (c, u) = match (poll_state(pair.client), poll_state(pair.upstream)) {
             (Ok(c), Ok(u)) => (c, u),
@@ -436,72 +467,51 @@ async fn splice_pair(
         if u.error {
             break End::UpstreamFailed(socket_error(&upstream));
         }
-        if let Err(e) = up
-            .on_pressure(sockmap)
-            .and_then(|()| down.on_pressure(sockmap))
-        {
-            break End::Ours(e);
-        }
-        // A FIN arrived: forward it once everything before it has reached the peer's queue.
-        if c.eof && !up.done && !up.paused {
-            match undelivered(&client, true, &upstream, true) {
-                Ok(0) => match sockopt::shutdown_write(&upstream) {
-                    Ok(()) => up.done = true,
-                    Err(e) => break End::UpstreamFailed(e),
-                },
-                Ok(_) => {}
-                Err(e) => break End::Ours(e),
-            }
-        }
-        if u.eof && !down.done && !down.paused {
-            match undelivered(&upstream, true, &client, false) {
-                Ok(0) => match sockopt::shutdown_write(&client) {
-                    Ok(()) => down.done = true,
-                    Err(e) => break End::ClientFailed(e),
-                },
-                Ok(_) => {}
-                Err(e) => break End::Ours(e),
-            }
-        }
+        let progress = match (up.service(sockmap, c.eof), down.service(sockmap, u.eof)) {
+            (Ok(a), Ok(b)) => a || b,
+            (Err(e), _) => break classify(e, End::UpstreamFailed),
+            (_, Err(e)) => break classify(e, End::ClientFailed),
+        };
         if up.done && down.done {
             break End::Complete;
         }
-        let waiting = (c.eof && !up.done) || (u.eof && !down.done) || up.paused || down.paused;
+        if progress {
+            poll_interval = POLL_MIN;
+        }
+        let waiting = (c.eof && !up.done) || (u.eof && !down.done) || up.busy || down.busy;
         tokio::select! {
-            () = watch.changed() => poll_interval = DRAIN_POLL_MIN,
+            () = watch.changed() => poll_interval = POLL_MIN,
             () = tokio::time::sleep(poll_interval), if waiting => {
-                poll_interval = (poll_interval * 2).min(DRAIN_POLL_MAX);
-                let ticked = match up.on_tick(sockmap).await {
-                    Ok(()) => down.on_tick(sockmap).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = ticked {
-                    break End::Ours(e);
-                }
+                poll_interval = (poll_interval * 2).min(POLL_MAX);
             }
             () = cancel.cancelled() => break End::Shutdown,
         }
     };
-    let copied = (up.copied, down.copied);
-
-    let mut outcome = match end {
+    let consumed = (up.consumed, down.consumed);
+    Ok(match end {
         End::Complete => {
-            let outcome = counted(sockmap, pair, End::Complete);
-            // Both backlogs are empty (checked before each shutdown): removal loses nothing.
+            let outcome = counted(sockmap, pair, consumed, End::Complete);
+            // Both sides sent their FIN and both backlogs are empty (checked before each
+            // shutdown): no byte can arrive any more, removal loses nothing.
             sockmap.remove(pair);
             outcome
         }
-        end => abort(&client, &upstream, Some(pair), sockmap, end),
-    };
-    outcome.up += copied.0;
-    outcome.down += copied.1;
-    Ok(outcome)
+        end => abort(&client, &upstream, Some(pair), sockmap, consumed, end),
+    })
 }
 
-fn counted(sockmap: &Sockmap, pair: &Pair, end: End) -> Outcome {
+/// Errors of a write to the peer are the peer's failure; anything else is ours.
+fn classify(e: io::Error, peer_failed: fn(io::Error) -> End) -> End {
+    match e.raw_os_error() {
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ETIMEDOUT) => peer_failed(e),
+        _ => End::Ours(e),
+    }
+}
+
+fn counted(sockmap: &Sockmap, pair: &Pair, consumed: (u64, u64), end: End) -> Outcome {
     Outcome {
-        up: sockmap.stats(pair.client_cookie).bytes,
-        down: sockmap.stats(pair.upstream_cookie).bytes,
+        up: sockmap.stats(pair.client_cookie).bytes + consumed.0,
+        down: sockmap.stats(pair.upstream_cookie).bytes + consumed.1,
         end,
     }
 }
@@ -512,11 +522,12 @@ fn abort(
     upstream: &TcpStream,
     pair: Option<&Pair>,
     sockmap: &Sockmap,
+    consumed: (u64, u64),
     end: End,
 ) -> Outcome {
     let outcome = match pair {
         Some(pair) => {
-            let o = counted(sockmap, pair, end);
+            let o = counted(sockmap, pair, consumed, end);
             sockmap.remove(pair);
             o
         }
@@ -537,30 +548,6 @@ fn socket_error(s: &TcpStream) -> io::Error {
         Ok(None) => io::Error::new(io::ErrorKind::ConnectionReset, "connection closed"),
         Err(e) => e,
     }
-}
-
-/// After a failed insert: if the upstream was active for a moment (its activation succeeded,
-/// the client's did not), wait until what the verdict redirected has left the client's backlog,
-/// then take the pair out of the maps. Returns whether nothing was left behind.
-async fn drain_then_remove(sockmap: &Sockmap, pair: &Pair, client: &TcpStream) -> bool {
-    sockmap.deactivate(pair);
-    let redirected = sockmap.stats(pair.upstream_cookie).bytes;
-    let mut drained = redirected == 0;
-    // Bounded: 30 s for a client that does not read.
-    for _ in 0..3000 {
-        if drained {
-            break;
-        }
-        let written =
-            sockopt::tcp_info(client).and_then(|i| Ok(i.bytes_acked + sockopt::outq(client)?));
-        match written {
-            Ok(w) if w >= redirected => drained = true,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(_) => break,
-        }
-    }
-    sockmap.remove(pair);
-    drained
 }
 
 #[cfg(test)]
