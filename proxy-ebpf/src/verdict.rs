@@ -54,7 +54,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
         );
         return SK_PASS;
     }
-    let Some(stats) = STATS.get_ptr_mut(&cookie) else {
+    let Some(stats) = STATS.get_ptr_mut(cookie) else {
         // Not a socket the daemon set up fully (cannot happen: STATS is filled before ACTIVE).
         return TARGETS.redirect_skb(ctx, &mut cookie, 0) as u32;
     };
@@ -64,7 +64,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: ktime has no preconditions.
     stats.last_ns = unsafe { bpf_ktime_get_ns() };
     let limit = LIMITS
-        .get_ptr(&cookie)
+        .get_ptr(cookie)
         // SAFETY: as above; the daemon replaces the value whole, each field is read once.
         .map(|l| unsafe { *l })
         .unwrap_or(SockLimit {
@@ -87,7 +87,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
         stats.held = 1;
         if stats.reported != limit.generation {
             stats.reported = limit.generation;
-            let _ = PRESSURE.output::<u64>(&cookie, 0);
+            let _ = PRESSURE.output::<u64>(cookie, 0);
         }
         return hold(stats, len);
     }
@@ -102,7 +102,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
         "socket {}: no peer in TARGETS, {} bytes held on the source", cookie, len
     );
     stats.held = 1;
-    let _ = PRESSURE.output::<u64>(&cookie, 0);
+    let _ = PRESSURE.output::<u64>(cookie, 0);
     hold(stats, len)
 }
 
