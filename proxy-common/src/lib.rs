@@ -59,8 +59,11 @@ pub struct SockLimit {
     /// Bound on `SockStats::bytes + consumed` (every byte moved from this socket to its peer):
     /// the daemon sets it to what the peer has taken plus the connection's allowance.
     pub limit: u64,
-    /// Bumped by the daemon each time it sets a new limit; the verdict reports entering the
-    /// held state through `PRESSURE` once per generation.
+    /// Past this (same measure as `limit`, and below it) the verdict reports the socket through
+    /// `PRESSURE`, once per generation, so the daemon refreshes the limit before it is reached
+    /// while the peer keeps up.
+    pub report_at: u64,
+    /// Bumped by the daemon each time it sets a new limit.
     pub generation: u64,
     /// Held bytes the daemon has read and written into the peer's send queue.
     pub consumed: u64,

@@ -29,7 +29,7 @@ static STATS: HashMap<u64, SockStats> = HashMap::with_max_entries(MAX_SOCKETS, B
 #[map]
 static LIMITS: HashMap<u64, SockLimit> = HashMap::with_max_entries(MAX_SOCKETS, BPF_F_NO_PREALLOC);
 
-/// Cookies of sockets that started holding. Each live socket reports at most once per limit
+/// Cookies of sockets past their report point or starting to hold: at most twice per limit
 /// generation, so 64 KiB (4,096 records) is plenty; a full ring only delays a report until the
 /// daemon's next periodic look at that connection.
 #[map]
@@ -69,10 +69,17 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
         .map(|l| unsafe { *l })
         .unwrap_or(SockLimit {
             limit: u64::MAX,
+            report_at: u64::MAX,
             generation: 0,
             consumed: 0,
         });
-    let within = stats.bytes + limit.consumed + len <= limit.limit;
+    let moved = stats.bytes + limit.consumed + len;
+    if moved > limit.report_at && stats.reported != limit.generation {
+        // Half-way: ask the daemon for a fresh limit while there is room left.
+        stats.reported = limit.generation;
+        let _ = PRESSURE.output::<u64>(cookie, 0);
+    }
+    let within = moved <= limit.limit;
     if stats.held != 0 {
         // Back to redirecting only when every held byte is in the peer's send queue (nothing of
         // ours is still in this socket's ingress queue) and the daemon made room.
@@ -85,10 +92,7 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
         // nothing stalls the sender. Hold them on this socket instead: they count against its
         // receive buffer, its window closes, and TCP flow control stalls the sender.
         stats.held = 1;
-        if stats.reported != limit.generation {
-            stats.reported = limit.generation;
-            let _ = PRESSURE.output::<u64>(cookie, 0);
-        }
+        let _ = PRESSURE.output::<u64>(cookie, 0);
         return hold(stats, len);
     }
     if TARGETS.redirect_skb(ctx, &mut cookie, 0) as u32 == SK_PASS {

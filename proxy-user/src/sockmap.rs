@@ -241,6 +241,7 @@ impl Sockmap {
                 &pair,
                 SockLimit {
                     limit: u64::MAX,
+                    report_at: u64::MAX,
                     generation: 1,
                     consumed: 0,
                 },
@@ -278,6 +279,7 @@ impl Sockmap {
             let redirected = self.stats(pair.client_cookie).bytes;
             let hold = SockLimit {
                 limit: redirected,
+                report_at: redirected,
                 generation: 2,
                 consumed: 0,
             };

@@ -111,6 +111,8 @@ const POLL_MAX: Duration = Duration::from_millis(50);
 /// Userspace copy buffer for held bytes, and the most one look copies.
 const COPY_BUF: usize = 256 * 1024;
 const COPY_MAX_PER_LOOK: usize = 64;
+/// Most read-write-publish rounds in one look while the verdict holds.
+const RESUME_ROUNDS: usize = 32;
 
 /// The smallest per-direction allowance, granted even when the global pool is exhausted, so a
 /// connection always makes progress.
@@ -197,8 +199,10 @@ impl Direction<'_> {
     /// plus the allowance.
     fn publish(&mut self, sockmap: &Sockmap) -> io::Result<()> {
         self.generation += 1;
+        let written = written(self.dst, self.dst_connected)?;
         let limit = SockLimit {
-            limit: written(self.dst, self.dst_connected)? + self.grant,
+            limit: written + self.grant,
+            report_at: written + self.grant / 4,
             generation: self.generation,
             consumed: self.consumed,
         };
@@ -215,25 +219,44 @@ impl Direction<'_> {
             return Ok(false);
         }
         let mut progress = false;
-        let stats = sockmap.stats(self.src_cookie);
-        let held = stats.held != 0;
-        if !self.active || held || self.pending_from < self.pending.len() {
-            // Held bytes go out only after every redirected byte is in dst's queue: they come
-            // after them in the stream. (While held, the verdict redirects nothing more.)
-            let before = stats.bytes + self.consumed;
-            let ready = written(self.dst, self.dst_connected)? >= before || !self.active;
-            if ready {
+        let mut stats = sockmap.stats(self.src_cookie);
+        if self.active && stats.held == 0 && self.pending_from == self.pending.len() {
+            self.busy = false;
+            if stats.reported == self.generation {
+                // Half-way to the limit while the peer keeps up: move the limit on, so that a
+                // connection nobody stalls never holds.
+                self.publish(sockmap)?;
+            }
+        } else {
+            self.busy = true;
+            // The verdict redirects again only if no skb arrived between the daemon's last read
+            // and its publishing `consumed`; at line rate that takes a few tight rounds, not
+            // one per poll interval.
+            for _ in 0..RESUME_ROUNDS {
+                // Held bytes go out only after every redirected byte is in dst's queue: they
+                // come after them in the stream. (While held, the verdict redirects nothing.)
+                let before = stats.bytes + self.consumed;
+                if self.active && written(self.dst, self.dst_connected)? < before {
+                    break;
+                }
                 // Held bytes end at `passed`; an inactive source's at its FIN.
                 let end = if self.active { stats.passed } else { u64::MAX };
                 let copied = self.copy(end)?;
-                if copied > 0 || held {
-                    self.publish(sockmap)?;
+                progress |= copied > 0;
+                if !self.active {
+                    break;
                 }
-                progress = copied > 0;
+                self.publish(sockmap)?;
+                stats = sockmap.stats(self.src_cookie);
+                if stats.held == 0 && self.pending_from == self.pending.len() {
+                    self.busy = false;
+                    break;
+                }
+                if copied == 0 {
+                    // Nothing readable yet, or dst is full: wait for the next look.
+                    break;
+                }
             }
-            self.busy = true;
-        } else {
-            self.busy = false;
         }
         if src_eof && self.pending_from == self.pending.len() {
             let left = undelivered(self.src, true, self.dst, self.dst_connected)?;
@@ -384,6 +407,7 @@ async fn splice_pair(
     // its one-byte recv return payload. The real limits follow right after.
     let unbounded = SockLimit {
         limit: u64::MAX,
+        report_at: u64::MAX,
         generation: 1,
         consumed: 0,
     };
@@ -488,6 +512,13 @@ async fn splice_pair(
         }
     };
     let consumed = (up.consumed, down.consumed);
+    tracing::debug!(
+        held_up = up.consumed,
+        held_down = down.consumed,
+        limits_up = up.generation,
+        limits_down = down.generation,
+        "sockmap connection done"
+    );
     Ok(match end {
         End::Complete => {
             let outcome = counted(sockmap, pair, consumed, End::Complete);
