@@ -186,3 +186,21 @@ pub fn send_nonblocking(fd: RawFd, buf: &[u8]) -> io::Result<Option<usize>> {
         Err(err)
     }
 }
+
+/// `TCP_WINDOW_CLAMP`: the most this socket will advertise as its receive window.
+pub fn window_clamp(fd: &impl AsRawFd) -> io::Result<i32> {
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP)
+}
+
+/// Sets `TCP_WINDOW_CLAMP`.
+pub fn set_window_clamp(fd: &impl AsRawFd, bytes: i32) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes)
+}
+
+/// Fixes the receive buffer at its current (autotuned) size. Receive autotuning, which runs on
+/// every `recv`, would otherwise raise a window clamp right back.
+pub fn lock_receive_buffer(fd: &impl AsRawFd) -> io::Result<()> {
+    let now: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
+    // The kernel doubles what is set; `now` is already the doubled value.
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, now / 2)
+}

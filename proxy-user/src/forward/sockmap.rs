@@ -113,6 +113,10 @@ const COPY_BUF: usize = 256 * 1024;
 const COPY_MAX_PER_LOOK: usize = 64;
 /// Most read-write-publish rounds in one look while the verdict holds.
 const RESUME_ROUNDS: usize = 32;
+/// The receive window of a held source while the daemon hands it back to the verdict: two
+/// full-size segments on loopback and veth, so the window never drops to zero (a zero window
+/// would make the sender wait for a zero-window probe, 200 ms or more).
+const HANDBACK_WINDOW: i32 = 128 * 1024;
 
 /// The smallest per-direction allowance, granted even when the global pool is exhausted, so a
 /// connection always makes progress.
@@ -187,6 +191,8 @@ struct Direction<'a> {
     /// Read from `src`, not yet accepted by `dst`.
     pending: Vec<u8>,
     pending_from: usize,
+    /// `src`'s own window clamp, while the daemon narrows the window to hand back to the verdict.
+    clamped: Option<i32>,
     /// Whether the last look found work for the daemon (held or pending bytes, or an inactive
     /// source): the connection then polls instead of sleeping until the next event.
     busy: bool,
@@ -221,6 +227,7 @@ impl Direction<'_> {
         let mut progress = false;
         let mut stats = sockmap.stats(self.src_cookie);
         if self.active && stats.held == 0 && self.pending_from == self.pending.len() {
+            self.unclamp()?;
             self.busy = false;
             if stats.reported == self.generation {
                 // Half-way to the limit while the peer keeps up: move the limit on, so that a
@@ -239,6 +246,16 @@ impl Direction<'_> {
                 if self.active && written(self.dst, self.dst_connected)? < before {
                     break;
                 }
+                if self.active && self.clamped.is_none() {
+                    // The verdict redirects again only at an skb that finds every held byte
+                    // written. While the sender refills each window the daemon's reads open,
+                    // that moment never comes: narrow the window (and stop receive autotuning,
+                    // which would widen it again on the next recv) until the hand-back is done.
+                    let clamp = sockopt::window_clamp(self.src)?;
+                    sockopt::lock_receive_buffer(self.src)?;
+                    sockopt::set_window_clamp(self.src, HANDBACK_WINDOW)?;
+                    self.clamped = Some(clamp);
+                }
                 // Held bytes end at `passed`; an inactive source's at its FIN.
                 let end = if self.active { stats.passed } else { u64::MAX };
                 let copied = self.copy(end)?;
@@ -249,6 +266,7 @@ impl Direction<'_> {
                 self.publish(sockmap)?;
                 stats = sockmap.stats(self.src_cookie);
                 if stats.held == 0 && self.pending_from == self.pending.len() {
+                    self.unclamp()?;
                     self.busy = false;
                     break;
                 }
@@ -268,6 +286,13 @@ impl Direction<'_> {
             }
         }
         Ok(progress)
+    }
+
+    fn unclamp(&mut self) -> io::Result<()> {
+        if let Some(clamp) = self.clamped.take() {
+            sockopt::set_window_clamp(self.src, clamp)?;
+        }
+        Ok(())
     }
 
     /// Moves bytes from `src` to `dst` without blocking, reading no further than stream offset
@@ -433,6 +458,7 @@ async fn splice_pair(
         consumed: 0,
         pending: Vec::new(),
         pending_from: 0,
+        clamped: None,
         busy: false,
         done: false,
     };
@@ -447,6 +473,7 @@ async fn splice_pair(
         consumed: 0,
         pending: Vec::new(),
         pending_from: 0,
+        clamped: None,
         busy: false,
         done: false,
     };
