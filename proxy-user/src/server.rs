@@ -120,7 +120,7 @@ impl Daemon {
         let sockmap = if wants_sockmap {
             match load_sockmap().await {
                 Ok(s) => {
-                    info!("data path sockmap: verdict program loaded, probe passed (load, attach, insert, early-bytes flush, a byte each way)");
+                    info!("data path sockmap: verdict program loaded, probe passed (load, attach, insert, early-bytes flush, a byte each way, a held byte read back)");
                     Some(s)
                 }
                 Err(why) => {
