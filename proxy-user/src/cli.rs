@@ -24,8 +24,8 @@ const LONG_ABOUT: &str = "\
 A TCP forwarder that splices connections inside the kernel.
 
 spliced accepts TCP connections on a listen address and forwards each one to an upstream. \
-With the sockmap mode the bytes move socket to socket inside the kernel (an eBPF sk_msg \
-redirect) and never reach userspace; splice and copy are the fallbacks. Half-closes are \
+With the sockmap mode the bytes move socket to socket inside the kernel (an eBPF sk_skb \
+verdict redirects them) and never reach userspace; splice and copy are the fallbacks. Half-closes are \
 carried through, and SIGINT/SIGTERM drain live connections for a grace period.
 
 Upstreams may be IP literals, host names (resolved at every connection) or link-local IPv6 \

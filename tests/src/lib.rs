@@ -75,12 +75,33 @@ impl Topology {
     pub fn add_veth(&self) {
         let (ns, h) = (&self.netns, &self.host_if);
         let (a, b) = self.ipv4();
-        sh(&["ip", "link", "add", h, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+        sh(&[
+            "ip", "link", "add", h, "type", "veth", "peer", "name", "eth0", "netns", ns,
+        ]);
         sh(&["ip", "addr", "add", "fe80::1/64", "dev", h, "nodad"]);
         sh(&["ip", "addr", "add", &format!("{a}/30"), "dev", h]);
         sh(&["ip", "link", "set", h, "up"]);
-        sh(&["ip", "-n", ns, "addr", "add", "fe80::2/64", "dev", "eth0", "nodad"]);
-        sh(&["ip", "-n", ns, "addr", "add", &format!("{b}/30"), "dev", "eth0"]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            "fe80::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{b}/30"),
+            "dev",
+            "eth0",
+        ]);
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
     }
 
@@ -192,7 +213,10 @@ impl Spliced {
     pub fn try_start(args: &[&str], routes: usize) -> Result<Spliced, NotStarted> {
         let mut child = Command::new(spliced_bin())
             .args(args)
-            .env("RUST_LOG", std::env::var("SPLICED_TEST_LOG").unwrap_or("info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("SPLICED_TEST_LOG").unwrap_or("info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -211,7 +235,11 @@ impl Spliced {
                 }
             });
         }
-        let mut spliced = Spliced { child, log, listening: Vec::new() };
+        let mut spliced = Spliced {
+            child,
+            log,
+            listening: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             spliced.listening = spliced
@@ -225,10 +253,16 @@ impl Spliced {
             }
             if let Ok(Some(status)) = spliced.child.try_wait() {
                 thread::sleep(Duration::from_millis(100)); // let the readers finish
-                return Err(NotStarted { status: Some(status), log: spliced.log() });
+                return Err(NotStarted {
+                    status: Some(status),
+                    log: spliced.log(),
+                });
             }
             if Instant::now() > deadline {
-                return Err(NotStarted { status: None, log: spliced.log() });
+                return Err(NotStarted {
+                    status: None,
+                    log: spliced.log(),
+                });
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -270,7 +304,11 @@ impl Spliced {
                 }
             });
         }
-        let mut spliced = Spliced { child, log, listening: Vec::new() };
+        let mut spliced = Spliced {
+            child,
+            log,
+            listening: Vec::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             spliced.listening = spliced
@@ -284,10 +322,16 @@ impl Spliced {
             }
             if let Ok(Some(status)) = spliced.child.try_wait() {
                 thread::sleep(Duration::from_millis(100)); // let the readers finish
-                return Err(NotStarted { status: Some(status), log: spliced.log() });
+                return Err(NotStarted {
+                    status: Some(status),
+                    log: spliced.log(),
+                });
             }
             if Instant::now() > deadline {
-                return Err(NotStarted { status: None, log: spliced.log() });
+                return Err(NotStarted {
+                    status: None,
+                    log: spliced.log(),
+                });
             }
             thread::sleep(Duration::from_millis(20));
         }
@@ -297,7 +341,14 @@ impl Spliced {
     /// test is skipped, with a message) only when MODE is sockmap, eBPF is unavailable and not
     /// required; under `CI=true` that is a failure.
     pub fn route(mode: &str, upstream: &str, extra: &[&str]) -> Option<Spliced> {
-        let mut args = vec!["--listen", "127.0.0.1:0", "--upstream", upstream, "--mode", mode];
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            upstream,
+            "--mode",
+            mode,
+        ];
         args.extend_from_slice(extra);
         Self::start_mode(mode, &args, 1)
     }
@@ -316,7 +367,10 @@ impl Spliced {
                 eprintln!("SKIPPED: sockmap unavailable on this machine:\n{}", e.log);
                 None
             }
-            Err(e) => panic!("spliced {args:?} did not start ({:?}):\n{}", e.status, e.log),
+            Err(e) => panic!(
+                "spliced {args:?} did not start ({:?}):\n{}",
+                e.status, e.log
+            ),
         }
     }
 
@@ -365,7 +419,11 @@ impl Spliced {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "spliced did not exit within {limit:?}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "spliced did not exit within {limit:?}:\n{}",
+                self.log()
+            );
             thread::sleep(Duration::from_millis(20));
         }
     }
@@ -415,7 +473,10 @@ pub fn accept(listener: &TcpListener, limit: Duration) -> TcpStream {
                 return s;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                assert!(Instant::now() < deadline, "no connection accepted within {limit:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "no connection accepted within {limit:?}"
+                );
                 thread::sleep(Duration::from_millis(5));
             }
             Err(e) => panic!("accept: {e}"),
@@ -479,7 +540,11 @@ pub fn receive(r: &mut impl Read) -> io::Result<(u64, [u8; 32])> {
     let mut buf = vec![0u8; 256 * 1024];
     let mut total = 0u64;
     loop {
-        let n = r.read(&mut buf)?;
+        let n = match r.read(&mut buf) {
+            // A signal for another test thread (SIGCHLD of a child it started) can land here.
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
         if n == 0 {
             return Ok((total, hash.finalize().into()));
         }
@@ -504,7 +569,13 @@ pub fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
         match s.read(&mut buf) {
             Ok(0) => return t.elapsed(),
             Ok(_) => continue,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 panic!("not closed within {limit:?}")
             }
             Err(_) => return t.elapsed(), // reset
