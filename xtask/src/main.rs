@@ -4,7 +4,10 @@
 //! - `build [--release]`: build `spliced` with its eBPF object and print the binary's path;
 //! - `run [--release] -- ARGS`: build, then exec `spliced ARGS` as root;
 //! - `test [ARGS]`: every check and test (what CI runs);
-//! - `demo`: a link-local HTTP upstream in a namespace, spliced in front of it, a curl through it.
+//! - `demo`: a link-local HTTP upstream in a namespace, spliced in front of it, a curl through it;
+//! - `bench [--quick] [--output FILE]`: spliced against direct, socat, HAProxy and
+//!   systemd-socket-proxyd; writes docs/benchmarks.md and docs/benchmarks.svg.
+mod bench;
 mod build;
 mod demo;
 mod run;
@@ -47,6 +50,8 @@ enum Command {
     },
     /// Show spliced forwarding to a link-local HTTP server in a namespace, until Ctrl-C.
     Demo,
+    /// Benchmark spliced against direct, socat, HAProxy and systemd-socket-proxyd.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +62,7 @@ fn main() -> ExitCode {
         Command::Run { release, args } => run::command(release, args),
         Command::Test { args } => test::command(args),
         Command::Demo => demo::command(),
+        Command::Bench(args) => bench::command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,15 +1,24 @@
 //! `cargo xtask test`: every check and test, the one command CI runs. Runs as root because the
 //! integration tests create network namespaces.
-use std::{ffi::OsString, path::Path, process::Command};
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::Path,
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use crate::util::{
     cargo, is_root, output, path_with_cargo_bin, reexec_as_root, run, workspace_root,
 };
 
 /// Runs setup, fmt, clippy (host and eBPF), the build and `cargo test`; `args` go to `cargo test`
-/// (a filter, or `-- --nocapture`). Checks that do not depend on each other all run, so one run
+/// (a filter, or `-- --nocapture`). When all of that passed, a quick bench run checks that the
+/// bench works and writes a well-formed table. Checks that do not depend on each other all run, so one run
 /// shows every problem; the summary names the steps that failed.
 pub fn command(args: Vec<OsString>) -> Result<()> {
     if !is_root() {
@@ -55,6 +64,9 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
     let mut bin = None;
     steps.run("build", || {
         bin = Some(crate::build::build_spliced(false)?);
+        // The release build is what the bench step measures; built here so that step only
+        // measures.
+        crate::build::build_spliced(true)?;
         Ok(())
     });
     match bin {
@@ -69,10 +81,78 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
                     .args(["test", "--workspace", "--exclude", "proxy-ebpf"])
                     .args(&args))
             });
+            // Only on a tree that passed everything else: a benchmark of a broken build says
+            // nothing.
+            if steps.failed.is_empty() {
+                steps.run("bench (quick)", bench_quick);
+            } else {
+                steps.skipped.push("bench (quick)");
+            }
         }
-        None => steps.skipped.push("tests"),
+        None => steps.skipped.extend(["tests", "bench (quick)"]),
     }
     steps.finish()
+}
+
+/// `cargo xtask bench --quick --output DIR/b.md` (this same xtask binary), stopped after
+/// [`BENCH_LIMIT`]; then its table is parsed back: a row for every contender, every column in
+/// every row, every cell a figure (see `bench::validate`).
+fn bench_quick() -> Result<()> {
+    let dir = env::temp_dir().join(format!("spliced-bench-check-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let output = dir.join("b.md");
+    let result = (|| {
+        let exe = env::current_exe().context("cannot find the xtask binary")?;
+        let mut cmd = Command::new(exe);
+        cmd.args(["bench", "--quick", "--output"]).arg(&output);
+        run_bounded(&mut cmd, BENCH_LIMIT)?;
+        let md = fs::read_to_string(&output)
+            .with_context(|| format!("cannot read {}", output.display()))?;
+        let columns = crate::bench::validate(&md)
+            .with_context(|| format!("{} is malformed", output.display()))?;
+        eprintln!("xtask test: the bench table has every contender and all {columns} columns");
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
+/// How long the quick bench may take (it takes about 100 s).
+const BENCH_LIMIT: Duration = Duration::from_secs(170);
+
+/// Runs `cmd` with inherited stdio; past `limit` sends it SIGTERM (the bench then cleans up),
+/// and SIGKILL 20 s later.
+fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<()> {
+    let what = crate::util::describe(cmd);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{what}`"))?;
+    let start = Instant::now();
+    let mut terminated = false;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if terminated {
+                bail!("`{what}` took more than {limit:?}; stopped");
+            }
+            if !status.success() {
+                bail!("`{what}` failed: {status}");
+            }
+            return Ok(());
+        }
+        if !terminated && start.elapsed() > limit {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                // SAFETY: kill on our own child, not yet reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            terminated = true;
+        }
+        if terminated && start.elapsed() > limit + Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("`{what}` took more than {limit:?} and ignored SIGTERM; killed");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The outcome of each step, for the summary line.

@@ -1,5 +1,6 @@
 //! The Debian packages the tests and the demo call: `ip`, `curl`, `python3 -m http.server`,
-//! `ps`/`kill`, `nsenter`/`unshare`, `iperf3`.
+//! `ps`/`kill`, `nsenter`/`unshare`, `iperf3`; and, for `cargo xtask bench` only, the forwarders
+//! it compares spliced with.
 use std::process::Command;
 
 use anyhow::Result;
@@ -16,16 +17,29 @@ const PACKAGES: &[&str] = &[
     "iperf3",
 ];
 
+/// What `cargo xtask bench` adds: HAProxy, socat, systemd (for `systemd-socket-activate` and
+/// `systemd-socket-proxyd`) and iperf3.
+const BENCH_PACKAGES: &[&str] = &["haproxy", "socat", "systemd", "iperf3"];
+
 /// Installs the missing packages; `apt-get update` runs only when something is missing.
 pub fn ensure() -> Result<()> {
-    let missing = missing()?;
+    ensure_list(PACKAGES)
+}
+
+/// Installs the bench's missing packages, the same way.
+pub fn ensure_bench() -> Result<()> {
+    ensure_list(BENCH_PACKAGES)
+}
+
+fn ensure_list(packages: &[&'static str]) -> Result<()> {
+    let missing = missing(packages)?;
     if !missing.is_empty() {
         apt_get(&["update"])?;
         let mut install = vec!["install", "-y", "--no-install-recommends"];
         install.extend(missing.iter().copied());
         apt_get(&install)?;
     }
-    for package in PACKAGES {
+    for package in packages {
         let outcome = if missing.contains(package) {
             Outcome::Installed(String::new())
         } else {
@@ -38,10 +52,10 @@ pub fn ensure() -> Result<()> {
 
 /// The packages dpkg does not list as installed. `dpkg-query` exits 1 when one is unknown; its
 /// stdout still lists the others, so the status is ignored.
-fn missing() -> Result<Vec<&'static str>> {
+fn missing(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
-        .args(PACKAGES)
+        .args(packages)
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let installed: Vec<&str> = stdout
@@ -51,7 +65,7 @@ fn missing() -> Result<Vec<&'static str>> {
             status.starts_with("ii").then_some(name)
         })
         .collect();
-    Ok(PACKAGES
+    Ok(packages
         .iter()
         .copied()
         .filter(|p| !installed.contains(p))

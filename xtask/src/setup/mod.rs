@@ -31,3 +31,8 @@ pub fn run() -> Result<()> {
     apt::ensure()?;
     Ok(())
 }
+
+/// The Debian packages `cargo xtask bench` runs (HAProxy, socat, systemd-socket-proxyd, iperf3).
+pub fn bench_packages() -> Result<()> {
+    apt::ensure_bench()
+}

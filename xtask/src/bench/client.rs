@@ -1,0 +1,268 @@
+//! The small-message clients, blocking std sockets on threads of this process: request/response
+//! round trips, short connections, idle connections and set-up probes. Every loop is bounded by
+//! a count and a deadline, and every socket operation by a timeout.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{
+    server::{GREETING, QUIT, SHORT, SHORT_LEN},
+    topology::{check_stop, STOP},
+};
+
+/// How long one connect, or one read, may take before the connection counts as failed.
+const IO_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Connects and reads the greeting; returns the stream and the connect-to-first-byte time.
+pub fn greet(addr: SocketAddr) -> Result<(TcpStream, Duration)> {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+        .with_context(|| format!("connect to {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b)
+        .with_context(|| format!("no greeting through {addr} within {IO_TIMEOUT:?}"))?;
+    let took = start.elapsed();
+    if b[0] != GREETING {
+        bail!("through {addr}: expected the greeting, got byte {}", b[0]);
+    }
+    Ok((s, took))
+}
+
+/// Asks the upstream to close first, waits for its EOF, then closes.
+pub fn quit(mut s: TcpStream) -> Result<()> {
+    s.write_all(&[QUIT])?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    let mut b = [0u8; 64];
+    for _ in 0..16 {
+        if s.read(&mut b)? == 0 {
+            return Ok(());
+        }
+    }
+    bail!("the upstream sent bytes after QUIT")
+}
+
+/// [`quit`] on every connection, on a few threads; returns how many failed.
+pub fn quit_all(conns: Vec<TcpStream>) -> usize {
+    let failed = AtomicUsize::new(0);
+    let chunk = conns.len().div_ceil(8).max(1);
+    let mut conns = conns;
+    thread::scope(|scope| {
+        while !conns.is_empty() {
+            let part: Vec<TcpStream> = conns.drain(..chunk.min(conns.len())).collect();
+            let failed = &failed;
+            scope.spawn(move || {
+                for s in part {
+                    if quit(s).is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    failed.into_inner()
+}
+
+/// Request/response on one connection.
+pub struct RoundTrips {
+    pub per_sec: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// `size`-byte requests, each answered (echoed) before the next, for `dur` or `max` requests.
+pub fn round_trips(addr: SocketAddr, size: usize, dur: Duration, max: usize) -> Result<RoundTrips> {
+    let (mut s, _) = greet(addr)?;
+    let mut req = vec![b'R'; size];
+    req[size - 1] = b'\n';
+    let mut resp = vec![0u8; size];
+    let mut lat = Vec::with_capacity(max.min(1 << 20));
+    let start = Instant::now();
+    while lat.len() < max && start.elapsed() < dur {
+        if lat.len() % 1024 == 0 {
+            check_stop()?;
+        }
+        let t = Instant::now();
+        s.write_all(&req)?;
+        s.read_exact(&mut resp)
+            .context("round trip: no echo within the timeout")?;
+        lat.push(t.elapsed());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    if resp != req {
+        bail!("round trip: the echo differs from the request");
+    }
+    if lat.is_empty() {
+        bail!("round trip: no request completed");
+    }
+    lat.sort_unstable();
+    Ok(RoundTrips {
+        per_sec: lat.len() as f64 / elapsed,
+        p50_us: percentile(&lat, 50.0),
+        p99_us: percentile(&lat, 99.0),
+    })
+}
+
+/// The `p`th percentile of sorted durations, in µs.
+pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+/// One short connection: connect, [`SHORT_LEN`] bytes each way, the upstream closes, close.
+fn short_one(addr: SocketAddr, msg: &[u8]) -> Result<()> {
+    let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.write_all(msg)?;
+    let mut got = [0u8; SHORT_LEN + 2];
+    let mut n = 0;
+    // Bounded: each read returns at least one byte or ends the loop.
+    while n < got.len() {
+        let k = s.read(&mut got[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    if n != SHORT_LEN + 1 || got[0] != GREETING || got[1..=SHORT_LEN] != *msg {
+        bail!("short connection: got {n} bytes back, expected the greeting and {SHORT_LEN}");
+    }
+    Ok(())
+}
+
+/// Short connections from `workers` threads, each one after the other, for `dur` or `max`
+/// connections in all; returns connections per second. More than 1% failures is an error.
+pub fn short_connections(
+    addr: SocketAddr,
+    workers: usize,
+    dur: Duration,
+    max: usize,
+) -> Result<f64> {
+    let mut msg = vec![b's'; SHORT_LEN];
+    msg[0] = SHORT;
+    let done = AtomicUsize::new(0);
+    let failed = AtomicUsize::new(0);
+    let first_error = Mutex::new(None::<String>);
+    let start = Instant::now();
+    thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                while start.elapsed() < dur
+                    && done.load(Ordering::Relaxed) < max
+                    && !STOP.load(Ordering::Relaxed)
+                {
+                    match short_one(addr, &msg) {
+                        Ok(()) => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            let f = failed.fetch_add(1, Ordering::Relaxed) + 1;
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert_with(|| format!("{e:#}"));
+                            if f > max / 100 + 10 {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    check_stop()?;
+    let elapsed = start.elapsed().as_secs_f64();
+    let (done, failed) = (done.into_inner(), failed.into_inner());
+    if failed * 100 > done + failed || done == 0 {
+        bail!(
+            "short connections: {failed} of {} failed; first: {}",
+            done + failed,
+            first_error
+                .into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_default()
+        );
+    }
+    Ok(done as f64 / elapsed)
+}
+
+/// Opens idle connections (each greeted, so it reaches the upstream) on `threads` threads until
+/// `conns` holds `target`. Stops at the first failure and says why: the contender's limit.
+pub fn open_idle(
+    addr: SocketAddr,
+    conns: &mut Vec<TcpStream>,
+    target: usize,
+    threads: usize,
+) -> Result<(), String> {
+    let missing = target.saturating_sub(conns.len());
+    if missing == 0 {
+        return Ok(());
+    }
+    let per = missing.div_ceil(threads);
+    let opened = Mutex::new(Vec::with_capacity(missing));
+    let first_error = Mutex::new(None::<String>);
+    thread::scope(|scope| {
+        for t in 0..threads {
+            let n = per.min(missing.saturating_sub(t * per));
+            let (opened, first_error) = (&opened, &first_error);
+            scope.spawn(move || {
+                let mut mine = Vec::with_capacity(n);
+                for _ in 0..n {
+                    if STOP.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match greet(addr) {
+                        Ok((s, _)) => mine.push(s),
+                        Err(e) => {
+                            first_error
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert_with(|| format!("{e:#}"));
+                            break;
+                        }
+                    }
+                }
+                opened
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(mine);
+            });
+        }
+    });
+    conns.extend(opened.into_inner().unwrap_or_else(|p| p.into_inner()));
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if conns.len() < target {
+        return Err("interrupted".into());
+    }
+    Ok(())
+}
+
+/// `count` connections one after the other, each timed from connect to the greeting, then
+/// closed (upstream first); returns the median in µs.
+pub fn setup_probes(addr: SocketAddr, count: usize) -> Result<f64> {
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        check_stop()?;
+        let (s, took) = greet(addr)?;
+        times.push(took);
+        quit(s)?;
+    }
+    times.sort_unstable();
+    Ok(percentile(&times, 50.0))
+}

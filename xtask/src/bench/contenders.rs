@@ -1,0 +1,282 @@
+//! The contenders and how each is started in front of an upstream port in the namespace.
+//! Every forwarder listens on a fresh port of 127.0.0.1 and dials fe80::2 through the host side
+//! of the veth pair; `direct` has no forwarder, the client dials [fe80::2%IF] itself.
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use super::topology::{check_stop, Guard, Proc};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Contender {
+    Direct,
+    Sockmap,
+    Splice,
+    Copy,
+    Socat,
+    Haproxy,
+    Proxyd,
+}
+
+impl Contender {
+    pub const ALL: [Contender; 7] = [
+        Contender::Direct,
+        Contender::Sockmap,
+        Contender::Splice,
+        Contender::Copy,
+        Contender::Socat,
+        Contender::Haproxy,
+        Contender::Proxyd,
+    ];
+
+    /// The row label of the report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Sockmap => "spliced sockmap",
+            Contender::Splice => "spliced splice",
+            Contender::Copy => "spliced copy",
+            Contender::Socat => "socat",
+            Contender::Haproxy => "HAProxy",
+            Contender::Proxyd => "systemd-socket-proxyd",
+        }
+    }
+
+    /// A file-name-safe short name.
+    fn slug(self) -> &'static str {
+        match self {
+            Contender::Direct => "direct",
+            Contender::Sockmap => "sockmap",
+            Contender::Splice => "splice",
+            Contender::Copy => "copy",
+            Contender::Socat => "socat",
+            Contender::Haproxy => "haproxy",
+            Contender::Proxyd => "proxyd",
+        }
+    }
+}
+
+/// How systemd-socket-proxyd is given the link-local upstream (found by the preflight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxydForm {
+    /// `[fe80::2%IF]:PORT`, as the other tools take it.
+    Bracketed,
+    /// `fe80::2%IF:PORT`: proxyd splits host and port at the last colon.
+    Bare,
+}
+
+/// What starting a contender needs.
+pub struct Env<'a> {
+    pub guard: &'a Guard,
+    pub spliced: &'a Path,
+    pub ifindex: u32,
+    pub proxyd: &'a Path,
+    pub proxyd_form: ProxydForm,
+}
+
+impl Env<'_> {
+    /// fe80::2 with the veth's zone: what `direct` dials.
+    pub fn upstream_addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2),
+            port,
+            0,
+            self.ifindex,
+        ))
+    }
+}
+
+/// One running contender in front of one upstream port.
+pub struct Instance {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// The forwarder (none for `direct`).
+    pub proc: Option<Proc>,
+    /// Its log (stdout and stderr).
+    pub log: Option<PathBuf>,
+}
+
+impl Instance {
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// Fails, with the end of the log, if the forwarder has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let Some(proc) = self.proc.as_mut() else {
+            return Ok(());
+        };
+        proc.check_alive()
+            .with_context(|| log_tail(self.log.as_deref()))
+    }
+}
+
+/// The exact command or configuration of each forwarder, for the report.
+pub fn describe(c: Contender, form: ProxydForm) -> String {
+    match c {
+        Contender::Direct => "no forwarder: the client dials `[fe80::2%IF]:PORT` itself".into(),
+        Contender::Sockmap | Contender::Splice | Contender::Copy => format!(
+            "`spliced --config FILE` with `mode = \"{}\"`, `grace_period = \"0s\"`, \
+             `max_connections = 100000`, one route `listen = \"127.0.0.1:PORT\"`, \
+             `upstream = \"[fe80::2%IF]:PORT\"`; other settings default (log level info, to a file)",
+            c.slug()
+        ),
+        Contender::Socat => "`socat TCP-LISTEN:PORT,bind=127.0.0.1,fork,reuseaddr,backlog=4096 \
+             TCP6:[fe80::2%IF]:PORT` (bind and backlog added: loopback only, and socat's default \
+             backlog of 5 drops SYNs under concurrent connects)"
+            .into(),
+        Contender::Haproxy => "HAProxy `mode tcp`, `option splice-request` and \
+             `option splice-response` (splicing forced both ways), `server s1 fe80::2:PORT source \
+             [::]:0 interface IF`: HAProxy cannot take a zone in a server address, so the \
+             interface is given with `source ... interface` (SO_BINDTODEVICE), as its users do; \
+             the brief's `source ::` is rejected by HAProxy 2.6's parser (\"invalid address\"), \
+             `[::]:0` is the same wildcard. Global `maxconn` left to HAProxy (derived from the \
+             open-file limit), frontend `maxconn 100000`, timeouts 10 min, no logging"
+            .into(),
+        Contender::Proxyd => format!(
+            "`systemd-socket-activate -l 127.0.0.1:PORT /lib/systemd/systemd-socket-proxyd \
+             --connections-max=100000 {}` (connections-max raised from its default of 256)",
+            match form {
+                ProxydForm::Bracketed => "[fe80::2%IF]:PORT",
+                ProxydForm::Bare => "fe80::2%IF:PORT",
+            }
+        ),
+    }
+}
+
+/// Starts `c` in front of upstream port `up`; returns once it listens. `tag` names its files.
+pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
+    if c == Contender::Direct {
+        return Ok(Instance {
+            addr: env.upstream_addr(up),
+            proc: None,
+            log: None,
+        });
+    }
+    let dir = &env.guard.dir;
+    let iface = &env.guard.host_if;
+    let port = free_port()?;
+    let log = dir.join(format!("{}-{tag}.log", c.slug()));
+    let mut cmd = match c {
+        Contender::Direct => unreachable!(),
+        Contender::Sockmap | Contender::Splice | Contender::Copy => {
+            let config = dir.join(format!("{}-{tag}.toml", c.slug()));
+            fs::write(
+                &config,
+                format!(
+                    "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n\n\
+                     [[route]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
+                     upstream = \"[fe80::2%{iface}]:{up}\"\n",
+                    mode = c.slug()
+                ),
+            )?;
+            let mut cmd = Command::new(env.spliced);
+            cmd.arg("--config").arg(&config).env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            );
+            cmd
+        }
+        Contender::Socat => {
+            let mut cmd = Command::new("socat");
+            cmd.arg(format!(
+                "TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr,backlog=4096"
+            ))
+            .arg(format!("TCP6:[fe80::2%{iface}]:{up}"));
+            cmd
+        }
+        Contender::Haproxy => {
+            let config = dir.join(format!("haproxy-{tag}.cfg"));
+            fs::write(
+                &config,
+                format!(
+                    "global\n    # maxconn: derived by HAProxy from the open-file limit\n\
+                     defaults\n    mode tcp\n    maxconn 100000\n    timeout connect 5s\n    \
+                     timeout client 10m\n    timeout server 10m\n    option splice-request\n    \
+                     option splice-response\n\
+                     frontend bench\n    bind 127.0.0.1:{port}\n    default_backend up\n\
+                     backend up\n    server s1 fe80::2:{up} source [::]:0 interface {iface}\n"
+                ),
+            )?;
+            let mut cmd = Command::new("haproxy");
+            cmd.arg("-f").arg(&config).arg("-db");
+            cmd
+        }
+        Contender::Proxyd => {
+            let target = match env.proxyd_form {
+                ProxydForm::Bracketed => format!("[fe80::2%{iface}]:{up}"),
+                ProxydForm::Bare => format!("fe80::2%{iface}:{up}"),
+            };
+            let mut cmd = Command::new("systemd-socket-activate");
+            cmd.args(["-l", &format!("127.0.0.1:{port}")])
+                .arg(env.proxyd)
+                .arg("--connections-max=100000")
+                .arg(target);
+            cmd
+        }
+    };
+    let file = fs::File::create(&log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    let proc = Proc::spawn(c.name(), &mut cmd)?;
+    let mut inst = Instance {
+        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        proc: Some(proc),
+        log: Some(log),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening(None, port) {
+        check_stop()?;
+        inst.check_alive()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{} does not listen on 127.0.0.1:{port} after 10 s; {}",
+                c.name(),
+                log_tail(inst.log.as_deref())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(inst)
+}
+
+/// Whether a socket listens on `port` in the network namespace of `pid` (this one if none),
+/// from `/proc/[PID/]net/tcp{,6}`: no connection needed, so nothing is triggered.
+pub fn listening(pid: Option<u32>, port: u16) -> bool {
+    let base = pid.map_or("/proc/net".to_string(), |p| format!("/proc/{p}/net"));
+    let want = format!(":{port:04X}");
+    ["tcp", "tcp6"].iter().any(|f| {
+        fs::read_to_string(format!("{base}/{f}"))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let w: Vec<&str> = l.split_whitespace().collect();
+                w.len() > 3 && w[1].ends_with(&want) && w[3] == "0A"
+            })
+    })
+}
+
+/// A free port on 127.0.0.1 (bound and released; nothing else here takes ports).
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// "log: LAST LINES" for error messages.
+pub fn log_tail(log: Option<&Path>) -> String {
+    let Some(log) = log else {
+        return String::new();
+    };
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = lines[lines.len().saturating_sub(6)..].join("\n  ");
+    format!("{}: {tail}", log.display())
+}

@@ -1,0 +1,720 @@
+//! `cargo xtask bench [--quick] [--output FILE]`: spliced's three data paths against a direct
+//! connection, socat, HAProxy and systemd-socket-proxyd, on the situation spliced is for: a
+//! client on the host, a forwarder on 127.0.0.1, an upstream at an IPv6 link-local address
+//! (fe80::2, `nodad`) in a network namespace behind a veth pair.
+//!
+//! Contenders are interleaved round by round (A B C … A B C …) and every figure is the median
+//! over the rounds. Per round and contender: an upload and a download with iperf3 (and the CPU
+//! they cost, the forwarder's and the machine's), then, on a fresh forwarder, idle connections
+//! ramped to 100, 1,000 and N with set-up probes at each level and memory at N, 64-byte round
+//! trips on one connection, and short connections. The report goes to `docs/benchmarks.md`
+//! with a chart in `docs/benchmarks.svg`, and the table to stdout; the table is parsed back
+//! and checked before the command succeeds.
+mod bulk;
+mod client;
+mod contenders;
+mod report;
+mod server;
+mod sys;
+mod topology;
+
+use std::{
+    fmt::Write as _,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use self::{
+    contenders::{Contender, Env, Instance, ProxydForm},
+    report::{Figure, Row, Sample},
+    topology::{check_stop, sleep, Guard, Proc},
+};
+use crate::util::{is_root, reexec_as_root, workspace_root};
+
+pub use report::validate;
+
+/// iperf3's server port in the namespace.
+const IPERF_PORT: u16 = 5201;
+/// The echo server's port in the namespace.
+const ECHO_PORT: u16 = 7000;
+/// Idle connections of a full run, if the open-file limit allows.
+const FULL_IDLE: usize = 10_000;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A short run (under 2 minutes): 3 rounds, 1 s iperf3 runs, 500 idle connections.
+    #[arg(long)]
+    pub quick: bool,
+    /// The markdown report (default docs/benchmarks.md); the chart goes beside it, same name
+    /// with .svg.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Internal: serve the echo protocol on [::]:PORT (run inside the namespace).
+    #[arg(long, hide = true, value_name = "PORT")]
+    pub serve: Option<u16>,
+}
+
+/// How much of everything.
+struct Plan {
+    quick: bool,
+    rounds: usize,
+    /// iperf3's `-t SECS` or `-n BYTES`, each way.
+    iperf_amount: [&'static str; 2],
+    rr_dur: Duration,
+    rr_max: usize,
+    short_dur: Duration,
+    short_max: usize,
+    short_workers: usize,
+    /// The idle connections at which memory is read (the last level).
+    idle_n: usize,
+    /// Live connection counts at which set-up time is probed.
+    levels: Vec<usize>,
+    probes: usize,
+    open_threads: usize,
+}
+
+impl Plan {
+    /// `nofile`: the open-file limit every process here gets. A forwarder holds two sockets per
+    /// connection, so N must fit twice under it.
+    fn new(quick: bool, nofile: u64, notes: &mut Vec<String>) -> Plan {
+        let fits = (nofile.saturating_sub(512) / 2) as usize;
+        let idle_n = if quick {
+            500
+        } else if fits >= FULL_IDLE {
+            FULL_IDLE
+        } else {
+            let n = (fits / 1000 * 1000).max(1000);
+            notes.push(format!(
+                "N = {} idle connections instead of {}: the open-file limit here is {} and \
+                 cannot be raised (raising a hard limit needs CAP_SYS_RESOURCE, which this \
+                 container lacks); a forwarder holds at least 2 descriptors per connection, \
+                 so {} connections would not fit in any forwarder.",
+                report::group(n as u64),
+                report::group(FULL_IDLE as u64),
+                report::group(nofile),
+                report::group(FULL_IDLE as u64)
+            ));
+            n
+        };
+        let levels = if quick {
+            vec![100, idle_n]
+        } else {
+            vec![100, 1000, idle_n]
+        };
+        Plan {
+            quick,
+            rounds: if quick { 3 } else { 5 },
+            iperf_amount: if quick { ["-n", "256M"] } else { ["-t", "4"] },
+            rr_dur: Duration::from_millis(if quick { 300 } else { 2000 }),
+            rr_max: 1_000_000,
+            short_dur: Duration::from_millis(if quick { 400 } else { 2000 }),
+            short_max: if quick { 4000 } else { 20_000 },
+            short_workers: 4,
+            idle_n,
+            levels,
+            probes: if quick { 30 } else { 200 },
+            open_threads: 8,
+        }
+    }
+}
+
+// Figure columns, in table order; the set-up levels follow SETUP.
+const UP: usize = 0;
+const DOWN: usize = 1;
+const RR: usize = 2;
+const RR_P50: usize = 3;
+const RR_P99: usize = 4;
+const SHORT: usize = 5;
+const DAEMON_CPU: usize = 6;
+const SYSTEM_CPU: usize = 7;
+const DAEMON_MEM: usize = 8;
+const KERNEL_MEM: usize = 9;
+const SETUP: usize = 10;
+
+fn figures(plan: &Plan) -> Vec<Figure> {
+    let n = report::group(plan.idle_n as u64);
+    let f = |title: String, higher_better, daemon_only| Figure {
+        title,
+        higher_better,
+        daemon_only,
+    };
+    let mut v = vec![
+        f("upload Gbit/s".into(), true, false),
+        f("download Gbit/s".into(), true, false),
+        f("64 B round trips/s".into(), true, false),
+        f("round trip p50 µs".into(), false, false),
+        f("round trip p99 µs".into(), false, false),
+        f("short conn/s".into(), true, false),
+        f("daemon CPU s/GB".into(), false, true),
+        f("system CPU s/GB".into(), false, false),
+        f(format!("daemon MiB @{n} idle"), false, true),
+        f(format!("kernel MiB @{n} idle"), false, false),
+    ];
+    for &l in &plan.levels {
+        v.push(f(
+            format!("set-up µs @{} live", report::group(l as u64)),
+            false,
+            false,
+        ));
+    }
+    v
+}
+
+pub fn command(args: Args) -> Result<()> {
+    if let Some(port) = args.serve {
+        return server::serve(port);
+    }
+    if !is_root() {
+        reexec_as_root()?;
+    }
+    let started = Instant::now();
+    crate::setup::run()?;
+    crate::setup::bench_packages()?;
+    let spliced = crate::build::build_spliced(true)?;
+    let output = args
+        .output
+        .unwrap_or_else(|| workspace_root().join("docs").join("benchmarks.md"));
+    let chart = output.with_extension("svg");
+    let mut notes = Vec::new();
+    let nofile = sys::raise_nofile(1 << 20);
+    let plan = Plan::new(args.quick, nofile, &mut notes);
+    topology::catch_signals();
+    topology::remove_stale()?;
+    let figures = figures(&plan);
+    let load_before = sys::load_average();
+    let (rows, descriptions) = {
+        let mut guard = Guard::create()?;
+        measure(&mut guard, &spliced, &plan, &figures, &mut notes)?
+    };
+    notes.push(format!(
+        "Load average (1 min) {load_before} before the run and {} after it, on {} cores: other \
+         work was running on this machine too.",
+        sys::load_average(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    ));
+    let cells = report::cells(&figures, &rows);
+    let table = report::table(&figures, &rows, &cells);
+    let machine = sys::machine();
+    let date = report::today();
+    let chart_name = chart.file_name().map_or("benchmarks.svg".into(), |n| {
+        n.to_string_lossy().into_owned()
+    });
+    let md = document(
+        &plan,
+        &table,
+        &machine,
+        &date,
+        &chart_name,
+        &descriptions,
+        &rows,
+        &notes,
+    );
+    let subtitle = format!(
+        "{date}; {machine}; medians of {} rounds{}",
+        plan.rounds,
+        if plan.quick { " (--quick)" } else { "" }
+    );
+    let svg = report::svg(&figures, &rows, &cells, &subtitle);
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    fs::write(&output, &md).with_context(|| format!("cannot write {}", output.display()))?;
+    fs::write(&chart, &svg).with_context(|| format!("cannot write {}", chart.display()))?;
+    println!("{table}");
+    for n in &notes {
+        println!("- {n}");
+    }
+    eprintln!(
+        "bench: wrote {} and {} in {:.0} s",
+        output.display(),
+        chart.display(),
+        started.elapsed().as_secs_f64()
+    );
+    let written = fs::read_to_string(&output)?;
+    validate(&written).with_context(|| format!("{} is malformed", output.display()))?;
+    Ok(())
+}
+
+/// The rows, and how each contender was run.
+type Measured = (Vec<Row>, Vec<(Contender, String)>);
+
+/// Starts the servers in the namespace, checks each contender once, runs the rounds.
+fn measure(
+    guard: &mut Guard,
+    spliced: &Path,
+    plan: &Plan,
+    figures: &[Figure],
+    notes: &mut Vec<String>,
+) -> Result<Measured> {
+    let ifindex = guard.ifindex()?;
+    let log = |name: &str| -> Result<(fs::File, fs::File)> {
+        let f = fs::File::create(guard.dir.join(name))?;
+        Ok((f.try_clone()?, f))
+    };
+    let (out, err) = log("iperf3-server.log")?;
+    let mut iperf = guard.exec_in_ns("iperf3");
+    iperf
+        .args(["-s", "-p", &IPERF_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    let iperf = Proc::spawn("the iperf3 server", &mut iperf)?;
+    let iperf_pid = iperf.pid();
+    guard.procs.push(iperf);
+    let exe = std::env::current_exe().context("cannot find the xtask binary")?;
+    let (out, err) = log("echo-server.log")?;
+    let mut echo = guard.exec_in_ns(&exe);
+    echo.args(["bench", "--serve", &ECHO_PORT.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(out)
+        .stderr(err);
+    let echo = Proc::spawn("the echo server", &mut echo)?;
+    let echo_pid = echo.pid();
+    guard.procs.push(echo);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(contenders::listening(Some(iperf_pid), IPERF_PORT)
+        && contenders::listening(Some(echo_pid), ECHO_PORT))
+    {
+        check_stop()?;
+        for p in &mut guard.procs {
+            p.check_alive()?;
+        }
+        if Instant::now() > deadline {
+            bail!("the servers in the namespace do not listen after 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let proxyd = [
+        "/lib/systemd/systemd-socket-proxyd",
+        "/usr/lib/systemd/systemd-socket-proxyd",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+    .unwrap_or_else(|| PathBuf::from("/lib/systemd/systemd-socket-proxyd"));
+    let guard: &Guard = guard;
+    let mut env = Env {
+        guard,
+        spliced,
+        ifindex,
+        proxyd: &proxyd,
+        proxyd_form: ProxydForm::Bracketed,
+    };
+    client::quit(client::greet(env.upstream_addr(ECHO_PORT))?.0)
+        .context("the echo server does not answer at fe80::2")?;
+
+    let mut rows: Vec<Row> = Contender::ALL
+        .iter()
+        .map(|&c| Row {
+            contender: c,
+            skipped: None,
+            samples: vec![Vec::new(); figures.len()],
+        })
+        .collect();
+    for row in &mut rows {
+        if let Err(e) = preflight(row.contender, &mut env, notes) {
+            check_stop()?;
+            let why = format!("{e:#}");
+            notes.push(format!("{} skipped: {why}", row.contender.name()));
+            row.skipped = Some(why);
+        }
+    }
+
+    for round in 1..=plan.rounds {
+        for row in rows.iter_mut().filter(|r| r.skipped.is_none()) {
+            let c = row.contender;
+            let t0 = Instant::now();
+            let tag = format!("r{round}");
+            if let Err(e) = bulk_round(c, &env, plan, &tag, &mut row.samples) {
+                check_stop()?;
+                notes.push(format!(
+                    "{}, round {round}, iperf3: {}",
+                    c.name(),
+                    short_error(&e)
+                ));
+            }
+            let t1 = Instant::now();
+            small_round(c, &env, plan, &tag, round, &mut row.samples, notes)?;
+            eprintln!(
+                "bench: round {round}/{}: {}: bulk {:.1} s, small messages {:.1} s",
+                plan.rounds,
+                c.name(),
+                (t1 - t0).as_secs_f64(),
+                t1.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let descriptions = Contender::ALL
+        .iter()
+        .map(|&c| (c, contenders::describe(c, env.proxyd_form)))
+        .collect();
+    Ok((rows, descriptions))
+}
+
+/// The first line of an error chain and its causes, cut to a readable length.
+fn short_error(e: &anyhow::Error) -> String {
+    let s = format!("{e:#}").replace('\n', " ");
+    if s.chars().count() > 400 {
+        format!("{}…", s.chars().take(400).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// Starts `c` once and passes a connection through it. systemd-socket-proxyd is tried with the
+/// bracketed `[fe80::2%IF]:PORT` first, then with `fe80::2%IF:PORT`.
+fn preflight(c: Contender, env: &mut Env, notes: &mut Vec<String>) -> Result<()> {
+    if c == Contender::Direct {
+        return Ok(());
+    }
+    let attempt = |env: &Env| -> Result<()> {
+        let mut inst = contenders::start(c, env, ECHO_PORT, "preflight")?;
+        let r = client::greet(inst.addr).and_then(|(s, _)| client::quit(s));
+        r.with_context(|| contenders::log_tail(inst.log.as_deref()))?;
+        inst.check_alive()
+    };
+    match attempt(env) {
+        Ok(()) => Ok(()),
+        Err(e) if c == Contender::Proxyd => {
+            check_stop()?;
+            env.proxyd_form = ProxydForm::Bare;
+            attempt(env).with_context(|| {
+                format!(
+                    "with [fe80::2%IF]:PORT: {}; with fe80::2%IF:PORT",
+                    short_error(&e)
+                )
+            })?;
+            notes.push(format!(
+                "systemd-socket-proxyd does not take the bracketed `[fe80::2%IF]:PORT` \
+                 ({}); it does take the zone as `fe80::2%IF:PORT` (it splits host and port at \
+                 the last colon and resolves the host with getaddrinfo), which is what was \
+                 measured.",
+                short_error(&e)
+            ));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Upload, download and their CPU cost through a fresh instance.
+fn bulk_round(
+    c: Contender,
+    env: &Env,
+    plan: &Plan,
+    tag: &str,
+    samples: &mut [Vec<Sample>],
+) -> Result<()> {
+    let mut inst = contenders::start(c, env, IPERF_PORT, &format!("{tag}-bulk"))?;
+    let tag = format!("{}-{tag}", c.name().replace(' ', "-"));
+    let b = bulk::measure(&mut inst, &plan.iperf_amount, &env.guard.dir, &tag)
+        .with_context(|| contenders::log_tail(inst.log.as_deref()))?;
+    samples[UP].push(Sample::Value(b.up_gbps));
+    samples[DOWN].push(Sample::Value(b.down_gbps));
+    if let Some(cpu) = b.daemon_cpu_per_gb {
+        samples[DAEMON_CPU].push(Sample::Value(cpu));
+    }
+    samples[SYSTEM_CPU].push(Sample::Value(b.system_cpu_per_gb));
+    Ok(())
+}
+
+/// On a fresh instance in front of the echo server: idle connections and set-up probes, round
+/// trips, short connections. A failure fails its figures for this round, noted; Ctrl-C fails
+/// the whole bench.
+fn small_round(
+    c: Contender,
+    env: &Env,
+    plan: &Plan,
+    tag: &str,
+    round: usize,
+    samples: &mut [Vec<Sample>],
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let mut note = |what: &str, e: &anyhow::Error| {
+        notes.push(format!(
+            "{}, round {round}, {what}: {}",
+            c.name(),
+            short_error(e)
+        ));
+    };
+    let mut inst =
+        match contenders::start(c, env, ECHO_PORT, &format!("{tag}-small")).and_then(|inst| {
+            // Warm-up: systemd-socket-activate execs proxyd at the first connection.
+            client::quit(client::greet(inst.addr)?.0)?;
+            Ok(inst)
+        }) {
+            Ok(inst) => inst,
+            Err(e) => {
+                check_stop()?;
+                note("start", &e);
+                return Ok(());
+            }
+        };
+    let t_idle = Instant::now();
+    if let Err(e) = idle_and_setup(&mut inst, plan, samples, round, c, notes) {
+        check_stop()?;
+        let e = e.context(contenders::log_tail(inst.log.as_deref()));
+        notes.push(format!(
+            "{}, round {round}, idle connections: {}",
+            c.name(),
+            short_error(&e)
+        ));
+    }
+    let mut note = |what: &str, e: &anyhow::Error| {
+        notes.push(format!(
+            "{}, round {round}, {what}: {}",
+            c.name(),
+            short_error(e)
+        ));
+    };
+    let t_rr = Instant::now();
+    match client::round_trips(inst.addr, 64, plan.rr_dur, plan.rr_max) {
+        Ok(rt) => {
+            samples[RR].push(Sample::Value(rt.per_sec));
+            samples[RR_P50].push(Sample::Value(rt.p50_us));
+            samples[RR_P99].push(Sample::Value(rt.p99_us));
+        }
+        Err(e) => {
+            check_stop()?;
+            note("round trips", &e);
+        }
+    }
+    let t_short = Instant::now();
+    match client::short_connections(
+        inst.addr,
+        plan.short_workers,
+        plan.short_dur,
+        plan.short_max,
+    ) {
+        Ok(rate) => samples[SHORT].push(Sample::Value(rate)),
+        Err(e) => {
+            check_stop()?;
+            note("short connections", &e);
+        }
+    }
+    if let Err(e) = inst.check_alive() {
+        note("end of round", &e);
+    }
+    let t_end = Instant::now();
+    drop(inst);
+    eprintln!(
+        "bench: round {round}: {}: idle+set-up {:.1} s, round trips {:.1} s, short {:.1} s, \
+         stop {:.1} s",
+        c.name(),
+        (t_rr - t_idle).as_secs_f64(),
+        (t_short - t_rr).as_secs_f64(),
+        (t_end - t_short).as_secs_f64(),
+        t_end.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Ramps idle connections through the levels, probing set-up time at each, and reads memory
+/// at N. A contender that cannot get past a count is `Capped` there for the levels above.
+fn idle_and_setup(
+    inst: &mut Instance,
+    plan: &Plan,
+    samples: &mut [Vec<Sample>],
+    round: usize,
+    c: Contender,
+    notes: &mut Vec<String>,
+) -> Result<()> {
+    let kernel0 = sys::kernel_memory_bytes()?;
+    let mut conns = Vec::new();
+    let mut capped = None;
+    let mib = |b: f64| b / (1024.0 * 1024.0);
+    let mut result = Ok(());
+    for (i, &level) in plan.levels.iter().enumerate() {
+        if let Some(n) = capped {
+            samples[SETUP + i].push(Sample::Capped(n));
+            continue;
+        }
+        check_stop()?;
+        if let Err(why) = client::open_idle(inst.addr, &mut conns, level, plan.open_threads) {
+            check_stop()?;
+            let n = conns.len();
+            notes.push(format!(
+                "{}, round {round}: held {} of {} idle connections, then: {why}",
+                c.name(),
+                report::group(n as u64),
+                report::group(level as u64)
+            ));
+            capped = Some(n);
+            samples[SETUP + i].push(Sample::Capped(n));
+            continue;
+        }
+        if level == plan.idle_n {
+            sleep(Duration::from_millis(500))?;
+            inst.check_alive()?;
+            if let Some(pid) = inst.pid() {
+                samples[DAEMON_MEM].push(Sample::Value(mib(sys::tree_pss_bytes(pid) as f64)));
+            }
+            let kernel1 = sys::kernel_memory_bytes()?;
+            samples[KERNEL_MEM].push(Sample::Value(mib(kernel1 as f64 - kernel0 as f64)));
+        }
+        match client::setup_probes(inst.addr, plan.probes) {
+            Ok(p50) => samples[SETUP + i].push(Sample::Value(p50)),
+            Err(e) => {
+                check_stop()?;
+                samples[SETUP + i].push(Sample::Failed);
+                result = Err(e.context(format!("set-up probes at {level} live connections")));
+                break;
+            }
+        }
+    }
+    if let Some(n) = capped {
+        if inst.pid().is_some() {
+            samples[DAEMON_MEM].push(Sample::Capped(n));
+        }
+        samples[KERNEL_MEM].push(Sample::Capped(n));
+    }
+    let failed = client::quit_all(conns);
+    if failed > 0 && capped.is_none() {
+        notes.push(format!(
+            "{}, round {round}: {failed} idle connections did not close cleanly",
+            c.name()
+        ));
+    }
+    result
+}
+
+/// Installed versions of the other tools, for the report.
+fn versions() -> String {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Version}\n"])
+        .args(["iperf3", "socat", "haproxy", "systemd"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.lines().collect::<Vec<_>>().join(", ")
+}
+
+/// The markdown report.
+#[allow(clippy::too_many_arguments)]
+fn document(
+    plan: &Plan,
+    table: &str,
+    machine: &str,
+    date: &str,
+    chart: &str,
+    descriptions: &[(Contender, String)],
+    rows: &[Row],
+    notes: &[String],
+) -> String {
+    let n = report::group(plan.idle_n as u64);
+    let levels: Vec<String> = plan
+        .levels
+        .iter()
+        .map(|&l| report::group(l as u64))
+        .collect();
+    let mut md = String::new();
+    let _ = writeln!(md, "# spliced benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Measured by `cargo xtask bench{}` on {date}: {} rounds, contenders interleaved round by \
+         round, every figure the median over the rounds.\n",
+        if plan.quick { " --quick" } else { "" },
+        plan.rounds
+    );
+    let _ = writeln!(
+        md,
+        "**Machine:** {machine}. A shared virtual machine: figures move from run to run, and \
+         other work on it shows up in the system-wide figures. Compare contenders within one \
+         table.\n"
+    );
+    let _ = writeln!(
+        md,
+        "**Versions:** spliced from this tree (release build); {}.\n",
+        versions()
+    );
+    let _ = writeln!(
+        md,
+        "**Topology:** client on the host → forwarder listening on 127.0.0.1 → veth pair → \
+         upstream at fe80::2 (link-local, `nodad`) in a network namespace. `direct` is the \
+         client dialing `[fe80::2%IF]` itself, without a forwarder: the baseline of every \
+         ratio.\n"
+    );
+    let _ = writeln!(md, "![Each figure as a ratio to direct]({chart})\n");
+    md.push_str(table);
+    let _ = writeln!(
+        md,
+        "\nEach cell: the median, and in parentheses its ratio to `direct`. Higher is better for \
+         Gbit/s, round trips/s and conn/s; lower is better for the rest. `n/a`: direct has no \
+         daemon. `✗ max K`: the contender could not hold more than K connections (median over \
+         the rounds), so the figure at that level does not exist for it.\n"
+    );
+    let _ = writeln!(md, "## What each figure is\n");
+    let items = [
+        format!(
+            "**upload / download Gbit/s**: `iperf3 -c HOST -p PORT {a}` (and `-R`), one TCP \
+             stream each way, as received; the iperf3 server runs in the namespace, bound to \
+             `::`.",
+            a = plan.iperf_amount.join(" ")
+        ),
+        format!(
+            "**64 B round trips/s, p50, p99**: one connection, a 64-byte request echoed by the \
+             upstream before the next is sent, for {:.1} s; the rate and the median and 99th \
+             percentile of each round trip's time. Client and echo server are this bench's own \
+             (Rust, TCP_NODELAY; the server in the namespace, started with `ip netns exec`).",
+            plan.rr_dur.as_secs_f64()
+        ),
+        format!(
+            "**short conn/s**: {} client threads, each in turn: connect, 100 bytes up, 100 back \
+             (after a 1-byte greeting), the upstream closes, the client closes; for {:.1} s or \
+             {} connections.",
+            plan.short_workers,
+            plan.short_dur.as_secs_f64(),
+            report::group(plan.short_max as u64)
+        ),
+        "**daemon CPU s/GB**: user+system CPU seconds of the forwarder's processes \
+         (`/proc/PID/stat` utime+stime of the process and its children, reaped ones included) \
+         over the upload and the download, per GB moved (both directions)."
+            .into(),
+        "**system CPU s/GB**: busy CPU seconds of the whole machine over the same runs (user, \
+         nice, system, irq and softirq from `/proc/stat`; steal excluded) per GB: the iperf3 \
+         client and server and the kernel's TCP, veth and sockmap work included."
+            .into(),
+        format!(
+            "**daemon MiB @{n} idle**: the forwarder's memory with {n} idle connections open \
+             through it: proportional set size summed over its processes \
+             (`/proc/PID/smaps_rollup`), which is the RSS of a single process less its share of \
+             shared libraries, and does not count socat's shared pages once per fork."
+        ),
+        format!(
+            "**kernel MiB @{n} idle**: growth of kernel memory from before the first idle \
+             connection to {n} idle connections: `Slab` + `KernelStack` + `PageTables` of \
+             `/proc/meminfo` plus TCP's buffer pages (`/proc/net/sockstat` `mem`). It includes \
+             both ends of every connection (the client's and the upstream's sockets), so \
+             direct's figure is the floor."
+        ),
+        format!(
+            "**set-up µs @K live**: with K idle connections open through the contender, {} \
+             connections one after the other, each timed from `connect()` to the first byte, a \
+             greeting the upstream sends on accept (so the forwarder's accept, its dial and its \
+             splice set-up are all inside); the median. Levels: {}.",
+            plan.probes,
+            levels.join(", ")
+        ),
+    ];
+    for i in items {
+        let _ = writeln!(md, "- {i}");
+    }
+    let _ = writeln!(md, "\n## Contenders\n");
+    for (c, d) in descriptions {
+        let _ = writeln!(md, "- **{}**: {d}", c.name());
+    }
+    let _ = writeln!(md, "\n## Notes\n");
+    let skipped: Vec<&Row> = rows.iter().filter(|r| r.skipped.is_some()).collect();
+    if notes.is_empty() && skipped.is_empty() {
+        let _ = writeln!(md, "- Every contender ran every round without an error.");
+    }
+    for note in notes {
+        let _ = writeln!(md, "- {note}");
+    }
+    md
+}

@@ -1,0 +1,255 @@
+//! What the kernel tells about CPU time and memory: `/proc/PID/stat`, `/proc/PID/smaps_rollup`,
+//! `/proc/stat`, `/proc/meminfo`, `/proc/net/sockstat`; and the machine's description.
+use std::{collections::HashMap, fs};
+
+use anyhow::{Context as _, Result};
+
+/// Clock ticks per second (`USER_HZ`).
+pub fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+/// The fields of `/proc/PID/stat` after the command name: index 0 is field 3 (state).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut words = rest.split_whitespace();
+    let state = words.next()?;
+    // The state letter becomes 0 for a zombie, 1 otherwise.
+    let mut out = vec![u64::from(state != "Z")];
+    out.extend(words.map(|w| w.parse::<i64>().unwrap_or(0) as u64));
+    Some(out)
+}
+
+const PPID: usize = 1;
+const UTIME: usize = 11;
+const STARTTIME: usize = 19;
+
+/// Every process on the machine as pid -> (ppid, starttime).
+fn process_table() -> HashMap<u32, (u32, u64)> {
+    let mut table = HashMap::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return table;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(f) = stat_fields(pid) {
+            if f.len() > STARTTIME {
+                table.insert(pid, (f[PPID] as u32, f[STARTTIME]));
+            }
+        }
+    }
+    table
+}
+
+/// `root` and its descendants, with their start times.
+pub fn tree(root: u32) -> Vec<(u32, u64)> {
+    let table = process_table();
+    let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
+    for (&pid, &(ppid, _)) in &table {
+        children.entry(ppid).or_default().push(pid);
+    }
+    let mut out = Vec::new();
+    let mut todo = vec![root];
+    // Bounded: each pid is visited once (the table is a forest).
+    while let Some(pid) = todo.pop() {
+        if let Some(&(_, start)) = table.get(&pid) {
+            out.push((pid, start));
+        }
+        if out.len() > table.len() {
+            break;
+        }
+        if let Some(kids) = children.get(&pid) {
+            todo.extend(kids);
+        }
+    }
+    out
+}
+
+/// The descendants of `root` (not `root`), with their start times.
+pub fn descendants(root: u32) -> Vec<(u32, u64)> {
+    tree(root).into_iter().filter(|&(p, _)| p != root).collect()
+}
+
+/// Whether `pid` is still the live process that started at `start` (not a reused pid).
+pub fn is_same_live(pid: u32, start: u64) -> bool {
+    stat_fields(pid).is_some_and(|f| f[0] == 1 && f.get(STARTTIME) == Some(&start))
+}
+
+/// CPU seconds of `root` and its descendants: utime+stime of each live one, and cutime+cstime
+/// (the children each has reaped, so exited per-connection processes count too).
+pub fn tree_cpu_seconds(root: u32) -> f64 {
+    let ticks: u64 = tree(root)
+        .iter()
+        .filter_map(|&(pid, _)| stat_fields(pid))
+        .filter(|f| f.len() > UTIME + 3)
+        .map(|f| f[UTIME] + f[UTIME + 1] + f[UTIME + 2] + f[UTIME + 3])
+        .sum();
+    ticks as f64 / clk_tck()
+}
+
+/// Proportional set size of `root` and its descendants, in bytes. For one process this is its
+/// RSS less the shared library pages it shares with others; summing RSS over socat's thousand
+/// forks would count its shared pages a thousand times.
+pub fn tree_pss_bytes(root: u32) -> u64 {
+    tree(root)
+        .iter()
+        .filter_map(|&(pid, _)| fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|text| kib_field(&text, "Pss:"))
+        .sum::<u64>()
+        * 1024
+}
+
+/// `Key:   123 kB` -> 123.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Busy CPU seconds of the whole machine since boot: user, nice, system, irq and softirq (steal,
+/// the hypervisor's, and idle/iowait left out). Softirq is where much of TCP, veth and the
+/// sockmap verdict run.
+pub fn system_busy_seconds() -> Result<f64> {
+    let text = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("/proc/stat has no cpu line")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|w| w.parse().unwrap_or(0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| v.get(i).copied().unwrap_or(0))
+        .sum::<u64>();
+    Ok(busy as f64 / clk_tck())
+}
+
+/// Kernel memory that connections and processes cost, in bytes: slab (socket structs, inodes,
+/// pipes, skbs' heads), kernel stacks and page tables (from `/proc/meminfo`), and the pages TCP
+/// has charged for socket buffers (`mem` of `/proc/net/sockstat`, global).
+pub fn kernel_memory_bytes() -> Result<u64> {
+    let meminfo = fs::read_to_string("/proc/meminfo").context("cannot read /proc/meminfo")?;
+    let mut kib = 0;
+    for key in ["Slab:", "KernelStack:", "PageTables:"] {
+        kib += kib_field(&meminfo, key).with_context(|| format!("/proc/meminfo has no {key}"))?;
+    }
+    let sockstat =
+        fs::read_to_string("/proc/net/sockstat").context("cannot read /proc/net/sockstat")?;
+    let tcp_pages = sockstat
+        .lines()
+        .find_map(|l| l.strip_prefix("TCP:"))
+        .and_then(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            w.iter()
+                .position(|&x| x == "mem")
+                .and_then(|i| w.get(i + 1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Ok(kib * 1024 + tcp_pages * page)
+}
+
+/// Kernel, CPU model, cores and memory, for the report.
+pub fn machine() -> String {
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| kib_field(&m, "MemTotal:"))
+        .map_or("unknown".into(), |k| {
+            format!("{:.1} GiB", k as f64 / 1024.0 / 1024.0)
+        });
+    format!(
+        "Linux {kernel} ({arch}), {model}, {cores} cores, {mem} memory",
+        arch = std::env::consts::ARCH
+    )
+}
+
+/// The 1-minute load average, as `/proc/loadavg` gives it.
+pub fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Raises the soft open-file limit to `want`, or as far as the hard limit allows (raising the
+/// hard limit needs CAP_SYS_RESOURCE). Returns the soft limit in force; children inherit it.
+pub fn raise_nofile(want: u64) -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with valid structs.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_max < want {
+            let higher = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &higher) == 0 {
+                return want;
+            }
+        }
+        lim.rlim_cur = lim.rlim_max.min(want.max(lim.rlim_cur));
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process() {
+        let me = std::process::id();
+        assert!(tree(me).iter().any(|&(p, _)| p == me));
+        assert!(tree_cpu_seconds(me) >= 0.0);
+        assert!(tree_pss_bytes(me) > 0);
+        assert!(system_busy_seconds().unwrap() > 0.0);
+        assert!(kernel_memory_bytes().unwrap() > 0);
+        let start = tree(me)[0].1;
+        assert!(is_same_live(me, start));
+        assert!(!is_same_live(me, start + 1));
+    }
+
+    #[test]
+    fn kib_fields() {
+        assert_eq!(kib_field("Slab:   123 kB\nX: 1 kB\n", "Slab:"), Some(123));
+        assert_eq!(kib_field("X: 1 kB\n", "Slab:"), None);
+    }
+}
