@@ -8,6 +8,8 @@
 //! grace_period = "30s"     # how long live connections may run after SIGINT/SIGTERM
 //! send_buffer = "16MiB"    # SO_SNDBUF of the proxy's sockets; "0" leaves kernel autotuning
 //! max_connections = 10000  # live connections across all routes
+//! max_buffered = "4MiB"    # default for routes: bytes held in the kernel per direction
+//! max_buffered_total = "256MiB"  # all connections together (sockmap backpressure)
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
@@ -16,6 +18,7 @@
 //! mode = "sockmap"                                 # optional, overrides top-level mode
 //! interface = "lxdbr0"                             # optional: SO_BINDTODEVICE for the dial
 //! connect_timeout = "5s"                           # optional, default 5s
+//! max_buffered = "4MiB"                            # optional, overrides the top-level one
 //! ```
 //!
 //! - Durations are a whole number and a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
@@ -28,7 +31,8 @@
 //! - Interfaces named in `interface` or in a zone must exist when the file is checked.
 //!
 //! Defaults: `mode = "auto"`, `grace_period = "30s"`, `send_buffer = "16MiB"`,
-//! `max_connections = 10000`, `connect_timeout = "5s"`.
+//! `max_connections = 10000`, `connect_timeout = "5s"`, `max_buffered = "4MiB"` (64KiB to
+//! 1GiB), `max_buffered_total = "256MiB"` (at least every route's `max_buffered`, at most 64GiB).
 //!
 //! [`Config::from_toml`] reports every problem it finds, not just the first, each as
 //! `FILE:LINE:COLUMN: KEY: what is wrong; what would be valid`, where KEY is a top-level key
@@ -55,6 +59,18 @@ pub const MAX_SEND_BUFFER: usize = 1 << 30;
 /// the kernel's `fs.nr_open` defaults to about a million; this only catches typos (and stays
 /// far below tokio's semaphore limit).
 pub const MAX_CONNECTIONS: usize = 100_000_000;
+
+/// Default `max_buffered`: bytes one direction of a sockmap connection may have redirected
+/// beyond what the peer has taken (sockmap.md, trap 8).
+pub const DEFAULT_MAX_BUFFERED: u64 = 4 << 20;
+/// Default `max_buffered_total`: the bound across all connections.
+pub const DEFAULT_MAX_BUFFERED_TOTAL: u64 = 256 << 20;
+/// Bounds of `max_buffered`: below 64 KiB a connection holds at every skb; above 1 GiB the bound
+/// protects nothing.
+pub const MIN_MAX_BUFFERED: u64 = 64 << 10;
+pub const MAX_MAX_BUFFERED: u64 = 1 << 30;
+/// The largest `max_buffered_total`.
+pub const MAX_MAX_BUFFERED_TOTAL: u64 = 64 << 30;
 
 /// Which data path carries a route's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -102,6 +118,8 @@ pub struct Route {
     /// Bind the upstream dial to this interface (SO_BINDTODEVICE).
     pub interface: Option<String>,
     pub connect_timeout: Duration,
+    /// Bytes one direction may have redirected beyond what the peer has taken (sockmap path).
+    pub max_buffered: u64,
 }
 
 /// The whole daemon configuration.
@@ -114,6 +132,8 @@ pub struct Config {
     pub send_buffer: Option<usize>,
     /// Live connections across all routes; more are refused.
     pub max_connections: usize,
+    /// Bound on `max_buffered` reservations across all connections.
+    pub max_buffered_total: u64,
 }
 
 /// One configuration error, already rendered with file:line:column, key and fix.
@@ -131,6 +151,7 @@ impl Route {
             mode: Mode::Auto,
             interface: None,
             connect_timeout: Duration::from_secs(5),
+            max_buffered: DEFAULT_MAX_BUFFERED,
         }
     }
 
@@ -150,6 +171,7 @@ impl Config {
             grace_period: Duration::from_secs(30),
             send_buffer: Some(16 << 20),
             max_connections: 10_000,
+            max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
         }
     }
 
@@ -199,20 +221,23 @@ pub(crate) fn check_zone(endpoint: &Endpoint) -> Result<(), String> {
 // Raw file structure. Values stay `toml::Value` with their spans so that one wrong type does not
 // stop the parse: each key is checked by hand and every problem is reported.
 
-const TOP_KEYS: [&str; 5] = [
+const TOP_KEYS: [&str; 7] = [
     "mode",
     "grace_period",
     "send_buffer",
     "max_connections",
+    "max_buffered",
+    "max_buffered_total",
     "route",
 ];
-const ROUTE_KEYS: [&str; 6] = [
+const ROUTE_KEYS: [&str; 7] = [
     "name",
     "listen",
     "upstream",
     "mode",
     "interface",
     "connect_timeout",
+    "max_buffered",
 ];
 
 #[derive(Default)]
@@ -413,6 +438,8 @@ fn line_column(text: &str, at: usize) -> (usize, usize) {
 fn check(raw: RawConfig, errors: &mut Errors) -> Config {
     let mut config = Config::new(Vec::new());
     let mut default_mode = Mode::Auto;
+    let mut default_buffered = DEFAULT_MAX_BUFFERED;
+    let mut total_span = None;
     for (key, value) in &raw.entries {
         let name = key.get_ref().as_str();
         let span = value.span();
@@ -423,6 +450,11 @@ fn check(raw: RawConfig, errors: &mut Errors) -> Config {
             "max_connections" => {
                 parse_max_connections(value.get_ref()).map(|n| config.max_connections = n)
             }
+            "max_buffered" => parse_max_buffered(value.get_ref()).map(|b| default_buffered = b),
+            "max_buffered_total" => parse_max_buffered_total(value.get_ref()).map(|b| {
+                config.max_buffered_total = b;
+                total_span = Some(span.clone());
+            }),
             _ => Err(unknown_key(name, &TOP_KEYS, "top-level")),
         };
         if let Err(message) = result {
@@ -452,7 +484,8 @@ fn check(raw: RawConfig, errors: &mut Errors) -> Config {
                 RawRoutes::List(items) => {
                     let mut seen: Vec<Checked> = Vec::new();
                     for (i, item) in items.into_iter().enumerate() {
-                        let mut checked = check_route(i, item, default_mode, errors);
+                        let mut checked =
+                            check_route(i, item, default_mode, default_buffered, errors);
                         check_unique(&checked, &seen, errors);
                         config.routes.extend(checked.route.take());
                         seen.push(checked);
@@ -474,7 +507,54 @@ fn check(raw: RawConfig, errors: &mut Errors) -> Config {
             }
         }
     }
+    check_total(&config, &raw.entries, total_span, errors);
     config
+}
+
+/// `max_buffered_total` must hold at least one connection of every route.
+fn check_total(
+    config: &Config,
+    entries: &[(Spanned<String>, Spanned<Value>)],
+    total_span: Option<Range<usize>>,
+    errors: &mut Errors,
+) {
+    let Some(largest) = config.routes.iter().map(|r| r.max_buffered).max() else {
+        return;
+    };
+    if largest <= config.max_buffered_total {
+        return;
+    }
+    let message = format!(
+        "{} is less than the largest max_buffered ({}); raise max_buffered_total to at least {} \
+         or lower max_buffered",
+        format_size(config.max_buffered_total),
+        format_size(largest),
+        format_size(largest)
+    );
+    match total_span {
+        Some(span) => errors.at(&span, "max_buffered_total", message),
+        None => {
+            // The default total: point at the max_buffered that is too large.
+            let span = entries
+                .iter()
+                .find(|(k, _)| k.get_ref() == "max_buffered")
+                .map(|(_, v)| v.span());
+            match span {
+                Some(span) => errors.at(&span, "max_buffered", message),
+                None => errors.add(Some(0), "max_buffered_total", message),
+            }
+        }
+    }
+}
+
+/// `4194304` -> `4MiB`, for messages.
+fn format_size(bytes: u64) -> String {
+    for (shift, unit) in [(30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes} bytes")
 }
 
 /// What was understood of one `[[route]]`: the name and listen address on their own, so that
@@ -491,6 +571,7 @@ fn check_route(
     index: usize,
     item: Spanned<RawItem>,
     default_mode: Mode,
+    default_buffered: u64,
     errors: &mut Errors,
 ) -> Checked {
     let mut checked = Checked {
@@ -516,6 +597,7 @@ fn check_route(
     let mut mode = None;
     let mut interface = None;
     let mut connect_timeout = None;
+    let mut max_buffered = None;
     let mut ok = true;
     for (key, value) in &entries {
         let field = key.get_ref().as_str();
@@ -528,6 +610,7 @@ fn check_route(
             "mode" => parse_mode(v).map(|m| mode = Some(m)),
             "interface" => parse_interface(v).map(|i| interface = Some(i)),
             "connect_timeout" => parse_connect_timeout(v).map(|d| connect_timeout = Some(d)),
+            "max_buffered" => parse_max_buffered(v).map(|b| max_buffered = Some(b)),
             _ => Err(unknown_key(field, &ROUTE_KEYS, "[[route]]")),
         };
         if let Err(message) = result {
@@ -564,6 +647,7 @@ fn check_route(
             mode: mode.unwrap_or(default_mode),
             interface,
             connect_timeout: connect_timeout.unwrap_or(Duration::from_secs(5)),
+            max_buffered: max_buffered.unwrap_or(default_buffered),
         });
     }
     checked
@@ -861,6 +945,26 @@ fn parse_send_buffer(value: &Value) -> Result<Option<usize>, String> {
     Ok((bytes != 0).then_some(bytes as usize))
 }
 
+fn parse_max_buffered(value: &Value) -> Result<u64, String> {
+    let bytes = parse_size(value)?;
+    if !(MIN_MAX_BUFFERED..=MAX_MAX_BUFFERED).contains(&bytes) {
+        return Err(format!(
+            "{value} is out of range; use 64KiB to 1GiB, e.g. max_buffered = \"4MiB\""
+        ));
+    }
+    Ok(bytes)
+}
+
+fn parse_max_buffered_total(value: &Value) -> Result<u64, String> {
+    let bytes = parse_size(value)?;
+    if !(MIN_MAX_BUFFERED..=MAX_MAX_BUFFERED_TOTAL).contains(&bytes) {
+        return Err(format!(
+            "{value} is out of range; use 64KiB to 64GiB, e.g. max_buffered_total = \"256MiB\""
+        ));
+    }
+    Ok(bytes)
+}
+
 fn parse_max_connections(value: &Value) -> Result<usize, String> {
     let n = match value {
         Value::Integer(n) => *n,
@@ -1145,7 +1249,7 @@ mode = 3
             errors(text),
             vec![
                 r#"spliced.toml:1:8: mode: "fast" is not a mode; use one of auto, sockmap, splice, copy"#,
-                r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, [[route]] tables"#,
+                r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, [[route]] tables"#,
                 r#"spliced.toml:3:15: send_buffer: "2GiB" is more than the maximum of 1GiB; use e.g. "16MiB", or 0 for the kernel's autotuning"#,
                 r#"spliced.toml:8:12: route[0].upstream: "[fe80::1]:80": fe80::1 is a link-local address (fe80::/10), which exists on every interface; name the interface with "%", e.g. "[fe80::1%eth0]:80""#,
                 r#"spliced.toml:11:8: route[1].name: "ghost" is already the name of route[0]; route names must be unique"#,
@@ -1196,18 +1300,18 @@ mode = 3
             error(&top_with("grace_priod = \"1s\"")),
             "spliced.toml:1:1: grace_priod: unknown key; did you mean `grace_period`? valid \
              top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, \
-             [[route]] tables"
+             `max_buffered`, `max_buffered_total`, [[route]] tables"
         );
         assert_eq!(
             error(&route_with("listne = \"x\"")),
             "spliced.toml:5:1: route[0].listne: unknown key; did you mean `listen`? valid \
              [[route]] keys are `name`, `listen`, `upstream`, `mode`, `interface`, \
-             `connect_timeout`"
+             `connect_timeout`, `max_buffered`"
         );
         assert_eq!(
             error(&route_with("timeout = \"1s\"")),
             "spliced.toml:5:1: route[0].timeout: unknown key; valid [[route]] keys are `name`, \
-             `listen`, `upstream`, `mode`, `interface`, `connect_timeout`"
+             `listen`, `upstream`, `mode`, `interface`, `connect_timeout`, `max_buffered`"
         );
     }
 
@@ -1532,5 +1636,54 @@ mode = 3
         );
         assert_eq!(Mode::Sockmap.to_string(), "sockmap");
         assert_eq!(EX_USAGE, 64);
+    }
+
+    #[test]
+    fn max_buffered_defaults_and_overrides() {
+        let config = load(&route_with(""));
+        assert_eq!(config.routes[0].max_buffered, DEFAULT_MAX_BUFFERED);
+        assert_eq!(config.max_buffered_total, DEFAULT_MAX_BUFFERED_TOTAL);
+        let text = "max_buffered = \"8MiB\"\nmax_buffered_total = \"1GiB\"\n".to_owned()
+            + &route_with("")
+            + &route_with("max_buffered = \"64KiB\"")
+                .replace("\"web\"", "\"two\"")
+                .replace("127.0.0.1:8080", "127.0.0.1:8081");
+        let config = load(&text);
+        assert_eq!(config.max_buffered_total, 1 << 30);
+        assert_eq!(config.routes[0].max_buffered, 8 << 20);
+        assert_eq!(config.routes[1].max_buffered, 64 << 10);
+        assert_eq!(
+            load(&route_with("max_buffered = 1048576")).routes[0].max_buffered,
+            1 << 20
+        );
+    }
+
+    #[test]
+    fn error_max_buffered() {
+        assert_eq!(
+            error(&top_with("max_buffered = \"4KiB\"")),
+            "spliced.toml:1:16: max_buffered: \"4KiB\" is out of range; use 64KiB to 1GiB, e.g. \
+             max_buffered = \"4MiB\""
+        );
+        assert_eq!(
+            error(&route_with("max_buffered = \"2GiB\"")),
+            "spliced.toml:5:16: route[0].max_buffered: \"2GiB\" is out of range; use 64KiB to \
+             1GiB, e.g. max_buffered = \"4MiB\""
+        );
+        assert_eq!(
+            error(&top_with("max_buffered_total = \"65GiB\"")),
+            "spliced.toml:1:22: max_buffered_total: \"65GiB\" is out of range; use 64KiB to \
+             64GiB, e.g. max_buffered_total = \"256MiB\""
+        );
+        assert_eq!(
+            error(&top_with("max_buffered_total = \"1MiB\"")),
+            "spliced.toml:1:22: max_buffered_total: 1MiB is less than the largest max_buffered \
+             (4MiB); raise max_buffered_total to at least 4MiB or lower max_buffered"
+        );
+        assert_eq!(
+            error(&top_with("max_buffered = \"512MiB\"")),
+            "spliced.toml:1:16: max_buffered: 256MiB is less than the largest max_buffered \
+             (512MiB); raise max_buffered_total to at least 512MiB or lower max_buffered"
+        );
     }
 }

@@ -86,8 +86,6 @@ pub struct StartError(pub String);
 /// State every connection task shares.
 struct Shared {
     sockmap: Option<Sockmap>,
-    /// Bound on bytes held in psock backlogs (trap 8), global and per direction.
-    budget: Budget,
     counters: Counters,
     send_buffer: Option<usize>,
     /// Fires when the grace period is over: live connections are reset.
@@ -98,6 +96,8 @@ struct RouteState {
     route: Route,
     path: DataPath,
     local_addr: SocketAddr,
+    /// The route's `max_buffered` per direction, from the one global pool (trap 8).
+    budget: Budget,
 }
 
 /// A running spliced.
@@ -142,12 +142,9 @@ impl Daemon {
             sockmap,
             counters: Counters::default(),
             send_buffer: config.send_buffer,
-            budget: Budget {
-                per_direction: DEFAULT_MAX_BUFFERED,
-                pool: Arc::new(Pool::new(DEFAULT_MAX_BUFFERED_TOTAL)),
-            },
             close_all: CancellationToken::new(),
         });
+        let pool = Arc::new(Pool::new(config.max_buffered_total));
         let limit = Arc::new(Semaphore::new(config.max_connections));
         let stop_accepting = CancellationToken::new();
         let connections = TaskTracker::new();
@@ -169,10 +166,15 @@ impl Daemon {
                 "route {}: listening on {local_addr}, upstream {}, data path {path}",
                 route.name, route.upstream
             );
+            let budget = Budget {
+                per_direction: route.max_buffered,
+                pool: pool.clone(),
+            };
             routes.push(Arc::new(RouteState {
                 route,
                 path,
                 local_addr,
+                budget,
             }));
             listeners.push(listener);
         }
@@ -256,11 +258,6 @@ impl Daemon {
         info!("stopped");
     }
 }
-
-/// Per-direction bound on bytes held in a peer's psock backlog.
-const DEFAULT_MAX_BUFFERED: u64 = 4 << 20;
-/// Bound across all connections.
-const DEFAULT_MAX_BUFFERED_TOTAL: u64 = 256 << 20;
 
 async fn load_sockmap() -> Result<Sockmap, String> {
     let sockmap = Sockmap::load(crate::EBPF_OBJECT).map_err(|e| e.to_string())?;
@@ -505,7 +502,7 @@ async fn carry(
                 client,
                 upstream,
                 shared.send_buffer,
-                &shared.budget,
+                &route.budget,
                 cancel,
             );
             match outcome.await {
