@@ -528,6 +528,16 @@ impl Payload {
         Ok(hash.finalize().into())
     }
 
+    /// The stream's bytes from `offset` to the end of the 64 KiB block holding it (or of the
+    /// stream), for writers that take partial writes: write a prefix, ask again from the new
+    /// offset. Empty at or past the end.
+    pub fn chunk(&mut self, offset: u64) -> &[u8] {
+        let len = self.len;
+        let within = (offset % BLOCK as u64) as usize;
+        let n = (BLOCK - within).min(len.saturating_sub(offset).min(BLOCK as u64) as usize);
+        &self.block(offset / BLOCK as u64)[within..within + n]
+    }
+
     /// The SHA-256 of the stream, without sending it.
     pub fn sha256(&mut self) -> [u8; 32] {
         self.send(&mut io::sink()).unwrap()
