@@ -1,0 +1,463 @@
+//! The data paths' semantics: every byte arrives once and in order, half-close is carried both
+//! ways, resets and refusals end the other side promptly.
+//!
+//! - Per data path (sockmap, splice, copy, via [`per_mode!`]): bulk transfers (upload, download,
+//!   both at once, and a download after the client's FIN) with SHA-256 compared at both ends; a
+//!   half-close exchange; a server that speaks first; a client that speaks first; 300 instant
+//!   half-close exchanges (on sockmap many reach the daemon in CLOSE_WAIT and take the userspace
+//!   fallback); 200 concurrent connections; an upstream reset; a refused upstream.
+//! - Once, in mode auto (sockmap where the kernel has it): how the upstream is named (zone by
+//!   interface name and by index, a host name, IPv4), and a veth re-created under a running
+//!   daemon, which must look the zone name up again at the next dial.
+//!
+//! Every socket has timeouts and every loop is bounded, so a broken data path fails, not hangs.
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    sync::atomic::{AtomicUsize, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    accept, closed_within, half_close_exchange, per_mode, read_exact, receive, set_timeouts,
+    Payload, Spliced, Topology,
+};
+
+/// Size of each direction of the bulk transfers.
+const BULK: u64 = 256 << 20;
+/// How long a bulk transfer may take (the sockets' own timeouts are 60 s per call).
+const BULK_LIMIT: Duration = Duration::from_secs(60);
+/// How long the upstream may wait for the daemon's dial.
+const ACCEPT: Duration = Duration::from_secs(10);
+/// Read/write timeout of the sockets of small exchanges.
+const IO: Duration = Duration::from_secs(10);
+/// How long the daemon may take to log a connection's end.
+const LOG: Duration = Duration::from_secs(10);
+/// How soon the client must see the end of a connection whose upstream reset or refused.
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// A namespace with a listener and a daemon routing to it (by `[fe80::2%if]:port`).
+struct Setup {
+    spliced: Spliced,
+    listener: TcpListener,
+    _topo: Topology,
+}
+
+impl Setup {
+    /// None when `mode` is sockmap and the kernel cannot run it (and that is allowed).
+    fn new(mode: &str) -> Option<Setup> {
+        let topo = Topology::new();
+        let listener = topo.listen();
+        let port = listener.local_addr().unwrap().port();
+        let spliced = Spliced::route(mode, &topo.upstream(port), &[])?;
+        Some(Setup {
+            spliced,
+            listener,
+            _topo: topo,
+        })
+    }
+
+    /// A client connected to the daemon, with short timeouts.
+    fn connect(&self) -> TcpStream {
+        let c = self.spliced.connect();
+        set_timeouts(&c, IO);
+        c
+    }
+
+    /// The next connection the daemon dials, with short timeouts.
+    fn accept(&self) -> TcpStream {
+        let s = accept(&self.listener, ACCEPT);
+        set_timeouts(&s, IO);
+        s
+    }
+
+    /// A client and its upstream connection.
+    fn pair(&self) -> (TcpStream, TcpStream) {
+        let c = self.connect();
+        (c, self.accept())
+    }
+
+    /// Asserts the daemon logs the (only) connection as complete with these byte counts.
+    fn assert_closed(&self, up: u64, down: u64) {
+        assert_closed(&self.spliced, up, down);
+    }
+}
+
+/// Asserts `spliced` logs its first connection as complete, `up` bytes client to upstream and
+/// `down` back.
+fn assert_closed(spliced: &Spliced, up: u64, down: u64) {
+    let log = spliced.wait_log("connection closed", 1, LOG);
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection closed"))
+        .unwrap();
+    assert!(
+        line.contains(&format!("bytes_up={up} bytes_down={down} ")),
+        "expected bytes_up={up} bytes_down={down}: {line}"
+    );
+    assert!(line.contains("end=complete"), "not complete: {line}");
+}
+
+/// `len` deterministic bytes.
+fn bytes(len: u64, seed: u64) -> Vec<u8> {
+    let mut v = Vec::new();
+    Payload::new(len, seed).send(&mut v).unwrap();
+    v
+}
+
+/// When one end of a bulk transfer sends its FIN.
+#[derive(Clone, Copy)]
+enum Fin {
+    /// As soon as its own bytes are sent, while still reading.
+    AfterSending,
+    /// Only once it has read the other end's EOF, as a plain sink does.
+    AfterEof,
+}
+
+/// One end of a bulk transfer: sends `len` bytes (seed `seed`) while reading to EOF, FIN as
+/// `fin` says. Returns ((bytes received, their SHA-256), SHA-256 sent).
+fn bulk_end(s: &mut TcpStream, len: u64, seed: u64, fin: Fin) -> ((u64, [u8; 32]), [u8; 32]) {
+    let mut tx = s.try_clone().unwrap();
+    thread::scope(|t| {
+        let sender = t.spawn(move || {
+            let sent = Payload::new(len, seed).send(&mut tx).unwrap();
+            if let Fin::AfterSending = fin {
+                tx.shutdown(Shutdown::Write).unwrap();
+            }
+            sent
+        });
+        let received = receive(s).unwrap();
+        let sent = sender.join().unwrap();
+        if let Fin::AfterEof = fin {
+            s.shutdown(Shutdown::Write).unwrap();
+        }
+        (received, sent)
+    })
+}
+
+/// Moves `up` bytes client to upstream and `down` bytes back, at the same time, each end sending
+/// its FIN as given, and compares counts and SHA-256 at both ends.
+fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, Fin)) {
+    let Some(s) = Setup::new(mode) else { return };
+    let started = Instant::now();
+    let mut client = s.spliced.connect();
+    let (client_end, server_end) = thread::scope(|t| {
+        let server = t.spawn(|| bulk_end(&mut accept(&s.listener, ACCEPT), down, 2, server_fin));
+        let client_end = bulk_end(&mut client, up, 1, client_fin);
+        (client_end, server.join().unwrap())
+    });
+    let took = started.elapsed();
+    let ((got_up, hash_up), sent_down) = server_end;
+    let ((got_down, hash_down), sent_up) = client_end;
+    assert_eq!(got_up, up, "bytes received upstream");
+    assert_eq!(hash_up, sent_up, "SHA-256 client -> upstream differs");
+    assert_eq!(got_down, down, "bytes received by the client");
+    assert_eq!(hash_down, sent_down, "SHA-256 upstream -> client differs");
+    assert!(took < BULK_LIMIT, "{mode}: transfer took {took:?}");
+    eprintln!("{mode}: {up} bytes up and {down} down in {took:?}");
+    s.assert_closed(up, down);
+}
+
+fn upload(mode: &str) {
+    transfer(mode, (BULK, Fin::AfterSending), (0, Fin::AfterEof));
+}
+per_mode!(upload_256mib, super::upload);
+
+fn download(mode: &str) {
+    transfer(mode, (0, Fin::AfterEof), (BULK, Fin::AfterSending));
+}
+per_mode!(download_256mib, super::download);
+
+fn bidirectional(mode: &str) {
+    transfer(mode, (BULK, Fin::AfterSending), (BULK, Fin::AfterSending));
+}
+per_mode!(both_ways_256mib, super::bidirectional);
+
+/// The client half-closes at once, then downloads (a request ended by SHUT_WR, a large reply).
+fn download_after_fin(mode: &str) {
+    transfer(mode, (0, Fin::AfterSending), (BULK, Fin::AfterSending));
+}
+per_mode!(download_after_client_fin_256mib, super::download_after_fin);
+
+/// The client sends and SHUT_WRs; the server reads to EOF, only then replies and closes.
+fn half_close(mode: &str) {
+    let Some(s) = Setup::new(mode) else { return };
+    let (mut c, mut srv) = s.pair();
+    let (req, reply) = (bytes(16 << 10, 3), bytes(32 << 10, 4));
+    half_close_exchange(&mut c, &mut srv, &req, &reply);
+    s.assert_closed(req.len() as u64, reply.len() as u64);
+}
+per_mode!(half_close, super::half_close);
+
+/// The server reads `req` (already sent) and replies; then both sides close and each sees a
+/// clean EOF.
+fn reply_and_close(c: &mut TcpStream, srv: &mut TcpStream, req: &[u8], reply: &[u8]) {
+    assert_eq!(read_exact(srv, req.len()), req, "request");
+    srv.write_all(reply).unwrap();
+    assert_eq!(read_exact(c, reply.len()), reply, "reply");
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(receive(srv).unwrap().0, 0, "bytes after the request");
+    srv.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(receive(c).unwrap().0, 0, "bytes after the reply");
+}
+
+/// The upstream sends a banner the client reads before sending anything.
+fn server_first(mode: &str) {
+    const BANNER: &[u8] = b"220 spliced-test ESMTP ready\r\n";
+    let Some(s) = Setup::new(mode) else { return };
+    let (mut c, mut srv) = s.pair();
+    srv.write_all(BANNER).unwrap();
+    assert_eq!(read_exact(&mut c, BANNER.len()), BANNER, "banner");
+    let (req, reply) = (b"EHLO client\r\n", b"250 hello client\r\n");
+    c.write_all(req).unwrap();
+    reply_and_close(&mut c, &mut srv, req, reply);
+    s.assert_closed(req.len() as u64, (BANNER.len() + reply.len()) as u64);
+}
+per_mode!(server_speaks_first, super::server_first);
+
+/// The client writes its request at once after connect, before the upstream accepts.
+fn client_first(mode: &str) {
+    let Some(s) = Setup::new(mode) else { return };
+    let req = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
+    let mut c = s.connect();
+    c.write_all(req).unwrap();
+    let mut srv = s.accept();
+    let reply = bytes(4096, 5);
+    reply_and_close(&mut c, &mut srv, req, &reply);
+    s.assert_closed(req.len() as u64, reply.len() as u64);
+}
+per_mode!(client_speaks_first, super::client_first);
+
+/// The server's reply to `req`.
+fn reply_to(req: &[u8]) -> Vec<u8> {
+    [b"reply to ".as_slice(), req].concat()
+}
+
+/// Connections in the instant half-close case, and the clients making them at once.
+const INSTANT: usize = 300;
+const INSTANT_CLIENTS: usize = 4;
+
+/// Connect, a short request, SHUT_WR at once, the reply to EOF: 300 times, 4 at a time.
+fn instant_half_close(mode: &str) {
+    let Some(s) = Setup::new(mode) else { return };
+    let next = AtomicUsize::new(0);
+    thread::scope(|t| {
+        t.spawn(|| {
+            for _ in 0..INSTANT {
+                let mut srv = s.accept();
+                let mut req = Vec::new();
+                srv.read_to_end(&mut req).unwrap();
+                srv.write_all(&reply_to(&req)).unwrap();
+            }
+        });
+        for _ in 0..INSTANT_CLIENTS {
+            t.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= INSTANT {
+                    break;
+                }
+                let req = format!("request {i}").into_bytes();
+                let mut c = s.connect();
+                c.write_all(&req).unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).unwrap();
+                assert_eq!(got, reply_to(&req), "exchange {i}");
+            });
+        }
+    });
+    let log = s.spliced.wait_log("end=complete", INSTANT, LOG);
+    let count = |path: &str| log.lines().filter(|l| l.contains(path)).count();
+    eprintln!(
+        "{mode}: {INSTANT} exchanges: path=sockmap {}, path=splice {}, path=copy {}",
+        count("path=sockmap"),
+        count("path=splice"),
+        count("path=copy")
+    );
+}
+per_mode!(instant_half_close_300, super::instant_half_close);
+
+/// Connections open at once in the concurrent case.
+const CONCURRENT: usize = 200;
+
+/// How the server transforms what it received into its reply.
+fn mirror(req: &[u8]) -> Vec<u8> {
+    req.iter().rev().map(|b| b ^ 0x5a).collect()
+}
+
+/// 200 connections open at once, each moving a distinct payload both ways.
+fn concurrent(mode: &str) {
+    let Some(s) = Setup::new(mode) else { return };
+    // All connected before any byte moves: 200 live connections at the same time.
+    let clients: Vec<TcpStream> = (0..CONCURRENT).map(|_| s.connect()).collect();
+    thread::scope(|t| {
+        t.spawn(|| {
+            for _ in 0..CONCURRENT {
+                let mut srv = s.accept();
+                t.spawn(move || {
+                    let mut req = Vec::new();
+                    srv.read_to_end(&mut req).unwrap();
+                    srv.write_all(&mirror(&req)).unwrap();
+                });
+            }
+        });
+        for (i, mut c) in clients.into_iter().enumerate() {
+            t.spawn(move || {
+                let req = bytes(1000 + 37 * i as u64, 100 + i as u64);
+                c.write_all(&req).unwrap();
+                c.shutdown(Shutdown::Write).unwrap();
+                let mut got = Vec::new();
+                c.read_to_end(&mut got).unwrap();
+                assert_eq!(got.len(), req.len(), "connection {i}: reply length");
+                assert!(got == mirror(&req), "connection {i}: reply differs");
+            });
+        }
+    });
+    s.spliced.wait_log("end=complete", CONCURRENT, LOG);
+}
+per_mode!(concurrent_200, super::concurrent);
+
+/// Closes `s` with SO_LINGER 0: an RST instead of a FIN.
+fn reset(s: TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt on an open socket with a correctly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+/// After bytes flowed both ways the upstream resets; the client sees the end within 2 s.
+fn upstream_reset(mode: &str) {
+    let Some(s) = Setup::new(mode) else { return };
+    let (mut c, mut srv) = s.pair();
+    c.write_all(b"hello").unwrap();
+    assert_eq!(read_exact(&mut srv, 5), b"hello");
+    srv.write_all(b"world").unwrap();
+    assert_eq!(read_exact(&mut c, 5), b"world");
+    reset(srv);
+    let took = closed_within(&mut c, PROMPT);
+    eprintln!("{mode}: client saw the upstream's reset after {took:?}");
+    let log = s.spliced.wait_log("connection closed", 1, LOG);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("connection closed") && l.contains("end=upstream failed")),
+        "the daemon did not log the upstream's failure:\n{log}"
+    );
+}
+per_mode!(upstream_reset, super::upstream_reset);
+
+/// The upstream port has no listener: the client is closed at once and the daemon says why.
+fn upstream_refused(mode: &str) {
+    let topo = Topology::new();
+    // Bound, then closed: nothing listens on that port in the namespace.
+    let port = topo.listen().local_addr().unwrap().port();
+    let Some(spliced) = Spliced::route(mode, &topo.upstream(port), &[]) else {
+        return;
+    };
+    let started = Instant::now();
+    // Not Spliced::connect: the reset can come before connect_timeout has polled the socket.
+    match TcpStream::connect_timeout(&spliced.addr(), IO) {
+        Ok(mut c) => {
+            closed_within(&mut c, PROMPT);
+        }
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("connect to spliced: {e}"),
+    }
+    let took = started.elapsed();
+    assert!(took < PROMPT, "client closed only after {took:?}");
+    eprintln!("{mode}: client closed {took:?} after a refused dial");
+    spliced.wait_log("upstream failed", 1, LOG);
+}
+per_mode!(upstream_refused, super::upstream_refused);
+
+/// A half-close exchange through `spliced` to `listener`, tagged so each one is distinct.
+/// Returns the bytes moved (up, down).
+fn exchange(spliced: &Spliced, listener: &TcpListener, tag: &str) -> (u64, u64) {
+    let mut c = spliced.connect();
+    set_timeouts(&c, IO);
+    let mut srv = accept(listener, ACCEPT);
+    set_timeouts(&srv, IO);
+    let req = format!("request {tag}").into_bytes();
+    let reply = reply_to(&req);
+    half_close_exchange(&mut c, &mut srv, &req, &reply);
+    (req.len() as u64, reply.len() as u64)
+}
+
+/// A daemon in mode auto (sockmap where the kernel has it) forwarding to `upstream`.
+fn auto(upstream: &str) -> Spliced {
+    Spliced::route("auto", upstream, &[]).expect("mode auto always starts")
+}
+
+#[test]
+fn zone_by_name() {
+    let topo = Topology::new();
+    let listener = topo.listen();
+    let port = listener.local_addr().unwrap().port();
+    let spliced = auto(&format!("[fe80::2%{}]:{port}", topo.host_if));
+    let (up, down) = exchange(&spliced, &listener, "zone by name");
+    assert_closed(&spliced, up, down);
+}
+
+#[test]
+fn zone_by_index() {
+    let topo = Topology::new();
+    let listener = topo.listen();
+    let port = listener.local_addr().unwrap().port();
+    let spliced = auto(&format!("[fe80::2%{}]:{port}", topo.host_if_index()));
+    let (up, down) = exchange(&spliced, &listener, "zone by index");
+    assert_closed(&spliced, up, down);
+}
+
+#[test]
+fn hostname_upstream() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let spliced = auto(&format!("localhost:{port}"));
+    let (up, down) = exchange(&spliced, &listener, "localhost");
+    assert_closed(&spliced, up, down);
+}
+
+#[test]
+fn ipv4_upstream() {
+    let topo = Topology::new();
+    let listener = topo.listen();
+    let port = listener.local_addr().unwrap().port();
+    let spliced = auto(&format!("{}:{port}", topo.ipv4().1));
+    let (up, down) = exchange(&spliced, &listener, "ipv4");
+    assert_closed(&spliced, up, down);
+}
+
+/// The veth is deleted and re-created (same name, new index) under a running daemon: the next
+/// dial looks the zone's name up again.
+#[test]
+fn veth_recreated() {
+    let topo = Topology::new();
+    // Bound to [::] in the namespace: it outlives the veth.
+    let listener = topo.listen();
+    let port = listener.local_addr().unwrap().port();
+    let spliced = auto(&topo.upstream(port));
+    let (up, down) = exchange(&spliced, &listener, "before");
+    assert_closed(&spliced, up, down);
+    let old_index = topo.host_if_index();
+    topo.delete_veth();
+    topo.add_veth();
+    assert_ne!(
+        topo.host_if_index(),
+        old_index,
+        "the re-created veth kept its index"
+    );
+    exchange(&spliced, &listener, "after");
+    spliced.wait_log("end=complete", 2, LOG);
+}
