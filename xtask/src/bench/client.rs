@@ -144,14 +144,23 @@ fn short_one(addr: SocketAddr, msg: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// What a short-connection run did.
+pub struct Shorts {
+    pub per_sec: f64,
+    pub done: usize,
+    pub failed: usize,
+    pub first_error: Option<String>,
+}
+
 /// Short connections from `workers` threads, each one after the other, for `dur` or `max`
-/// connections in all; returns connections per second. More than 1% failures is an error.
+/// connections in all (a connection that fails costs its thread up to the I/O timeout). More
+/// than 1% failures is an error; fewer are returned to be reported.
 pub fn short_connections(
     addr: SocketAddr,
     workers: usize,
     dur: Duration,
     max: usize,
-) -> Result<f64> {
+) -> Result<Shorts> {
     let mut msg = vec![b's'; SHORT_LEN];
     msg[0] = SHORT;
     let done = AtomicUsize::new(0);
@@ -187,17 +196,20 @@ pub fn short_connections(
     check_stop()?;
     let elapsed = start.elapsed().as_secs_f64();
     let (done, failed) = (done.into_inner(), failed.into_inner());
+    let first_error = first_error.into_inner().unwrap_or_else(|p| p.into_inner());
     if failed * 100 > done + failed || done == 0 {
         bail!(
             "short connections: {failed} of {} failed; first: {}",
             done + failed,
-            first_error
-                .into_inner()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_default()
+            first_error.unwrap_or_default()
         );
     }
-    Ok(done as f64 / elapsed)
+    Ok(Shorts {
+        per_sec: done as f64 / elapsed,
+        done,
+        failed,
+        first_error,
+    })
 }
 
 /// Opens idle connections (each greeted, so it reaches the upstream) on `threads` threads until

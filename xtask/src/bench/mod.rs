@@ -58,6 +58,56 @@ pub struct Args {
     pub serve: Option<u16>,
 }
 
+/// What the report says below the table: remarks in order, and the connection counts each
+/// contender could not get past, one line per contender.
+#[derive(Default)]
+struct Notes {
+    lines: Vec<String>,
+    caps: Vec<(Contender, Vec<Cap>)>,
+}
+
+/// A contender stuck below a target: round, connections held, the target, why the next failed.
+type Cap = (usize, usize, usize, String);
+
+impl Notes {
+    fn push(&mut self, line: String) {
+        self.lines.push(line);
+    }
+
+    fn cap(&mut self, c: Contender, round: usize, held: usize, target: usize, why: String) {
+        let entry = match self.caps.iter().position(|(k, _)| *k == c) {
+            Some(i) => &mut self.caps[i].1,
+            None => {
+                self.caps.push((c, Vec::new()));
+                &mut self.caps.last_mut().expect("just pushed").1
+            }
+        };
+        entry.push((round, held, target, why));
+    }
+
+    /// Every line, the capacity ones last.
+    fn lines(&self) -> Vec<String> {
+        let mut out = self.lines.clone();
+        for (c, caps) in &self.caps {
+            let held: Vec<String> = caps
+                .iter()
+                .map(|(_, n, _, _)| report::group(*n as u64))
+                .collect();
+            let rounds: Vec<String> = caps.iter().map(|(r, ..)| r.to_string()).collect();
+            let (_, _, target, why) = &caps[0];
+            out.push(format!(
+                "{} could not hold {} idle connections: it held {} (rounds {}), then the next \
+                 connection failed: {why}",
+                c.name(),
+                report::group(*target as u64),
+                held.join(", "),
+                rounds.join(", ")
+            ));
+        }
+        out
+    }
+}
+
 /// How much of everything.
 struct Plan {
     quick: bool,
@@ -69,18 +119,27 @@ struct Plan {
     short_dur: Duration,
     short_max: usize,
     short_workers: usize,
-    /// The idle connections at which memory is read (the last level).
-    idle_n: usize,
-    /// Live connection counts at which set-up time is probed.
-    levels: Vec<usize>,
+    /// The live connection counts the ramp stops at, in order, and what is measured there.
+    levels: Vec<Level>,
     probes: usize,
     open_threads: usize,
 }
 
+/// A stop of the idle-connection ramp, with the figure columns it fills.
+struct Level {
+    count: usize,
+    /// Set-up time is probed here, into this column.
+    setup_fig: Option<usize>,
+    /// Memory is read here, into these columns (daemon, kernel).
+    memory_figs: Option<(usize, usize)>,
+}
+
 impl Plan {
     /// `nofile`: the open-file limit every process here gets. A forwarder holds two sockets per
-    /// connection, so N must fit twice under it.
-    fn new(quick: bool, nofile: u64, notes: &mut Vec<String>) -> Plan {
+    /// connection, so N must fit twice under it. Where the limit is too low for forwarders that
+    /// also hold two pipes per connection (6 descriptors), memory is read at a middle level
+    /// too, the most those can hold, so that every contender has a memory figure.
+    fn new(quick: bool, nofile: u64, notes: &mut Notes) -> Plan {
         let fits = (nofile.saturating_sub(512) / 2) as usize;
         let idle_n = if quick {
             500
@@ -100,11 +159,42 @@ impl Plan {
             ));
             n
         };
-        let levels = if quick {
+        let mid = (nofile.saturating_sub(512) / 6) as usize / 1000 * 1000;
+        let mid = (!quick && mid >= 1000 && mid < idle_n).then_some(mid);
+        if let Some(mid) = mid {
+            notes.push(format!(
+                "Memory is also read at {} idle connections: with 2 sockets and 2 pipes per \
+                 connection (spliced splice, systemd-socket-proxyd), 6 descriptors each, no \
+                 more fit under this open-file limit, and this way every contender has a memory \
+                 figure.",
+                report::group(mid as u64)
+            ));
+        }
+        let probe_counts: Vec<usize> = if quick {
             vec![100, idle_n]
         } else {
             vec![100, 1000, idle_n]
         };
+        let mut memory_counts: Vec<usize> = mid.into_iter().collect();
+        memory_counts.push(idle_n);
+        let mut counts: Vec<usize> = probe_counts.iter().chain(&memory_counts).copied().collect();
+        counts.sort_unstable();
+        counts.dedup();
+        let first_setup = FIRST_MEMORY + 2 * memory_counts.len();
+        let levels = counts
+            .iter()
+            .map(|&count| Level {
+                count,
+                setup_fig: probe_counts
+                    .iter()
+                    .position(|&c| c == count)
+                    .map(|i| first_setup + i),
+                memory_figs: memory_counts
+                    .iter()
+                    .position(|&c| c == count)
+                    .map(|i| (FIRST_MEMORY + 2 * i, FIRST_MEMORY + 2 * i + 1)),
+            })
+            .collect();
         Plan {
             quick,
             rounds: if quick { 3 } else { 5 },
@@ -114,7 +204,6 @@ impl Plan {
             short_dur: Duration::from_millis(if quick { 400 } else { 2000 }),
             short_max: if quick { 4000 } else { 20_000 },
             short_workers: 4,
-            idle_n,
             levels,
             probes: if quick { 30 } else { 200 },
             open_threads: 8,
@@ -122,7 +211,8 @@ impl Plan {
     }
 }
 
-// Figure columns, in table order; the set-up levels follow SETUP.
+// Figure columns, in table order; then daemon and kernel memory for each memory level, then
+// set-up time for each probe level (see `Level`).
 const UP: usize = 0;
 const DOWN: usize = 1;
 const RR: usize = 2;
@@ -131,12 +221,9 @@ const RR_P99: usize = 4;
 const SHORT: usize = 5;
 const DAEMON_CPU: usize = 6;
 const SYSTEM_CPU: usize = 7;
-const DAEMON_MEM: usize = 8;
-const KERNEL_MEM: usize = 9;
-const SETUP: usize = 10;
+const FIRST_MEMORY: usize = 8;
 
 fn figures(plan: &Plan) -> Vec<Figure> {
-    let n = report::group(plan.idle_n as u64);
     let f = |title: String, higher_better, daemon_only| Figure {
         title,
         higher_better,
@@ -151,15 +238,27 @@ fn figures(plan: &Plan) -> Vec<Figure> {
         f("short conn/s".into(), true, false),
         f("daemon CPU s/GB".into(), false, true),
         f("system CPU s/GB".into(), false, false),
-        f(format!("daemon MiB @{n} idle"), false, true),
-        f(format!("kernel MiB @{n} idle"), false, false),
     ];
-    for &l in &plan.levels {
-        v.push(f(
-            format!("set-up µs @{} live", report::group(l as u64)),
-            false,
-            false,
-        ));
+    let mut memory: Vec<&Level> = plan
+        .levels
+        .iter()
+        .filter(|l| l.memory_figs.is_some())
+        .collect();
+    memory.sort_by_key(|l| l.memory_figs);
+    for l in memory {
+        let n = report::group(l.count as u64);
+        v.push(f(format!("daemon MiB @{n} idle"), false, true));
+        v.push(f(format!("kernel MiB @{n} idle"), false, false));
+    }
+    let mut setup: Vec<&Level> = plan
+        .levels
+        .iter()
+        .filter(|l| l.setup_fig.is_some())
+        .collect();
+    setup.sort_by_key(|l| l.setup_fig);
+    for l in setup {
+        let n = report::group(l.count as u64);
+        v.push(f(format!("set-up µs @{n} live"), false, false));
     }
     v
 }
@@ -179,7 +278,7 @@ pub fn command(args: Args) -> Result<()> {
         .output
         .unwrap_or_else(|| workspace_root().join("docs").join("benchmarks.md"));
     let chart = output.with_extension("svg");
-    let mut notes = Vec::new();
+    let mut notes = Notes::default();
     let nofile = sys::raise_nofile(1 << 20);
     let plan = Plan::new(args.quick, nofile, &mut notes);
     topology::catch_signals();
@@ -191,8 +290,8 @@ pub fn command(args: Args) -> Result<()> {
         measure(&mut guard, &spliced, &plan, &figures, &mut notes)?
     };
     notes.push(format!(
-        "Load average (1 min) {load_before} before the run and {} after it, on {} cores: other \
-         work was running on this machine too.",
+        "Load average (1 min): {load_before} before the run, {} after it, on {} cores (the bench \
+         itself adds about 1)",
         sys::load_average(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
@@ -211,7 +310,7 @@ pub fn command(args: Args) -> Result<()> {
         &chart_name,
         &descriptions,
         &rows,
-        &notes,
+        &notes.lines(),
     );
     let subtitle = format!(
         "{date}; {machine}; medians of {} rounds{}",
@@ -225,7 +324,7 @@ pub fn command(args: Args) -> Result<()> {
     fs::write(&output, &md).with_context(|| format!("cannot write {}", output.display()))?;
     fs::write(&chart, &svg).with_context(|| format!("cannot write {}", chart.display()))?;
     println!("{table}");
-    for n in &notes {
+    for n in notes.lines() {
         println!("- {n}");
     }
     eprintln!(
@@ -248,7 +347,7 @@ fn measure(
     spliced: &Path,
     plan: &Plan,
     figures: &[Figure],
-    notes: &mut Vec<String>,
+    notes: &mut Notes,
 ) -> Result<Measured> {
     let ifindex = guard.ifindex()?;
     let log = |name: &str| -> Result<(fs::File, fs::File)> {
@@ -368,7 +467,7 @@ fn short_error(e: &anyhow::Error) -> String {
 
 /// Starts `c` once and passes a connection through it. systemd-socket-proxyd is tried with the
 /// bracketed `[fe80::2%IF]:PORT` first, then with `fe80::2%IF:PORT`.
-fn preflight(c: Contender, env: &mut Env, notes: &mut Vec<String>) -> Result<()> {
+fn preflight(c: Contender, env: &mut Env, notes: &mut Notes) -> Result<()> {
     if c == Contender::Direct {
         return Ok(());
     }
@@ -433,7 +532,7 @@ fn small_round(
     tag: &str,
     round: usize,
     samples: &mut [Vec<Sample>],
-    notes: &mut Vec<String>,
+    notes: &mut Notes,
 ) -> Result<()> {
     let mut note = |what: &str, e: &anyhow::Error| {
         notes.push(format!(
@@ -491,7 +590,18 @@ fn small_round(
         plan.short_dur,
         plan.short_max,
     ) {
-        Ok(rate) => samples[SHORT].push(Sample::Value(rate)),
+        Ok(shorts) => {
+            samples[SHORT].push(Sample::Value(shorts.per_sec));
+            if shorts.failed > 0 {
+                let e = anyhow::anyhow!(
+                    "{} of {} failed (each stalls its client thread up to 3 s); first: {}",
+                    shorts.failed,
+                    shorts.done + shorts.failed,
+                    shorts.first_error.unwrap_or_default()
+                );
+                note("short connections", &e);
+            }
+        }
         Err(e) => {
             check_stop()?;
             note("short connections", &e);
@@ -514,70 +624,77 @@ fn small_round(
     Ok(())
 }
 
-/// Ramps idle connections through the levels, probing set-up time at each, and reads memory
-/// at N. A contender that cannot get past a count is `Capped` there for the levels above.
+/// Ramps idle connections through the levels, probing set-up time and reading memory where the
+/// plan says. A contender that cannot get past a count is `Capped` there for the levels above.
 fn idle_and_setup(
     inst: &mut Instance,
     plan: &Plan,
     samples: &mut [Vec<Sample>],
     round: usize,
     c: Contender,
-    notes: &mut Vec<String>,
+    notes: &mut Notes,
 ) -> Result<()> {
     let kernel0 = sys::kernel_memory_bytes()?;
     let mut conns = Vec::new();
     let mut capped = None;
     let mib = |b: f64| b / (1024.0 * 1024.0);
     let mut result = Ok(());
-    for (i, &level) in plan.levels.iter().enumerate() {
-        if let Some(n) = capped {
-            samples[SETUP + i].push(Sample::Capped(n));
-            continue;
-        }
-        check_stop()?;
-        if let Err(why) = client::open_idle(inst.addr, &mut conns, level, plan.open_threads) {
+    let has_daemon = inst.pid().is_some();
+    for level in &plan.levels {
+        if capped.is_none() {
             check_stop()?;
-            let n = conns.len();
-            notes.push(format!(
-                "{}, round {round}: held {} of {} idle connections, then: {why}",
-                c.name(),
-                report::group(n as u64),
-                report::group(level as u64)
-            ));
-            capped = Some(n);
-            samples[SETUP + i].push(Sample::Capped(n));
+            if let Err(why) =
+                client::open_idle(inst.addr, &mut conns, level.count, plan.open_threads)
+            {
+                check_stop()?;
+                let n = conns.len();
+                notes.cap(c, round, n, level.count, why);
+                capped = Some(n);
+            }
+        }
+        if let Some(n) = capped {
+            if let Some(fig) = level.setup_fig {
+                samples[fig].push(Sample::Capped(n));
+            }
+            if let Some((daemon, kernel)) = level.memory_figs {
+                if has_daemon {
+                    samples[daemon].push(Sample::Capped(n));
+                }
+                samples[kernel].push(Sample::Capped(n));
+            }
             continue;
         }
-        if level == plan.idle_n {
+        if let Some((daemon, kernel)) = level.memory_figs {
             sleep(Duration::from_millis(500))?;
             inst.check_alive()?;
             if let Some(pid) = inst.pid() {
-                samples[DAEMON_MEM].push(Sample::Value(mib(sys::tree_pss_bytes(pid) as f64)));
+                samples[daemon].push(Sample::Value(mib(sys::tree_pss_bytes(pid) as f64)));
             }
             let kernel1 = sys::kernel_memory_bytes()?;
-            samples[KERNEL_MEM].push(Sample::Value(mib(kernel1 as f64 - kernel0 as f64)));
+            samples[kernel].push(Sample::Value(mib(kernel1 as f64 - kernel0 as f64)));
         }
-        match client::setup_probes(inst.addr, plan.probes) {
-            Ok(p50) => samples[SETUP + i].push(Sample::Value(p50)),
-            Err(e) => {
-                check_stop()?;
-                samples[SETUP + i].push(Sample::Failed);
-                result = Err(e.context(format!("set-up probes at {level} live connections")));
-                break;
+        if let Some(fig) = level.setup_fig {
+            match client::setup_probes(inst.addr, plan.probes) {
+                Ok(p50) => samples[fig].push(Sample::Value(p50)),
+                Err(e) => {
+                    check_stop()?;
+                    samples[fig].push(Sample::Failed);
+                    result = Err(
+                        e.context(format!("set-up probes at {} live connections", level.count))
+                    );
+                    break;
+                }
             }
         }
     }
-    if let Some(n) = capped {
-        if inst.pid().is_some() {
-            samples[DAEMON_MEM].push(Sample::Capped(n));
-        }
-        samples[KERNEL_MEM].push(Sample::Capped(n));
-    }
+    let open = conns.len();
     let failed = client::quit_all(conns);
-    if failed > 0 && capped.is_none() {
+    if failed > 0 {
         notes.push(format!(
-            "{}, round {round}: {failed} idle connections did not close cleanly",
-            c.name()
+            "{}, round {round}: closing the idle connections (QUIT, the upstream closes first), \
+             {failed} of {} did not end cleanly: a reset, or no EOF within 3 s",
+            c.name(),
+            report::group(open as u64)
         ));
     }
     result
@@ -606,12 +723,19 @@ fn document(
     rows: &[Row],
     notes: &[String],
 ) -> String {
-    let n = report::group(plan.idle_n as u64);
     let levels: Vec<String> = plan
         .levels
         .iter()
-        .map(|&l| report::group(l as u64))
+        .filter(|l| l.setup_fig.is_some())
+        .map(|l| report::group(l.count as u64))
         .collect();
+    let memory_levels: Vec<String> = plan
+        .levels
+        .iter()
+        .filter(|l| l.memory_figs.is_some())
+        .map(|l| report::group(l.count as u64))
+        .collect();
+    let n = memory_levels.join(" and ");
     let mut md = String::new();
     let _ = writeln!(md, "# spliced benchmarks\n");
     let _ = writeln!(
@@ -680,18 +804,19 @@ fn document(
          client and server and the kernel's TCP, veth and sockmap work included."
             .into(),
         format!(
-            "**daemon MiB @{n} idle**: the forwarder's memory with {n} idle connections open \
-             through it: proportional set size summed over its processes \
+            "**daemon MiB @K idle** (K = {n}): the forwarder's memory with K idle connections \
+             open through it (each greeted, so it reaches the upstream): proportional set size summed over its processes \
              (`/proc/PID/smaps_rollup`), which is the RSS of a single process less its share of \
              shared libraries, and does not count socat's shared pages once per fork."
         ),
-        format!(
-            "**kernel MiB @{n} idle**: growth of kernel memory from before the first idle \
-             connection to {n} idle connections: `Slab` + `KernelStack` + `PageTables` of \
+        "**kernel MiB @K idle**: growth of kernel memory from before the first idle \
+             connection to K idle connections: `Slab` + `KernelStack` + `PageTables` of \
              `/proc/meminfo` plus TCP's buffer pages (`/proc/net/sockstat` `mem`). It includes \
              both ends of every connection (the client's and the upstream's sockets), so \
-             direct's figure is the floor."
-        ),
+             direct's figure is the floor. Other work on the machine and TIME_WAIT sockets of \
+             earlier runs expiring move it by a few MiB either way (it can come out below zero \
+             when the growth is small)."
+            .into(),
         format!(
             "**set-up µs @K live**: with K idle connections open through the contender, {} \
              connections one after the other, each timed from `connect()` to the first byte, a \
