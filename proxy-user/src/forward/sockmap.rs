@@ -296,9 +296,8 @@ impl Direction<'_> {
     }
 
     /// Moves bytes from `src` to `dst` without blocking, reading no further than stream offset
-    /// `end` (counted like `consumed`); returns how many reached `dst`. Never past `end`: after
-    /// the held bytes, a FIN that reached the verdict sits in the psock as a zero-length message
-    /// (trap 1), and `recv` on it fails.
+    /// `end` (counted like `consumed`); returns how many reached `dst`. Never past `end`: bytes
+    /// after the held ones were redirected by the verdict and are not this copy's to move.
     fn copy(&mut self, end: u64) -> io::Result<u64> {
         let mut moved = 0u64;
         let mut read = self.consumed + (self.pending.len() - self.pending_from) as u64;
@@ -402,7 +401,16 @@ pub async fn run(
         ],
     };
     let grants = reservation.grants;
-    splice_pair(sockmap, &watch, client, upstream, &pair, grants, cancel).await
+    let result = splice_pair(sockmap, &watch, &client, &upstream, &pair, grants, cancel).await;
+    // The epoll registrations go before the sockets close: `EPOLL_CTL_DEL` names an fd number,
+    // and once closed that number may already belong to another connection's new socket,
+    // whose registration it would delete (its FIN would then never be reported).
+    drop(watch);
+    result.map_err(|why| Declined {
+        client,
+        upstream,
+        why,
+    })
 }
 
 /// One connection's share of the global pool, given back when dropped.
@@ -422,12 +430,12 @@ impl Drop for Reservation<'_> {
 async fn splice_pair(
     sockmap: &Sockmap,
     watch: &crate::watch::Watch,
-    client: TcpStream,
-    upstream: TcpStream,
+    client: &TcpStream,
+    upstream: &TcpStream,
     pair: &Pair,
     grants: [u64; 2],
     cancel: &CancellationToken,
-) -> Result<Outcome, Declined> {
+) -> Result<Outcome, InsertError> {
     // No bound while the early bytes are flushed (trap 3): a hold during the flush would make
     // its one-byte recv return payload. The real limits follow right after.
     let unbounded = SockLimit {
@@ -439,18 +447,12 @@ async fn splice_pair(
     let activation = match sockmap.insert(pair, unbounded) {
         Ok(a) => a,
         // Nothing was ever active: the sockets are untouched, a userspace path takes them.
-        Err(why) => {
-            return Err(Declined {
-                client,
-                upstream,
-                why,
-            })
-        }
+        Err(why) => return Err(why),
     };
     let mut up = Direction {
-        src: &client,
+        src: client,
         src_cookie: pair.client_cookie,
-        dst: &upstream,
+        dst: upstream,
         dst_connected: true,
         grant: grants[0],
         generation: 1,
@@ -463,9 +465,9 @@ async fn splice_pair(
         done: false,
     };
     let mut down = Direction {
-        src: &upstream,
+        src: upstream,
         src_cookie: pair.upstream_cookie,
-        dst: &client,
+        dst: client,
         dst_connected: false,
         grant: grants[1],
         generation: 1,
@@ -482,8 +484,8 @@ async fn splice_pair(
         if d.active {
             if let Err(e) = flush_early_bytes(d.src.as_raw_fd()) {
                 return Ok(abort(
-                    &client,
-                    &upstream,
+                    client,
+                    upstream,
                     Some(pair),
                     sockmap,
                     (0, 0),
@@ -494,8 +496,8 @@ async fn splice_pair(
     }
     if let Err(e) = up.publish(sockmap).and_then(|()| down.publish(sockmap)) {
         return Ok(abort(
-            &client,
-            &upstream,
+            client,
+            upstream,
             Some(pair),
             sockmap,
             (0, 0),
@@ -513,10 +515,10 @@ async fn splice_pair(
             (Err(e), _) | (_, Err(e)) => break End::Ours(e),
         };
         if c.error {
-            break End::ClientFailed(socket_error(&client));
+            break End::ClientFailed(socket_error(client));
         }
         if u.error {
-            break End::UpstreamFailed(socket_error(&upstream));
+            break End::UpstreamFailed(socket_error(upstream));
         }
         let progress = match (up.service(sockmap, c.eof), down.service(sockmap, u.eof)) {
             (Ok(a), Ok(b)) => a || b,
@@ -554,7 +556,7 @@ async fn splice_pair(
             sockmap.remove(pair);
             outcome
         }
-        end => abort(&client, &upstream, Some(pair), sockmap, consumed, end),
+        end => abort(client, upstream, Some(pair), sockmap, consumed, end),
     })
 }
 
