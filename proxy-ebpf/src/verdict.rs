@@ -2,7 +2,10 @@
 //! daemon's bound on bytes in flight (sockmap.md, trap 8).
 
 use aya_ebpf::{
-    bindings::{sk_action::SK_PASS, BPF_F_NO_PREALLOC},
+    bindings::{
+        sk_action::{SK_DROP, SK_PASS},
+        BPF_F_NO_PREALLOC,
+    },
     helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{map, stream_verdict},
     maps::{HashMap, RingBuf, SockHash},
@@ -45,14 +48,16 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     let len = u64::from(ctx.len());
     if len == 0 {
-        // Trap 1: a FIN arrives as a zero-length skb. Redirected, the peer's backlog send would
-        // return 0, which the kernel treats as fatal (EPIPE on the peer). Keep it here; the
-        // daemon learns of EOF from EPOLLRDHUP and shuts the peer down itself.
-        debug!(
-            ctx,
-            "socket {}: zero-length skb (FIN) kept, not redirected", cookie
-        );
-        return SK_PASS;
+        // Trap 1: a FIN arrives as a zero-length skb. Redirected, the peer's backlog send
+        // returns 0, which the kernel treats as fatal (EPIPE on the peer, its forwarding
+        // stopped). Passed to this socket, it is just as fatal whenever it has to go through
+        // this socket's own backlog (that is, when redirected bytes for this socket are still
+        // queued there): a zero-length ingress also returns 0, and this socket gets EPIPE and
+        // stops taking redirects. Measured: 5 of 6,000 short connections reset. Drop it: TCP
+        // has already recorded the FIN (RCV_SHUTDOWN, rcv_nxt), recv() still reports EOF, and
+        // the daemon learns of it from EPOLLRDHUP and shuts the peer down itself.
+        debug!(ctx, "socket {}: zero-length skb (FIN) dropped", cookie);
+        return SK_DROP;
     }
     let Some(stats) = STATS.get_ptr_mut(cookie) else {
         // Not a socket the daemon set up fully (cannot happen: STATS is filled before ACTIVE).

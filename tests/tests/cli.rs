@@ -41,7 +41,7 @@ use tests::{
 const ACCEPT: Duration = Duration::from_secs(10);
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// The aya-log record of the verdict program for a FIN.
-const FIN_RECORD: &str = "zero-length skb (FIN) kept";
+const FIN_RECORD: &str = "zero-length skb (FIN) dropped";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.

@@ -64,6 +64,9 @@ pub struct Args {
 struct Notes {
     lines: Vec<String>,
     caps: Vec<(Contender, Vec<Cap>)>,
+    /// Connections spliced broke (reset, or left hanging): a bug, not a slow figure. The bench
+    /// still writes its report, then fails.
+    spliced_broke: Vec<String>,
 }
 
 /// A contender stuck below a target: round, connections held, the target, why the next failed.
@@ -71,6 +74,14 @@ type Cap = (usize, usize, usize, String);
 
 impl Notes {
     fn push(&mut self, line: String) {
+        self.lines.push(line);
+    }
+
+    /// A remark that `c` broke connections; for spliced, also a failure of the run.
+    fn broke(&mut self, c: Contender, line: String) {
+        if matches!(c, Contender::Sockmap | Contender::Splice | Contender::Copy) {
+            self.spliced_broke.push(line.clone());
+        }
         self.lines.push(line);
     }
 
@@ -335,6 +346,12 @@ pub fn command(args: Args) -> Result<()> {
     );
     let written = fs::read_to_string(&output)?;
     validate(&written).with_context(|| format!("{} is malformed", output.display()))?;
+    if !notes.spliced_broke.is_empty() {
+        bail!(
+            "spliced broke connections (every one must end cleanly):\n- {}",
+            notes.spliced_broke.join("\n- ")
+        );
+    }
     Ok(())
 }
 
@@ -534,7 +551,7 @@ fn small_round(
     samples: &mut [Vec<Sample>],
     notes: &mut Notes,
 ) -> Result<()> {
-    let mut note = |what: &str, e: &anyhow::Error| {
+    let note = |notes: &mut Notes, what: &str, e: &anyhow::Error| {
         notes.push(format!(
             "{}, round {round}, {what}: {}",
             c.name(),
@@ -550,7 +567,7 @@ fn small_round(
             Ok(inst) => inst,
             Err(e) => {
                 check_stop()?;
-                note("start", &e);
+                note(notes, "start", &e);
                 return Ok(());
             }
         };
@@ -564,7 +581,7 @@ fn small_round(
             short_error(&e)
         ));
     }
-    let mut note = |what: &str, e: &anyhow::Error| {
+    let note = |notes: &mut Notes, what: &str, e: &anyhow::Error| {
         notes.push(format!(
             "{}, round {round}, {what}: {}",
             c.name(),
@@ -580,7 +597,7 @@ fn small_round(
         }
         Err(e) => {
             check_stop()?;
-            note("round trips", &e);
+            note(notes, "round trips", &e);
         }
     }
     let t_short = Instant::now();
@@ -593,22 +610,27 @@ fn small_round(
         Ok(shorts) => {
             samples[SHORT].push(Sample::Value(shorts.per_sec));
             if shorts.failed > 0 {
-                let e = anyhow::anyhow!(
-                    "{} of {} failed (each stalls its client thread up to 3 s); first: {}",
-                    shorts.failed,
-                    shorts.done + shorts.failed,
-                    shorts.first_error.unwrap_or_default()
+                notes.broke(
+                    c,
+                    format!(
+                        "{}, round {round}, short connections: {} of {} failed (each stalls its \
+                         client thread up to 3 s); first: {}",
+                        c.name(),
+                        shorts.failed,
+                        shorts.done + shorts.failed,
+                        shorts.first_error.unwrap_or_default()
+                    ),
                 );
-                note("short connections", &e);
             }
         }
         Err(e) => {
             check_stop()?;
-            note("short connections", &e);
+            let line = format!("{}, round {round}, short connections: {e:#}", c.name());
+            notes.broke(c, line);
         }
     }
     if let Err(e) = inst.check_alive() {
-        note("end of round", &e);
+        note(notes, "end of round", &e);
     }
     let t_end = Instant::now();
     drop(inst);
@@ -690,12 +712,15 @@ fn idle_and_setup(
     let open = conns.len();
     let failed = client::quit_all(conns);
     if failed > 0 {
-        notes.push(format!(
+        notes.broke(
+            c,
+            format!(
             "{}, round {round}: closing the idle connections (QUIT, the upstream closes first), \
              {failed} of {} did not end cleanly: a reset, or no EOF within 3 s",
             c.name(),
             report::group(open as u64)
-        ));
+        ),
+        );
     }
     result
 }
