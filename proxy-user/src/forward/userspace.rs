@@ -3,6 +3,7 @@
 //! cannot take (a socket no longer ESTABLISHED at insert time, sockmap.md trap 4).
 use std::{
     io,
+    mem::MaybeUninit,
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     pin::pin,
     sync::atomic::{AtomicU64, Ordering},
@@ -32,9 +33,12 @@ fn ret(n: isize) -> io::Result<usize> {
     }
 }
 
-/// A userspace buffer.
+/// A userspace buffer, allocated for a fill and freed once drained: an idle connection holds
+/// none (9,000 idle connections took 960 MiB with two buffers each allocated up front).
+/// Allocation is cheap here: no zeroing, and glibc serves a 256 KiB block from its heap once
+/// one has been freed (its mmap threshold adapts upwards).
 struct Buffer {
-    buf: Box<[u8]>,
+    buf: Option<Box<[MaybeUninit<u8>]>>,
     start: usize,
     end: usize,
 }
@@ -43,7 +47,7 @@ impl Buffer {
     const SIZE: usize = 256 * 1024;
     fn new() -> Self {
         Buffer {
-            buf: vec![0; Self::SIZE].into_boxed_slice(),
+            buf: None,
             start: 0,
             end: 0,
         }
@@ -55,17 +59,36 @@ impl Mover for Buffer {
         self.end - self.start
     }
     fn fill(&mut self, src: RawFd) -> io::Result<usize> {
-        // SAFETY: the buffer is valid for writes of its length.
-        let n = ret(unsafe { libc::recv(src, self.buf.as_mut_ptr().cast(), self.buf.len(), 0) })?;
+        let buf = self
+            .buf
+            .get_or_insert_with(|| Box::new_uninit_slice(Self::SIZE));
+        // SAFETY: the buffer is valid for writes of its length; recv only writes into it.
+        let n = ret(unsafe { libc::recv(src, buf.as_mut_ptr().cast(), buf.len(), 0) });
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                self.buf = None;
+                return Err(e);
+            }
+        };
         (self.start, self.end) = (0, n);
+        if n == 0 {
+            self.buf = None;
+        }
         Ok(n)
     }
     fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
-        let data = &self.buf[self.start..self.end];
-        // SAFETY: `data` is valid for reads of its length.
+        let Some(buf) = &self.buf else {
+            return Ok(0);
+        };
+        let data = &buf[self.start..self.end];
+        // SAFETY: `data` lies within the `end` bytes the last recv initialised.
         let n =
             ret(unsafe { libc::send(dst, data.as_ptr().cast(), data.len(), libc::MSG_NOSIGNAL) })?;
         self.start += n;
+        if self.start == self.end {
+            self.buf = None;
+        }
         Ok(n)
     }
 }
