@@ -149,9 +149,20 @@ pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
     check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
 }
 
-/// A non-blocking 1-byte `recv(MSG_DONTWAIT)`: `Ok(Some(n))` for n bytes (0 = EOF queued),
+/// A non-blocking `recv(MSG_DONTWAIT)`: `Ok(Some(n))` for n bytes (0 = EOF queued),
 /// `Ok(None)` for `EAGAIN`.
 pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    // SAFETY: a `[u8]` is a valid `[MaybeUninit<u8>]` of the same length; recv only writes.
+    let buf = unsafe { &mut *(std::ptr::from_mut(buf) as *mut [std::mem::MaybeUninit<u8>]) };
+    recv_nonblocking_uninit(fd, buf)
+}
+
+/// [`recv_nonblocking`] into memory that need not be initialised; on `Ok(Some(n))` the first
+/// `n` bytes are.
+pub fn recv_nonblocking_uninit(
+    fd: RawFd,
+    buf: &mut [std::mem::MaybeUninit<u8>],
+) -> io::Result<Option<usize>> {
     // SAFETY: `buf` is valid for writes of its length.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
     if n >= 0 {

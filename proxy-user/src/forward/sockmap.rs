@@ -206,9 +206,15 @@ impl Direction<'_> {
     fn publish(&mut self, sockmap: &Sockmap) -> io::Result<()> {
         self.generation += 1;
         let written = written(self.dst, self.dst_connected)?;
+        // The next report a quarter of the allowance from here, or from what the verdict has
+        // moved already if the peer's backlog is behind: a report point below that would fire
+        // at the very next skb, and each report would only lead to the next (measured: 3,000
+        // reports a second in a download, 10% of a core).
+        let moved = sockmap.stats(self.src_cookie).bytes + self.consumed;
+        let limit = written + self.grant;
         let limit = SockLimit {
-            limit: written + self.grant,
-            report_at: written + self.grant / 4,
+            limit,
+            report_at: (written.max(moved) + self.grant / 4).min(limit),
             generation: self.generation,
             consumed: self.consumed,
         };
@@ -229,6 +235,9 @@ impl Direction<'_> {
         if self.active && stats.held == 0 && self.pending_from == self.pending.len() {
             self.unclamp()?;
             self.busy = false;
+            // The copy buffer only lives while the daemon copies.
+            self.pending = Vec::new();
+            self.pending_from = 0;
             if stats.reported == self.generation {
                 // Half-way to the limit while the peer keeps up: move the limit on, so that a
                 // connection nobody stalls never holds.
@@ -307,15 +316,16 @@ impl Direction<'_> {
                 if want == 0 {
                     break;
                 }
-                self.pending.resize(want, 0);
+                // Read into spare capacity: zeroing 256 KiB per read showed in the profile.
+                self.pending.clear();
+                self.pending.reserve(want);
                 self.pending_from = 0;
-                match sockopt::recv_nonblocking(self.src.as_raw_fd(), &mut self.pending)? {
-                    Some(0) | None => {
-                        self.pending.clear();
-                        break;
-                    }
+                let spare = &mut self.pending.spare_capacity_mut()[..want];
+                match sockopt::recv_nonblocking_uninit(self.src.as_raw_fd(), spare)? {
+                    Some(0) | None => break,
                     Some(n) => {
-                        self.pending.truncate(n);
+                        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+                        unsafe { self.pending.set_len(n) };
                         read += n as u64;
                     }
                 }
