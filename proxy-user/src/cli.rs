@@ -1,11 +1,12 @@
 //! Command line (clap).
 //!
-//! Three forms:
+//! Four forms:
 //!
 //! - `spliced --listen ADDR --upstream ADDR [--mode auto|sockmap|splice|copy]` forwards one
 //!   route, named "cli";
 //! - `spliced --config FILE` runs every route of a TOML file (see [`crate::config`]);
-//! - `spliced check --config FILE` validates a file and exits.
+//! - `spliced check --config FILE` validates a file and exits;
+//! - `spliced status [--socket PATH | --config FILE]` lists the running daemon's connections.
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Parser, Subcommand};
@@ -34,13 +35,15 @@ addresses with their interface, e.g. \"[fe80::1%lxdbr0]:2368\".";
 const USAGE: &str = "\
 spliced --listen <ADDR> --upstream <ADDR> [--mode <MODE>]
        spliced --config <FILE>
-       spliced check --config <FILE>";
+       spliced check --config <FILE>
+       spliced status [--socket <PATH> | --config <FILE>]";
 
 const AFTER_HELP: &str = "\
 Examples:
   spliced --listen 127.0.0.1:8080 --upstream '[fe80::216:3eff:fe12:3456%lxdbr0]:2368'
   spliced --config /etc/spliced.toml
   spliced check --config /etc/spliced.toml
+  spliced status
 
 An invalid address or configuration exits with status 64 (EX_USAGE).";
 
@@ -105,14 +108,34 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// List the running daemon's live connections: route, client, upstream, data path, bytes
+    /// each way, age and idle time (asks over the control socket; root only).
+    Status {
+        /// The daemon's control socket [default: /run/spliced/control.sock].
+        #[arg(long, value_name = "PATH", conflicts_with = "config")]
+        socket: Option<PathBuf>,
+        /// Take the control socket from this configuration file's `control_socket`.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 impl Cli {
     /// The configuration of the run forms: the one route of `--listen/--upstream`, or the file
     /// of `--config` (also for `check --config`). Returns every error found.
     pub fn into_config(self) -> Result<Config, Vec<ConfigError>> {
-        if let Some(Command::Check { config }) = self.command {
-            return Config::load(&config);
+        match self.command {
+            Some(Command::Check { config })
+            | Some(Command::Status {
+                config: Some(config),
+                ..
+            }) => return Config::load(&config),
+            Some(Command::Status { .. }) => {
+                return Err(vec![ConfigError(
+                    "status takes no configuration; give --config FILE".into(),
+                )])
+            }
+            None => {}
         }
         if let Some(path) = self.config {
             return Config::load(&path);
@@ -239,7 +262,7 @@ mod tests {
         let cli = parse(&["check", "--config", "spliced.toml"]).unwrap();
         match cli.command {
             Some(Command::Check { config }) => assert_eq!(config, PathBuf::from("spliced.toml")),
-            None => panic!("expected the check subcommand"),
+            _ => panic!("expected the check subcommand"),
         }
         assert!(cli.config.is_none());
     }
@@ -400,5 +423,33 @@ mod tests {
         assert_eq!(config.routes.len(), 1);
         assert_eq!(config.routes[0].name, "a");
         assert_eq!(config.routes[0].mode, Mode::Copy);
+    }
+
+    #[test]
+    fn status_form() {
+        match parse(&["status"]).unwrap().command {
+            Some(Command::Status { socket, config }) => {
+                assert_eq!((socket, config), (None, None));
+            }
+            other => panic!("expected status, got {other:?}"),
+        }
+        match parse(&["status", "--socket", "/tmp/c.sock"])
+            .unwrap()
+            .command
+        {
+            Some(Command::Status { socket, .. }) => {
+                assert_eq!(socket, Some(PathBuf::from("/tmp/c.sock")));
+            }
+            other => panic!("expected status, got {other:?}"),
+        }
+        assert!(parse(&["status", "--config", "f.toml"]).is_ok());
+        assert_eq!(
+            parse_err(&["status", "--socket", "/s", "--config", "f.toml"]),
+            ErrorKind::ArgumentConflict
+        );
+        assert_eq!(
+            parse_err(&["status", "--listen", "127.0.0.1:0"]),
+            ErrorKind::UnknownArgument
+        );
     }
 }

@@ -10,6 +10,8 @@
 //! max_connections = 10000  # live connections across all routes
 //! max_buffered = "16MiB"   # default for routes: bytes held in the kernel per direction
 //! max_buffered_total = "512MiB"  # all connections together (sockmap backpressure)
+//! control_socket = "/run/spliced/control.sock"  # `spliced status` asks here (root only)
+//! metrics = "127.0.0.1:9180"  # Prometheus text on http://ADDR/metrics; off when absent
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
@@ -19,10 +21,13 @@
 //! interface = "lxdbr0"                             # optional: SO_BINDTODEVICE for the dial
 //! connect_timeout = "5s"                           # optional, default 5s
 //! max_buffered = "16MiB"                           # optional, overrides the top-level one
+//! max_connections = 100                            # optional: live connections of this route
+//! idle_timeout = "10m"                             # optional: close after this long without data
 //! ```
 //!
 //! - Durations are a whole number and a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
-//!   `connect_timeout` must be more than 0 and at most 1h; `grace_period` may be `"0s"`.
+//!   `connect_timeout` must be more than 0 and at most 1h; `idle_timeout` more than 0 and at
+//!   most 168h; `grace_period` may be `"0s"`.
 //! - Sizes are a number of bytes (`4096` or `"4096"`) or a string with a binary unit:
 //!   `"512KiB"`, `"16MiB"`, `"1GiB"`. `send_buffer` is at most 1GiB; 0 leaves the kernel's
 //!   buffer autotuning on.
@@ -73,6 +78,10 @@ pub const MIN_MAX_BUFFERED: u64 = 64 << 10;
 pub const MAX_MAX_BUFFERED: u64 = 1 << 30;
 /// The largest `max_buffered_total`.
 pub const MAX_MAX_BUFFERED_TOTAL: u64 = 64 << 30;
+/// The longest `idle_timeout`: a week. Longer is a typo; leave the key out for no timeout.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(168 * 3600);
+/// Where the daemon answers `spliced status` unless `control_socket` says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/spliced/control.sock";
 
 /// Which data path carries a route's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -122,6 +131,11 @@ pub struct Route {
     pub connect_timeout: Duration,
     /// Bytes one direction may have redirected beyond what the peer has taken (sockmap path).
     pub max_buffered: u64,
+    /// Live connections of this route; more are refused at once. `None`: only the global bound.
+    pub max_connections: Option<usize>,
+    /// A connection that carried no data either way for this long is closed (both sides
+    /// reset). `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// The whole daemon configuration.
@@ -136,6 +150,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Bound on `max_buffered` reservations across all connections.
     pub max_buffered_total: u64,
+    /// The Unix socket `spliced status` connects to.
+    pub control_socket: std::path::PathBuf,
+    /// Where to serve Prometheus metrics; `None`: not served.
+    pub metrics: Option<Endpoint>,
 }
 
 /// One configuration error, already rendered with file:line:column, key and fix.
@@ -154,6 +172,8 @@ impl Route {
             interface: None,
             connect_timeout: Duration::from_secs(5),
             max_buffered: DEFAULT_MAX_BUFFERED,
+            max_connections: None,
+            idle_timeout: None,
         }
     }
 
@@ -174,6 +194,8 @@ impl Config {
             send_buffer: Some(16 << 20),
             max_connections: 10_000,
             max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
+            control_socket: DEFAULT_CONTROL_SOCKET.into(),
+            metrics: None,
         }
     }
 
@@ -223,16 +245,18 @@ pub(crate) fn check_zone(endpoint: &Endpoint) -> Result<(), String> {
 // Raw file structure. Values stay `toml::Value` with their spans so that one wrong type does not
 // stop the parse: each key is checked by hand and every problem is reported.
 
-const TOP_KEYS: [&str; 7] = [
+const TOP_KEYS: [&str; 9] = [
     "mode",
     "grace_period",
     "send_buffer",
     "max_connections",
     "max_buffered",
     "max_buffered_total",
+    "control_socket",
+    "metrics",
     "route",
 ];
-const ROUTE_KEYS: [&str; 7] = [
+const ROUTE_KEYS: [&str; 9] = [
     "name",
     "listen",
     "upstream",
@@ -240,6 +264,8 @@ const ROUTE_KEYS: [&str; 7] = [
     "interface",
     "connect_timeout",
     "max_buffered",
+    "max_connections",
+    "idle_timeout",
 ];
 
 #[derive(Default)]
@@ -457,6 +483,10 @@ fn check(raw: RawConfig, errors: &mut Errors) -> Config {
                 config.max_buffered_total = b;
                 total_span = Some(span.clone());
             }),
+            "control_socket" => {
+                parse_control_socket(value.get_ref()).map(|p| config.control_socket = p)
+            }
+            "metrics" => parse_metrics(value.get_ref()).map(|e| config.metrics = Some(e)),
             _ => Err(unknown_key(name, &TOP_KEYS, "top-level")),
         };
         if let Err(message) = result {
@@ -600,6 +630,8 @@ fn check_route(
     let mut interface = None;
     let mut connect_timeout = None;
     let mut max_buffered = None;
+    let mut max_connections = None;
+    let mut idle_timeout = None;
     let mut ok = true;
     for (key, value) in &entries {
         let field = key.get_ref().as_str();
@@ -613,6 +645,8 @@ fn check_route(
             "interface" => parse_interface(v).map(|i| interface = Some(i)),
             "connect_timeout" => parse_connect_timeout(v).map(|d| connect_timeout = Some(d)),
             "max_buffered" => parse_max_buffered(v).map(|b| max_buffered = Some(b)),
+            "max_connections" => parse_max_connections(v).map(|n| max_connections = Some(n)),
+            "idle_timeout" => parse_idle_timeout(v).map(|d| idle_timeout = Some(d)),
             _ => Err(unknown_key(field, &ROUTE_KEYS, "[[route]]")),
         };
         if let Err(message) = result {
@@ -650,6 +684,8 @@ fn check_route(
             interface,
             connect_timeout: connect_timeout.unwrap_or(Duration::from_secs(5)),
             max_buffered: max_buffered.unwrap_or(default_buffered),
+            max_connections,
+            idle_timeout,
         });
     }
     checked
@@ -889,6 +925,52 @@ fn parse_connect_timeout(value: &Value) -> Result<Duration, String> {
         ));
     }
     Ok(d)
+}
+
+fn parse_idle_timeout(value: &Value) -> Result<Duration, String> {
+    let d = parse_duration(value)?;
+    if d.is_zero() {
+        return Err(
+            "must be more than 0; e.g. \"10m\" (leave the key out for no idle timeout)".into(),
+        );
+    }
+    if d > MAX_IDLE_TIMEOUT {
+        return Err(format!(
+            "{value} is longer than the limit of 168h (a week); use at most \"168h\", or leave \
+             the key out for no idle timeout"
+        ));
+    }
+    Ok(d)
+}
+
+/// `sockaddr_un.sun_path` holds 108 bytes with the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+fn parse_control_socket(value: &Value) -> Result<std::path::PathBuf, String> {
+    let s = expect_str(
+        value,
+        &format!("control_socket = \"{DEFAULT_CONTROL_SOCKET}\""),
+    )?;
+    if !s.starts_with('/') {
+        return Err(format!(
+            "{s:?} is not an absolute path; write e.g. \"{DEFAULT_CONTROL_SOCKET}\""
+        ));
+    }
+    if s.len() > MAX_SOCKET_PATH || s.ends_with('/') || s.contains('\0') {
+        return Err(format!(
+            "{s:?} cannot name a Unix socket (a file path of at most {MAX_SOCKET_PATH} bytes, \
+             no NUL); write e.g. \"{DEFAULT_CONTROL_SOCKET}\""
+        ));
+    }
+    Ok(s.into())
+}
+
+fn parse_metrics(value: &Value) -> Result<Endpoint, String> {
+    let s = expect_str(value, "metrics = \"127.0.0.1:9180\"")?;
+    // Port 0 is allowed (tests); the bound address is logged.
+    let endpoint = Endpoint::parse_listen(s).map_err(|e| e.0)?;
+    check_zone(&endpoint)?;
+    Ok(endpoint)
 }
 
 const SIZE_HINT: &str =
@@ -1251,7 +1333,7 @@ mode = 3
             errors(text),
             vec![
                 r#"spliced.toml:1:8: mode: "fast" is not a mode; use one of auto, sockmap, splice, copy"#,
-                r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, [[route]] tables"#,
+                r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, [[route]] tables"#,
                 r#"spliced.toml:3:15: send_buffer: "2GiB" is more than the maximum of 1GiB; use e.g. "16MiB", or 0 for the kernel's autotuning"#,
                 r#"spliced.toml:8:12: route[0].upstream: "[fe80::1]:80": fe80::1 is a link-local address (fe80::/10), which exists on every interface; name the interface with "%", e.g. "[fe80::1%eth0]:80""#,
                 r#"spliced.toml:11:8: route[1].name: "ghost" is already the name of route[0]; route names must be unique"#,
@@ -1302,18 +1384,19 @@ mode = 3
             error(&top_with("grace_priod = \"1s\"")),
             "spliced.toml:1:1: grace_priod: unknown key; did you mean `grace_period`? valid \
              top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, \
-             `max_buffered`, `max_buffered_total`, [[route]] tables"
+             `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, [[route]] tables"
         );
         assert_eq!(
             error(&route_with("listne = \"x\"")),
             "spliced.toml:5:1: route[0].listne: unknown key; did you mean `listen`? valid \
              [[route]] keys are `name`, `listen`, `upstream`, `mode`, `interface`, \
-             `connect_timeout`, `max_buffered`"
+             `connect_timeout`, `max_buffered`, `max_connections`, `idle_timeout`"
         );
         assert_eq!(
             error(&route_with("timeout = \"1s\"")),
             "spliced.toml:5:1: route[0].timeout: unknown key; valid [[route]] keys are `name`, \
-             `listen`, `upstream`, `mode`, `interface`, `connect_timeout`, `max_buffered`"
+             `listen`, `upstream`, `mode`, `interface`, `connect_timeout`, `max_buffered`, \
+             `max_connections`, `idle_timeout`"
         );
     }
 
@@ -1686,6 +1769,107 @@ mode = 3
             error(&top_with("max_buffered = \"1GiB\"")),
             "spliced.toml:1:16: max_buffered: 512MiB is less than the largest max_buffered \
              (1GiB); raise max_buffered_total to at least 1GiB or lower max_buffered"
+        );
+    }
+
+    #[test]
+    fn route_limits_and_timeouts() {
+        let config = load(&route_with(""));
+        assert_eq!(config.routes[0].max_connections, None);
+        assert_eq!(config.routes[0].idle_timeout, None);
+        let config = load(&route_with("max_connections = 3\nidle_timeout = \"90s\""));
+        assert_eq!(config.routes[0].max_connections, Some(3));
+        assert_eq!(config.routes[0].idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(
+            load(&route_with("idle_timeout = \"168h\"")).routes[0].idle_timeout,
+            Some(MAX_IDLE_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn error_route_max_connections() {
+        assert_eq!(
+            error(&route_with("max_connections = 0")),
+            "spliced.toml:5:19: route[0].max_connections: 0 is out of range; use 1 to 100000000, \
+             e.g. max_connections = 10000"
+        );
+        assert_eq!(
+            error(&route_with("max_connections = \"5\"")),
+            "spliced.toml:5:19: route[0].max_connections: expected an integer, found a string; \
+             write e.g. max_connections = 10000"
+        );
+    }
+
+    #[test]
+    fn error_idle_timeout() {
+        assert_eq!(
+            error(&route_with("idle_timeout = \"0s\"")),
+            "spliced.toml:5:16: route[0].idle_timeout: must be more than 0; e.g. \"10m\" (leave \
+             the key out for no idle timeout)"
+        );
+        assert_eq!(
+            error(&route_with("idle_timeout = \"169h\"")),
+            "spliced.toml:5:16: route[0].idle_timeout: \"169h\" is longer than the limit of 168h \
+             (a week); use at most \"168h\", or leave the key out for no idle timeout"
+        );
+        assert_eq!(
+            error(&route_with("idle_timeout = 60")),
+            "spliced.toml:5:16: route[0].idle_timeout: 60 has no unit; use a number with a unit, \
+             e.g. \"5s\" or \"250ms\", e.g. \"60s\""
+        );
+    }
+
+    #[test]
+    fn control_socket_and_metrics() {
+        let config = load(&route_with(""));
+        assert_eq!(
+            config.control_socket,
+            std::path::PathBuf::from(DEFAULT_CONTROL_SOCKET)
+        );
+        assert!(config.metrics.is_none(), "metrics are off by default");
+        let config = load(&top_with(
+            "control_socket = \"/tmp/s.sock\"\nmetrics = \"[::1]:9180\"",
+        ));
+        assert_eq!(
+            config.control_socket,
+            std::path::PathBuf::from("/tmp/s.sock")
+        );
+        assert_eq!(config.metrics.unwrap().to_string(), "[::1]:9180");
+    }
+
+    #[test]
+    fn error_control_socket() {
+        assert_eq!(
+            error(&top_with("control_socket = \"run/s.sock\"")),
+            "spliced.toml:1:18: control_socket: \"run/s.sock\" is not an absolute path; write \
+             e.g. \"/run/spliced/control.sock\""
+        );
+        let long = format!("/{}", "a".repeat(107));
+        assert_eq!(
+            error(&top_with(&format!("control_socket = \"{long}\""))),
+            format!(
+                "spliced.toml:1:18: control_socket: \"{long}\" cannot name a Unix socket (a file \
+                 path of at most 107 bytes, no NUL); write e.g. \"/run/spliced/control.sock\""
+            )
+        );
+        assert_eq!(
+            error(&top_with("control_socket = 1")),
+            "spliced.toml:1:18: control_socket: expected a string, found an integer (1); write \
+             e.g. control_socket = \"/run/spliced/control.sock\""
+        );
+    }
+
+    #[test]
+    fn error_metrics() {
+        assert_eq!(
+            error(&top_with("metrics = \"localhost:9180\"")),
+            "spliced.toml:1:11: metrics: \"localhost:9180\": listen addresses must be IP \
+             literals, not host names; write e.g. \"127.0.0.1:9180\" or \"[::1]:9180\""
+        );
+        assert_eq!(
+            error(&top_with("metrics = true")),
+            "spliced.toml:1:11: metrics: expected a string, found a boolean (true); write e.g. \
+             metrics = \"127.0.0.1:9180\""
         );
     }
 }

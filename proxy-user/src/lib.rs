@@ -2,7 +2,10 @@
 pub mod addr;
 pub mod cli;
 pub mod config;
+pub mod control;
 mod forward;
+mod metrics;
+mod registry;
 mod server;
 mod sockmap;
 mod sockopt;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use spliced::{
     cli::{Cli, Command},
-    config::{Config, ConfigError, EX_USAGE},
+    config::{Config, ConfigError, DEFAULT_CONTROL_SOCKET, EX_USAGE},
     Daemon,
 };
 use tracing::{error, info};
@@ -26,6 +26,29 @@ fn main() -> ExitCode {
                 Err(errors) => usage_errors(&errors),
             };
         }
+        Some(Command::Status {
+            ref socket,
+            ref config,
+        }) => {
+            let path = match (socket, config) {
+                (Some(socket), _) => socket.clone(),
+                (None, Some(file)) => match Config::load(file) {
+                    Ok(c) => c.control_socket,
+                    Err(errors) => return usage_errors(&errors),
+                },
+                (None, None) => DEFAULT_CONTROL_SOCKET.into(),
+            };
+            return match spliced::control::query(&path) {
+                Ok(table) => {
+                    print!("{table}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EX_UNAVAILABLE)
+                }
+            };
+        }
         None => match cli.into_config() {
             Ok(c) => c,
             Err(errors) => return usage_errors(&errors),
@@ -41,6 +64,15 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let grace = config.grace_period;
+        // Before anything is bound: a SIGTERM right after the "listening on" line must stop
+        // the daemon gracefully, not kill it.
+        let signals = match Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                error!("cannot install the signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let daemon = match Daemon::start(config).await {
             Ok(d) => d,
             Err(e) => {
@@ -48,14 +80,15 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match stop_signal().await {
-            Ok(name) => info!("{name}: stopping"),
-            Err(e) => error!("cannot wait for signals: {e}; stopping"),
-        }
+        let name = signals.stop().await;
+        info!("{name}: stopping");
         daemon.shutdown(grace).await;
         ExitCode::SUCCESS
     })
 }
+
+/// sysexits.h `EX_UNAVAILABLE`: `status` found no daemon to ask.
+const EX_UNAVAILABLE: u8 = 69;
 
 /// Prints clap's message. --help and --version exit 0; every command-line error exits 64
 /// (EX_USAGE), like an invalid address or configuration, not clap's own status 2.
@@ -87,14 +120,28 @@ fn init_logging() {
         .init();
 }
 
-async fn stop_signal() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    Ok(tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    })
+/// The signals the daemon acts on, installed once.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Waits for SIGINT or SIGTERM; returns its name.
+    async fn stop(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
 }
 
 /// Each connection holds two sockets (and two pipes on the splice path): lift the soft open-file

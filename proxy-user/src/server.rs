@@ -20,12 +20,15 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::{Config, Mode, Route},
+    control::{self, ControlSocket},
     forward::{
         self,
         sockmap::{Budget, Pool},
         userspace::Kind,
         End, Outcome,
     },
+    metrics,
+    registry::{Failure, Registry, RouteCounters},
     sockmap::Sockmap,
     sockopt,
 };
@@ -84,9 +87,11 @@ struct Counters {
 pub struct StartError(pub String);
 
 /// State every connection task shares.
-struct Shared {
-    sockmap: Option<Sockmap>,
+pub(crate) struct Shared {
+    pub(crate) sockmap: Option<Sockmap>,
     counters: Counters,
+    /// Live connections and per-route counters (status, metrics, idle timeouts).
+    pub(crate) registry: Registry,
     send_buffer: Option<usize>,
     /// Fires when the grace period is over: live connections are reset.
     close_all: CancellationToken,
@@ -98,6 +103,9 @@ struct RouteState {
     local_addr: SocketAddr,
     /// The route's `max_buffered` per direction, from the one global pool (trap 8).
     budget: Budget,
+    /// The route's own `max_connections`, if it has one.
+    limit: Option<Arc<Semaphore>>,
+    counters: Arc<RouteCounters>,
 }
 
 /// A running spliced.
@@ -107,6 +115,10 @@ pub struct Daemon {
     stop_accepting: CancellationToken,
     accept_loops: Vec<JoinHandle<()>>,
     connections: TaskTracker,
+    control: Option<ControlSocket>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Stops the control socket and the metrics endpoint, once the connections are gone.
+    stop_service: CancellationToken,
 }
 
 impl Daemon {
@@ -141,6 +153,7 @@ impl Daemon {
         let shared = Arc::new(Shared {
             sockmap,
             counters: Counters::default(),
+            registry: Registry::default(),
             send_buffer: config.send_buffer,
             close_all: CancellationToken::new(),
         });
@@ -170,13 +183,35 @@ impl Daemon {
                 per_direction: route.max_buffered,
                 pool: pool.clone(),
             };
+            let counters = shared.registry.route(&route.name);
+            counters.set_path(path);
             routes.push(Arc::new(RouteState {
+                limit: route.max_connections.map(|n| Arc::new(Semaphore::new(n))),
                 route,
                 path,
                 local_addr,
                 budget,
+                counters,
             }));
             listeners.push(listener);
+        }
+        let stop_service = CancellationToken::new();
+        let metrics = match &config.metrics {
+            None => None,
+            Some(addr) => {
+                let (addr, task) = metrics::start(addr, shared.clone(), stop_service.clone())
+                    .await
+                    .map_err(|e| StartError(format!("metrics: cannot listen on {addr}: {e}")))?;
+                info!("metrics: Prometheus text on http://{addr}/metrics");
+                Some((addr, task))
+            }
+        };
+        let control = control::start(&config.control_socket, shared.clone(), stop_service.clone());
+        if control.is_some() {
+            info!(
+                "control socket {}: `spliced status` answers here",
+                config.control_socket.display()
+            );
         }
         let accept_loops = routes
             .iter()
@@ -198,7 +233,15 @@ impl Daemon {
             stop_accepting,
             accept_loops,
             connections,
+            control,
+            metrics,
+            stop_service,
         })
+    }
+
+    /// The address the metrics endpoint listens on, if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(a, _)| *a)
     }
 
     /// The bound address of route `name` (useful with port 0).
@@ -254,6 +297,13 @@ impl Daemon {
             );
             self.shared.close_all.cancel();
             self.connections.wait().await;
+        }
+        self.stop_service.cancel();
+        if let Some((_, task)) = self.metrics {
+            let _ = task.await;
+        }
+        if let Some(control) = self.control {
+            control.stop().await;
         }
         info!("stopped");
     }
@@ -321,17 +371,31 @@ async fn accept_loop(
         match accepted {
             Ok((client, peer)) => {
                 shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                route.counters.total.fetch_add(1, Ordering::Relaxed);
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    warn!(route = %route.route.name, client = %peer, "connection limit reached: connection refused");
+                    route.counters.fail(Failure::MaxConnections);
+                    warn!(route = %route.route.name, client = %peer, "connection limit (max_connections) reached: connection refused");
                     let _ = sockopt::set_linger_zero(&client);
                     continue;
+                };
+                let route_permit = match &route.limit {
+                    None => None,
+                    Some(l) => match l.clone().try_acquire_owned() {
+                        Ok(p) => Some(p),
+                        Err(_) => {
+                            route.counters.fail(Failure::RouteMaxConnections);
+                            warn!(route = %route.route.name, client = %peer, "route connection limit (route max_connections) reached: connection refused");
+                            let _ = sockopt::set_linger_zero(&client);
+                            continue;
+                        }
+                    },
                 };
                 connections.spawn(connection(
                     client,
                     peer,
                     route.clone(),
                     shared.clone(),
-                    permit,
+                    (permit, route_permit),
                 ));
             }
             Err(e) if is_resource_exhaustion(&e) => {
@@ -363,6 +427,17 @@ enum DialError {
     Timeout(Duration),
     #[error("interface {iface:?} (route key `interface`): {err}")]
     Interface { iface: String, err: io::Error },
+}
+
+impl DialError {
+    fn failure(&self) -> Failure {
+        match self {
+            DialError::Resolve(_) => Failure::Resolve,
+            DialError::Connect { .. } => Failure::Connect,
+            DialError::Timeout(_) => Failure::ConnectTimeout,
+            DialError::Interface { .. } => Failure::Interface,
+        }
+    }
 }
 
 /// Resolves the upstream now (zone names and host names can change between dials) and tries each
@@ -418,16 +493,26 @@ async fn connection(
     peer: SocketAddr,
     route: Arc<RouteState>,
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
 ) {
     let counters = &shared.counters;
+    let rc = &route.counters;
     counters.active.fetch_add(1, Ordering::Relaxed);
+    rc.active.fetch_add(1, Ordering::Relaxed);
+    // Counted down on every way out, once the slots are free again: whoever sees the count
+    // drop can connect.
+    let _active = scopeguard(move || {
+        drop(permits);
+        counters.active.fetch_sub(1, Ordering::Relaxed);
+        rc.active.fetch_sub(1, Ordering::Relaxed);
+    });
+    let entry = shared.registry.add(&route.route.name, peer);
     let started = Instant::now();
     let name = &route.route.name;
     let dialed = tokio::select! {
         r = dial(&route.route) => r,
         () = shared.close_all.cancelled() => {
-            counters.active.fetch_sub(1, Ordering::Relaxed);
+            rc.fail(Failure::Shutdown);
             return;
         }
     };
@@ -435,7 +520,7 @@ async fn connection(
         Ok(u) => u,
         Err(e) => {
             counters.upstream_failed.fetch_add(1, Ordering::Relaxed);
-            counters.active.fetch_sub(1, Ordering::Relaxed);
+            rc.fail(e.failure());
             // Reset, so the client does not take an empty reply for a successful one.
             let _ = sockopt::set_linger_zero(&client);
             warn!(
@@ -447,16 +532,56 @@ async fn connection(
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let (path, outcome) = carry(&route, &shared, client, upstream).await;
+    entry
+        .conn
+        .established(&client, &upstream, upstream_addr, route.path);
+    let cancel = shared.close_all.child_token();
+    let idled = std::sync::atomic::AtomicBool::new(false);
+    let watchdog = async {
+        if let Some(limit) = route.route.idle_timeout {
+            loop {
+                let idle = entry.conn.sample(shared.sockmap.as_ref()).idle;
+                if idle >= limit {
+                    idled.store(true, Ordering::Relaxed);
+                    cancel.cancel();
+                    break;
+                }
+                // The earliest the connection can have been idle for `limit`.
+                tokio::time::sleep((limit - idle).max(Duration::from_millis(10))).await;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let (path, outcome) = tokio::select! {
+        r = carry(&route, &shared, client, upstream, &cancel) => r,
+        () = watchdog => unreachable!("the watchdog never returns"),
+    };
+    drop(entry);
     match path {
         DataPath::Sockmap => &counters.sockmap,
         DataPath::Splice => &counters.splice,
         DataPath::Copy => &counters.copy,
     }
     .fetch_add(1, Ordering::Relaxed);
-    counters.active.fetch_sub(1, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let Outcome { up, down, end } = outcome;
+    rc.closed(path, up, down);
+    let idled = idled.load(Ordering::Relaxed) && matches!(end, End::Shutdown);
+    let failure = match &end {
+        End::Complete => None,
+        End::ClientFailed(_) => Some(Failure::Client),
+        End::UpstreamFailed(_) => Some(Failure::Upstream),
+        End::Ours(_) => Some(Failure::Spliced),
+        End::Shutdown if idled => Some(Failure::IdleTimeout),
+        End::Shutdown => Some(Failure::Shutdown),
+    };
+    if let Some(f) = failure {
+        rc.fail(f);
+    }
+    let end = match (idled, route.route.idle_timeout) {
+        (true, Some(t)) => format!("idle timeout: no data either way for {t:?}; both sides reset"),
+        _ => end.to_string(),
+    };
     macro_rules! log_line {
         ($level:ident) => {
             $level!(
@@ -466,10 +591,23 @@ async fn connection(
             )
         };
     }
-    match end {
-        End::Complete | End::ClientFailed(_) | End::UpstreamFailed(_) => log_line!(info),
-        End::Ours(_) | End::Shutdown => log_line!(warn),
+    match failure {
+        None | Some(Failure::Client | Failure::Upstream | Failure::IdleTimeout) => log_line!(info),
+        _ => log_line!(warn),
     }
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Runs the connection on the route's data path; sockmap hands connections it cannot take to
@@ -479,8 +617,8 @@ async fn carry(
     shared: &Shared,
     client: TcpStream,
     upstream: TcpStream,
+    cancel: &CancellationToken,
 ) -> (DataPath, Outcome) {
-    let cancel = &shared.close_all;
     let kind = match (route.path, &shared.sockmap) {
         (DataPath::Sockmap, Some(sockmap)) => {
             // Out of tokio's epoll: the sockets' data wakeups would be spurious (trap 7).

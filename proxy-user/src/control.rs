@@ -1,0 +1,281 @@
+//! The control socket: `spliced status` connects to the running daemon over a Unix socket and
+//! gets the table of live connections back.
+//!
+//! The socket file is created mode 0600 (its directory, if spliced creates it, 0700), so only
+//! root (the daemon's user) can connect; the daemon also checks the peer's credentials
+//! (`SO_PEERCRED`) and answers only uid 0 or its own uid. The protocol is one text reply per
+//! connection: the client connects, the daemon writes the table and closes.
+use std::{
+    fmt::Write as _,
+    io::{self, Read},
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{io::AsyncWriteExt, net::UnixListener};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::{registry::Sample, server::Shared};
+
+/// How long a status client may take to read the reply.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A bound control socket; the file is removed when the daemon stops (if it is still ours).
+pub(crate) struct ControlSocket {
+    path: PathBuf,
+    /// Device and inode of the socket file we created, to remove only our own.
+    id: (u64, u64),
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds the control socket at `path` and serves it until `stop`. A socket file left by a dead
+/// daemon is replaced; one a live daemon answers on is left alone (this daemon then runs without
+/// a control socket, with a warning). Never fatal: status is a convenience, forwarding is not.
+pub(crate) fn start(
+    path: &Path,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Option<ControlSocket> {
+    match bind(path) {
+        Ok(listener) => {
+            let id = std::fs::metadata(path)
+                .map(|m| (m.dev(), m.ino()))
+                .unwrap_or_default();
+            let task = tokio::spawn(serve(listener, shared, stop));
+            Some(ControlSocket {
+                path: path.to_owned(),
+                id,
+                task,
+            })
+        }
+        Err(e) => {
+            warn!(
+                "control socket {}: {e}; `spliced status` will not reach this daemon (set \
+                 control_socket in the configuration to another path)",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
+impl ControlSocket {
+    /// Stops serving and removes the socket file if it is still the one this daemon created.
+    pub(crate) async fn stop(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        if let Ok(m) = std::fs::metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot create its directory: {e}"))
+                })?;
+        }
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "another spliced answers there",
+            ));
+        }
+        // Left by a daemon that is gone.
+        std::fs::remove_file(path)?;
+    }
+    // Created without group or other permissions from the start, not chmod-ed after the fact.
+    // SAFETY: umask only changes this process's file creation mask; restored right after.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = bound?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+    // SAFETY: geteuid cannot fail.
+    let own_uid = unsafe { libc::geteuid() };
+    loop {
+        let (mut stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!("control socket: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let allowed = stream
+            .peer_cred()
+            .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
+        let reply = if allowed {
+            render(&shared.registry.samples(shared.sockmap.as_ref()))
+        } else {
+            "error: only root may ask spliced for its status\n".to_owned()
+        };
+        // One client at a time is plenty for a status command; a stuck one is cut off.
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let _ = stream.write_all(reply.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    }
+}
+
+/// The status table: a summary line, a header and one line per live connection, columns
+/// aligned and separated by two spaces. No field contains a space.
+pub fn render(samples: &[Sample]) -> String {
+    let mut rows = vec![[
+        "ROUTE".to_owned(),
+        "CLIENT".to_owned(),
+        "UPSTREAM".to_owned(),
+        "PATH".to_owned(),
+        "BYTES_UP".to_owned(),
+        "BYTES_DOWN".to_owned(),
+        "AGE".to_owned(),
+        "IDLE".to_owned(),
+    ]];
+    for s in samples {
+        rows.push([
+            s.route.clone(),
+            s.client.to_string(),
+            s.upstream.map_or("(dialing)".into(), |u| u.to_string()),
+            s.path.map_or("-".into(), |p| p.to_string()),
+            s.bytes_up.to_string(),
+            s.bytes_down.to_string(),
+            seconds(s.age),
+            seconds(s.idle),
+        ]);
+    }
+    let mut widths = [0; 8];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = format!("{} live connection(s)\n", samples.len());
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+fn seconds(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// The client side of `spliced status`: connects to `path` and returns the daemon's reply.
+pub fn query(path: &Path) -> Result<String, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        let hint = match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+                " (is spliced running? with --config FILE, give the same file here, or \
+                 --socket PATH for its control_socket)"
+            }
+            io::ErrorKind::PermissionDenied => " (only root may ask spliced for its status)",
+            _ => "",
+        };
+        format!("cannot reach spliced at {}: {e}{hint}", path.display())
+    })?;
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reply = String::new();
+    stream
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("reading the status from {}: {e}", path.display()))?;
+    match reply.strip_prefix("error: ") {
+        Some(e) => Err(e.trim_end().to_owned()),
+        None => Ok(reply),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::DataPath;
+
+    #[test]
+    fn table_is_aligned() {
+        let samples = [
+            Sample {
+                route: "web".into(),
+                client: "127.0.0.1:50000".parse().unwrap(),
+                upstream: Some("[fe80::2%7]:80".parse().unwrap()),
+                path: Some(DataPath::Sockmap),
+                bytes_up: 12,
+                bytes_down: 3456789,
+                age: Duration::from_millis(12_340),
+                idle: Duration::from_millis(100),
+            },
+            Sample {
+                route: "a-much-longer-name".into(),
+                client: "[::1]:1".parse().unwrap(),
+                upstream: None,
+                path: None,
+                bytes_up: 0,
+                bytes_down: 0,
+                age: Duration::ZERO,
+                idle: Duration::ZERO,
+            },
+        ];
+        let text = render(&samples);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "2 live connection(s)");
+        assert!(lines[1].starts_with("ROUTE               CLIENT"), "{text}");
+        let fields: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            fields,
+            [
+                "web",
+                "127.0.0.1:50000",
+                "[fe80::2%7]:80",
+                "sockmap",
+                "12",
+                "3456789",
+                "12.3s",
+                "0.1s"
+            ]
+        );
+        assert!(lines[3].contains("(dialing)"), "{text}");
+        // Every column starts at the same offset on every line.
+        let col = lines[1].find("UPSTREAM").unwrap();
+        assert_eq!(lines[2].find("[fe80").unwrap(), col);
+        assert_eq!(render(&[]), "0 live connection(s)\nROUTE  CLIENT  UPSTREAM  PATH  BYTES_UP  BYTES_DOWN  AGE  IDLE\n");
+    }
+
+    #[test]
+    fn query_names_the_path_and_the_fix() {
+        let e = query(Path::new("/nonexistent/spliced/control.sock")).unwrap_err();
+        assert!(
+            e.starts_with("cannot reach spliced at /nonexistent/spliced/control.sock: "),
+            "{e}"
+        );
+        assert!(e.contains("is spliced running?"), "{e}");
+    }
+}

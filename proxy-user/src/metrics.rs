@@ -1,0 +1,199 @@
+//! Prometheus metrics in the text exposition format (version 0.0.4), served over plain HTTP on
+//! the address of the `metrics` key; off unless that key is set.
+//!
+//! Per route: connections accepted, live and failed by reason; bytes each way of closed
+//! connections (the verdict program's counts for sockmap, the userspace paths' own otherwise);
+//! closed connections per data path; the data path new connections use.
+use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    addr::Endpoint,
+    registry::{Failure, Registry},
+    server::{DataPath, Shared},
+};
+
+/// A scrape must send its request head within this time, in at most [`MAX_REQUEST`] bytes.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_REQUEST: usize = 8192;
+
+/// Binds `addr` and serves until `stop`. Returns the bound address (port 0 picks one).
+pub(crate) async fn start(
+    addr: &Endpoint,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) -> Result<(SocketAddr, JoinHandle<()>), String> {
+    let resolved = addr.resolve().await.map_err(|e| e.0)?;
+    let first = *resolved
+        .first()
+        .ok_or("the address resolved to nothing".to_owned())?;
+    let listener = TcpListener::bind(first).await.map_err(|e| e.to_string())?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    let task = tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((s, _)) => s,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = stop.cancelled() => return,
+            };
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared)).await;
+            });
+        }
+    });
+    Ok((bound, task))
+}
+
+async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 || request.len() + n > MAX_REQUEST {
+            return Ok(());
+        }
+        request.extend_from_slice(&buf[..n]);
+    }
+    let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let (method, target) = (parts.next(), parts.next());
+    let (status, body) = match (method, target) {
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(&shared.registry)),
+        (Some(b"GET"), _) => ("404 Not Found", "metrics are at /metrics\n".to_owned()),
+        _ => ("405 Method Not Allowed", "use GET /metrics\n".to_owned()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// The exposition text. Route names are `[A-Za-z0-9_.-]+`, so labels need no escaping.
+pub(crate) fn render(registry: &Registry) -> String {
+    let routes = registry.routes();
+    let mut out = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = String>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for row in rows {
+                let _ = writeln!(out, "{name}{row}");
+            }
+        };
+    use std::sync::atomic::Ordering::Relaxed;
+    family(
+        "spliced_connections_total",
+        "counter",
+        "Connections accepted, refused ones included.",
+        &mut routes
+            .iter()
+            .map(|(r, c)| format!("{{route=\"{r}\"}} {}", c.total.load(Relaxed))),
+    );
+    family(
+        "spliced_connections_active",
+        "gauge",
+        "Connections live now.",
+        &mut routes
+            .iter()
+            .map(|(r, c)| format!("{{route=\"{r}\"}} {}", c.active.load(Relaxed))),
+    );
+    family(
+        "spliced_connections_failed_total",
+        "counter",
+        "Connections refused, not dialed, or ended by a reset, a timeout or a failure, by reason.",
+        &mut routes.iter().flat_map(|(r, c)| {
+            Failure::ALL.iter().map(move |f| {
+                format!(
+                    "{{route=\"{r}\",reason=\"{}\"}} {}",
+                    f.as_str(),
+                    c.failed(*f)
+                )
+            })
+        }),
+    );
+    family(
+        "spliced_bytes_total",
+        "counter",
+        "Bytes carried by closed connections: up is client to upstream, down the reverse.",
+        &mut routes.iter().flat_map(|(r, c)| {
+            [
+                ("up", c.bytes_up.load(Relaxed)),
+                ("down", c.bytes_down.load(Relaxed)),
+            ]
+            .map(|(d, n)| format!("{{route=\"{r}\",direction=\"{d}\"}} {n}"))
+        }),
+    );
+    let paths = [DataPath::Sockmap, DataPath::Splice, DataPath::Copy];
+    family(
+        "spliced_connections_closed_total",
+        "counter",
+        "Closed connections by the data path that carried them.",
+        &mut routes.iter().flat_map(|(r, c)| {
+            paths.map(|p| format!("{{route=\"{r}\",path=\"{p}\"}} {}", c.closed_on(p)))
+        }),
+    );
+    family(
+        "spliced_route_data_path",
+        "gauge",
+        "1 for the data path new connections of the route use.",
+        &mut routes.iter().filter_map(|(r, c)| {
+            c.path()
+                .map(|p| format!("{{route=\"{r}\",path=\"{p}\"}} 1"))
+        }),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_format() {
+        let registry = Registry::default();
+        let web = registry.route("web");
+        web.total.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        web.fail(Failure::RouteMaxConnections);
+        web.closed(DataPath::Sockmap, 100, 2000);
+        web.set_path(DataPath::Sockmap);
+        let text = render(&registry);
+        for line in [
+            "# TYPE spliced_connections_total counter",
+            "spliced_connections_total{route=\"web\"} 3",
+            "spliced_connections_active{route=\"web\"} 0",
+            "spliced_connections_failed_total{route=\"web\",reason=\"route_max_connections\"} 1",
+            "spliced_connections_failed_total{route=\"web\",reason=\"idle_timeout\"} 0",
+            "spliced_bytes_total{route=\"web\",direction=\"up\"} 100",
+            "spliced_bytes_total{route=\"web\",direction=\"down\"} 2000",
+            "spliced_connections_closed_total{route=\"web\",path=\"sockmap\"} 1",
+            "spliced_connections_closed_total{route=\"web\",path=\"copy\"} 0",
+            "spliced_route_data_path{route=\"web\",path=\"sockmap\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
+        }
+        // Every sample line is `name{labels} value`, and every family has HELP and TYPE.
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let (_, value) = l.rsplit_once(' ').unwrap();
+            value.parse::<u64>().unwrap();
+        }
+        assert_eq!(
+            text.matches("# HELP").count(),
+            text.matches("# TYPE").count()
+        );
+    }
+}

@@ -1,0 +1,572 @@
+//! spliced as a host daemon, run as root against the real kernel: per-route limits and idle
+//! timeouts, `spliced status` over the control socket, Prometheus metrics.
+//!
+//! - A route's `max_connections`: the connection past the limit is reset at once and counted;
+//!   a slot freed is usable again.
+//! - `idle_timeout`: an idle connection is reset after it on every data path (sockmap from the
+//!   verdict's per-socket last-activity time), one that trickles bytes in both directions
+//!   outlives it.
+//! - `spliced status`: the live connection with its route, both addresses, data path, exact
+//!   bytes each way, age and idle time; the socket is mode 0600 and a non-root user is refused.
+//! - Metrics: off unless configured; per route connections, failures by reason, bytes each way
+//!   of closed connections (exact), closed connections per data path, the path in use.
+//!
+//! Each test has its own namespace, temporary directory, control socket and ports; every wait
+//! is bounded.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt,
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use tests::{
+    accept, closed_within, per_mode, read_exact, set_timeouts, spliced_bin, Payload, Spliced,
+    Topology,
+};
+
+const ACCEPT: Duration = Duration::from_secs(10);
+const LOG_WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+/// A temporary directory with the daemon's configuration file and control socket; removed on
+/// drop.
+struct Dir {
+    path: PathBuf,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("spliced-daemon-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        Dir { path }
+    }
+
+    fn socket(&self) -> String {
+        self.path.join("control.sock").to_str().unwrap().to_owned()
+    }
+
+    fn config(&self) -> String {
+        self.path.join("spliced.toml").to_str().unwrap().to_owned()
+    }
+
+    /// Writes the configuration: `top` keys, the control socket, then one route per entry of
+    /// `routes` (name, upstream, extra route keys), all listening on 127.0.0.1:0.
+    fn write(&self, mode: &str, top: &str, routes: &[(&str, &str, &str)]) -> String {
+        let mut text = format!(
+            "mode = \"{mode}\"\ncontrol_socket = \"{}\"\n{top}\n",
+            self.socket()
+        );
+        for (name, upstream, extra) in routes {
+            text += &format!(
+                "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n"
+            );
+        }
+        fs::write(self.config(), text).unwrap();
+        self.config()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The metrics address the daemon logged.
+fn metrics_addr(spliced: &Spliced) -> SocketAddr {
+    let log = spliced.wait_log("Prometheus text on http://", 1, LOG_WAIT);
+    let line = log
+        .lines()
+        .find(|l| l.contains("Prometheus text on"))
+        .unwrap();
+    let rest = line.split("http://").nth(1).unwrap();
+    rest.split('/').next().unwrap().parse().unwrap()
+}
+
+/// GET /metrics; returns the body after checking the status and content type.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    set_timeouts(&s, Duration::from_secs(10));
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("read the metrics");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+/// The value of the sample `series` (`name{labels}`) in a scrape.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+/// Scrapes until `series` has `value` (at most 10 s); returns the last scrape.
+fn wait_metric(addr: SocketAddr, series: &str, value: u64) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(addr);
+        if metric(&text, series) == value {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is not {value} after 10 s:\n{text}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `spliced status ARGS` (as `user`, when given, through runuser); returns (exit code,
+/// stdout, stderr).
+fn status(args: &[&str], user: Option<&str>) -> (Option<i32>, String, String) {
+    let bin = spliced_bin();
+    let mut cmd = match user {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", u, "--"]).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let out = cmd
+        .arg("status")
+        .args(args)
+        .output()
+        .expect("run spliced status");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The status rows (fields split on whitespace) of connections from `client`.
+fn status_row(socket: &str, client: SocketAddr) -> Option<Vec<String>> {
+    let (code, out, err) = status(&["--socket", socket], None);
+    assert_eq!(code, Some(0), "status failed: {err}");
+    out.lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .find(|f| f.get(1).map(String::as_str) == Some(&client.to_string()))
+}
+
+fn seconds(field: &str) -> f64 {
+    field
+        .strip_suffix('s')
+        .unwrap_or_else(|| panic!("{field} is not in seconds"))
+        .parse()
+        .unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-route max_connections.
+
+fn route_max_connections(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write(
+        mode,
+        "metrics = \"127.0.0.1:0\"",
+        &[("limited", &upstream, "max_connections = 2")],
+    );
+    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 1) else {
+        return;
+    };
+    let metrics = metrics_addr(&spliced);
+    let mut held = Vec::new();
+    for i in 0..2u8 {
+        let mut c = spliced.connect();
+        let mut s = accept(&listener, ACCEPT);
+        c.write_all(&[i]).unwrap();
+        assert_eq!(read_exact(&mut s, 1), [i]);
+        held.push((c, s));
+    }
+    // The third is reset at once, not queued, and the upstream never sees it.
+    // (The reset may come before connect() returns.)
+    match TcpStream::connect_timeout(&spliced.addr(), Duration::from_secs(5)) {
+        Ok(mut third) => {
+            closed_within(&mut third, Duration::from_secs(5));
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    spliced.wait_log(
+        "route connection limit (route max_connections) reached",
+        1,
+        LOG_WAIT,
+    );
+    let text = wait_metric(
+        metrics,
+        "spliced_connections_failed_total{route=\"limited\",reason=\"route_max_connections\"}",
+        1,
+    );
+    assert_eq!(
+        metric(&text, "spliced_connections_active{route=\"limited\"}"),
+        2
+    );
+    assert_eq!(
+        metric(&text, "spliced_connections_total{route=\"limited\"}"),
+        3
+    );
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err(), "the refused client was dialed");
+    listener.set_nonblocking(false).unwrap();
+    // A freed slot is usable again.
+    drop(held.pop());
+    wait_metric(metrics, "spliced_connections_active{route=\"limited\"}", 1);
+    let mut c = spliced.connect();
+    let mut s = accept(&listener, ACCEPT);
+    c.write_all(b"again").unwrap();
+    assert_eq!(read_exact(&mut s, 5), b"again");
+}
+per_mode!(
+    route_max_connections_refuses_the_excess,
+    super::route_max_connections
+);
+
+// ---------------------------------------------------------------------------------------------
+// idle_timeout.
+
+fn idle_timeout(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write(
+        mode,
+        "metrics = \"127.0.0.1:0\"",
+        &[("idle", &upstream, "idle_timeout = \"1s\"")],
+    );
+    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 1) else {
+        return;
+    };
+    let metrics = metrics_addr(&spliced);
+    // A connection that carried a little and then went quiet.
+    let t = Instant::now();
+    let mut quiet = spliced.connect();
+    let mut quiet_s = accept(&listener, ACCEPT);
+    quiet.write_all(b"hello").unwrap();
+    assert_eq!(read_exact(&mut quiet_s, 5), b"hello");
+    // A connection that trickles a byte each way every 200 ms for 3 s: three idle timeouts.
+    let mut busy = spliced.connect();
+    let mut busy_s = accept(&listener, ACCEPT);
+    // The quiet one is reset after about a second (not before), both sides.
+    let quiet_closed = thread::spawn(move || {
+        closed_within(&mut quiet, Duration::from_secs(15));
+        closed_within(&mut quiet_s, Duration::from_secs(5));
+        Instant::now()
+    });
+    for i in 0..15u8 {
+        busy.write_all(&[i]).unwrap();
+        assert_eq!(read_exact(&mut busy_s, 1), [i]);
+        busy_s.write_all(&[i]).unwrap();
+        assert_eq!(read_exact(&mut busy, 1), [i]);
+        thread::sleep(Duration::from_millis(200));
+    }
+    let closed_at = quiet_closed
+        .join()
+        .expect("the quiet connection was closed");
+    let after = closed_at - t;
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}, before the idle timeout"
+    );
+    // The busy one, open for 3 s, still carries bytes both ways.
+    busy.write_all(b"still").unwrap();
+    assert_eq!(read_exact(&mut busy_s, 5), b"still");
+    busy_s.write_all(b"alive").unwrap();
+    assert_eq!(read_exact(&mut busy, 5), b"alive");
+    let log = spliced.wait_log("end=idle timeout", 1, LOG_WAIT);
+    assert_eq!(log.matches("end=idle timeout").count(), 1, "{log}");
+    let text = wait_metric(
+        metrics,
+        "spliced_connections_failed_total{route=\"idle\",reason=\"idle_timeout\"}",
+        1,
+    );
+    assert_eq!(
+        metric(&text, "spliced_connections_active{route=\"idle\"}"),
+        1
+    );
+}
+per_mode!(
+    idle_timeout_closes_only_idle_connections,
+    super::idle_timeout
+);
+
+// ---------------------------------------------------------------------------------------------
+// spliced status.
+
+fn status_lists_connections(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write(mode, "", &[("web", &upstream, "")]);
+    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 1) else {
+        return;
+    };
+    let socket = dir.socket();
+    let meta = fs::metadata(&socket).expect("the control socket exists");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "root only");
+
+    let mut c = spliced.connect();
+    let mut s = accept(&listener, ACCEPT);
+    let (up, down) = (300_000usize, 1_200_000usize);
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        thread::spawn(move || c.write_all(&vec![1u8; up]).unwrap())
+    };
+    assert_eq!(read_exact(&mut s, up).len(), up);
+    writer.join().unwrap();
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        thread::spawn(move || s.write_all(&vec![2u8; down]).unwrap())
+    };
+    assert_eq!(read_exact(&mut c, down).len(), down);
+    writer.join().unwrap();
+    let client = c.local_addr().unwrap();
+    // Let it be idle for a moment, so that age and idle time differ measurably.
+    thread::sleep(Duration::from_millis(600));
+    let row = status_row(&socket, client).expect("the connection is listed");
+    assert_eq!(row[0], "web");
+    assert_eq!(
+        row[2],
+        topo.upstream(listener.local_addr().unwrap().port())
+            .replace(&topo.host_if, &topo.host_if_index().to_string()),
+        "{row:?}"
+    );
+    assert_eq!(row[3], mode);
+    assert_eq!(row[4], up.to_string(), "bytes up: {row:?}");
+    assert_eq!(row[5], down.to_string(), "bytes down: {row:?}");
+    let (age, idle) = (seconds(&row[6]), seconds(&row[7]));
+    assert!((0.5..60.0).contains(&age), "{row:?}");
+    assert!(idle >= 0.4 && idle <= age, "{row:?}");
+    // Traffic makes it active again.
+    c.write_all(b"x").unwrap();
+    assert_eq!(read_exact(&mut s, 1), b"x");
+    let row = status_row(&socket, client).unwrap();
+    assert!(seconds(&row[7]) < 0.4, "idle after a byte: {row:?}");
+    // --config finds the same socket.
+    let (code, out, err) = status(&["--config", &config], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("1 live connection(s)\nROUTE"), "{out}");
+    // A closed connection leaves the table.
+    drop((c, s));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_row(&socket, client).is_some() {
+        assert!(Instant::now() < deadline, "still listed after 10 s");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+per_mode!(
+    status_lists_live_connections,
+    super::status_lists_connections
+);
+
+#[test]
+fn status_is_root_only_and_explains_a_missing_daemon() {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write("copy", "", &[("web", &upstream, "")]);
+    let _spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    // The directory is private to the test's root too: let nobody reach the socket's
+    // permission check itself.
+    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, err) = status(&["--socket", &dir.socket()], Some("nobody"));
+    assert_eq!(code, Some(69), "{err}");
+    assert!(err.contains("Permission denied"), "{err}");
+    assert!(err.contains("only root may ask"), "{err}");
+    let (code, out, err) = status(&["--socket", &dir.socket()], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.lines().next(), Some("0 live connection(s)"));
+    // No daemon there.
+    let missing = dir.path.join("nothing.sock");
+    let (code, _, err) = status(&["--socket", missing.to_str().unwrap()], None);
+    assert_eq!(code, Some(69));
+    assert!(err.starts_with("error: cannot reach spliced at "), "{err}");
+    assert!(err.contains("is spliced running?"), "{err}");
+}
+
+#[test]
+fn control_socket_removed_on_exit() {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write("copy", "", &[("web", &upstream, "")]);
+    let mut spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    assert!(fs::metadata(dir.socket()).is_ok());
+    // A second daemon on the same socket keeps running without one and says so.
+    let config2 = dir.path.join("second.toml");
+    fs::copy(&config, &config2).unwrap();
+    let second = Spliced::start_mode("copy", &["--config", config2.to_str().unwrap()], 1).unwrap();
+    second.wait_log("another spliced answers there", 1, LOG_WAIT);
+    drop(second);
+    assert!(
+        fs::metadata(dir.socket()).is_ok(),
+        "the first daemon's socket stays"
+    );
+    let status = spliced.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+    assert!(status.success());
+    assert!(fs::metadata(dir.socket()).is_err(), "socket left behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics.
+
+fn metrics_count(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    // A second route whose upstream refuses: nothing listens on port 1 in the namespace.
+    let config = dir.write(
+        mode,
+        "metrics = \"127.0.0.1:0\"",
+        &[("web", &upstream, ""), ("dead", &topo.upstream(1), "")],
+    );
+    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 2) else {
+        return;
+    };
+    let metrics = metrics_addr(&spliced);
+    let (up, down) = (3 << 20, 5 << 20);
+    let mut c = TcpStream::connect_timeout(&spliced.listening[0], Duration::from_secs(5)).unwrap();
+    set_timeouts(&c, Duration::from_secs(60));
+    let mut s = accept(&listener, ACCEPT);
+    let sender = {
+        let mut c = c.try_clone().unwrap();
+        thread::spawn(move || {
+            let hash = Payload::new(up, 1).send(&mut c).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            hash
+        })
+    };
+    let (n, hash) = tests::receive(&mut s).unwrap();
+    assert_eq!((n, hash), (up, sender.join().unwrap()));
+    let sent = Payload::new(down, 2).send(&mut s).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(tests::receive(&mut c).unwrap(), (down, sent));
+    drop((c, s));
+    let text = wait_metric(
+        metrics,
+        &format!("spliced_connections_closed_total{{route=\"web\",path=\"{mode}\"}}"),
+        1,
+    );
+    assert_eq!(
+        metric(&text, "spliced_bytes_total{route=\"web\",direction=\"up\"}"),
+        up
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "spliced_bytes_total{route=\"web\",direction=\"down\"}"
+        ),
+        down
+    );
+    assert_eq!(metric(&text, "spliced_connections_total{route=\"web\"}"), 1);
+    assert_eq!(
+        metric(&text, "spliced_connections_active{route=\"web\"}"),
+        0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            &format!("spliced_route_data_path{{route=\"web\",path=\"{mode}\"}}")
+        ),
+        1
+    );
+    for reason in [
+        "connect",
+        "client",
+        "upstream",
+        "idle_timeout",
+        "max_connections",
+    ] {
+        let series =
+            format!("spliced_connections_failed_total{{route=\"web\",reason=\"{reason}\"}}");
+        assert_eq!(metric(&text, &series), 0, "{series}");
+    }
+    // A refused upstream is a failure with reason connect.
+    // The daemon resets the client, which may come before connect() returns.
+    match TcpStream::connect_timeout(&spliced.listening[1], Duration::from_secs(5)) {
+        Ok(mut c) => {
+            closed_within(&mut c, Duration::from_secs(10));
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    wait_metric(
+        metrics,
+        "spliced_connections_failed_total{route=\"dead\",reason=\"connect\"}",
+        1,
+    );
+    // Anything but GET /metrics gets an error status.
+    let mut s = TcpStream::connect_timeout(&metrics, Duration::from_secs(5)).unwrap();
+    set_timeouts(&s, Duration::from_secs(10));
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
+}
+per_mode!(
+    metrics_count_connections_bytes_and_failures,
+    super::metrics_count
+);
+
+#[test]
+fn metrics_are_off_by_default() {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write("copy", "", &[("web", &upstream, "")]);
+    let spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    spliced.wait_log("control socket", 1, LOG_WAIT);
+    assert!(!spliced.log().contains("metrics"), "{}", spliced.log());
+    // The process's only TCP listener is the route's.
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{}/fd", spliced.pid()))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?.to_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{}/net/{table}", spliced.pid())).unwrap();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
+                ports.push(u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap());
+            }
+        }
+    }
+    assert_eq!(
+        ports,
+        [spliced.addr().port()],
+        "listeners other than the route's"
+    );
+}
