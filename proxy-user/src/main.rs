@@ -16,6 +16,8 @@ fn main() -> ExitCode {
         Err(e) => return clap_error(&e),
     };
     init_logging();
+    // Kept for SIGHUP.
+    let config_path = cli.config.clone();
     let config = match cli.command {
         Some(Command::Check { ref config }) => {
             return match Config::load(config) {
@@ -63,25 +65,39 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let grace = config.grace_period;
+        let mut grace = config.grace_period;
         // Before anything is bound: a SIGTERM right after the "listening on" line must stop
         // the daemon gracefully, not kill it.
-        let signals = match Signals::new() {
+        let mut signals = match Signals::new() {
             Ok(s) => s,
             Err(e) => {
                 error!("cannot install the signal handlers: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let daemon = match Daemon::start(config).await {
+        let mut daemon = match Daemon::start(config).await {
             Ok(d) => d,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
-        let name = signals.stop().await;
-        info!("{name}: stopping");
+        loop {
+            match signals.next().await {
+                Signal::Stop(name) => {
+                    info!("{name}: stopping");
+                    break;
+                }
+                Signal::Reload => match &config_path {
+                    None => info!("SIGHUP: nothing to reload (no --config file)"),
+                    Some(path) => {
+                        if let Some(g) = reload(&mut daemon, path).await {
+                            grace = g;
+                        }
+                    }
+                },
+            }
+        }
         daemon.shutdown(grace).await;
         ExitCode::SUCCESS
     })
@@ -120,10 +136,54 @@ fn init_logging() {
         .init();
 }
 
+/// SIGHUP: re-reads the configuration file and applies it; an invalid file (or one whose new
+/// listeners cannot be bound) is logged error by error and the running configuration stays.
+/// Returns the new grace period when the reload was applied.
+async fn reload(daemon: &mut Daemon, path: &std::path::Path) -> Option<std::time::Duration> {
+    info!("SIGHUP: reloading {}", path.display());
+    let fail = |errors: &[String]| {
+        for e in errors {
+            error!("reload: {e}");
+        }
+        error!(
+            "reload: {} error(s); still running the previous configuration",
+            errors.len()
+        );
+    };
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            fail(&errors.into_iter().map(|e| e.0).collect::<Vec<_>>());
+            return None;
+        }
+    };
+    let grace = config.grace_period;
+    match daemon.reload(config).await {
+        Ok(s) => {
+            info!(
+                "reload: configuration applied: {} route(s) added, {} removed, {} changed",
+                s.added, s.removed, s.changed
+            );
+            Some(grace)
+        }
+        Err(errors) => {
+            fail(&errors);
+            None
+        }
+    }
+}
+
+/// What a signal asks for.
+enum Signal {
+    Stop(&'static str),
+    Reload,
+}
+
 /// The signals the daemon acts on, installed once.
 struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -132,14 +192,16 @@ impl Signals {
         Ok(Signals {
             int: signal(SignalKind::interrupt())?,
             term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Waits for SIGINT or SIGTERM; returns its name.
-    async fn stop(mut self) -> &'static str {
+    /// Waits for SIGINT, SIGTERM or SIGHUP.
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.int.recv() => "SIGINT",
-            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
+    sync::watch,
     task::JoinHandle,
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -93,6 +93,8 @@ pub(crate) struct Shared {
     /// Live connections and per-route counters (status, metrics, idle timeouts).
     pub(crate) registry: Registry,
     send_buffer: Option<usize>,
+    /// The global `max_connections` (changed by a reload).
+    max_connections: AtomicU64,
     /// Fires when the grace period is over: live connections are reset.
     close_all: CancellationToken,
 }
@@ -100,25 +102,38 @@ pub(crate) struct Shared {
 struct RouteState {
     route: Route,
     path: DataPath,
-    local_addr: SocketAddr,
     /// The route's `max_buffered` per direction, from the one global pool (trap 8).
     budget: Budget,
-    /// The route's own `max_connections`, if it has one.
-    limit: Option<Arc<Semaphore>>,
     counters: Arc<RouteCounters>,
+}
+
+/// One listener and the route its connections follow. A reload swaps the route in place (new
+/// connections follow the new one) or stops the listener.
+struct Slot {
+    local_addr: SocketAddr,
+    route: watch::Sender<Arc<RouteState>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Slot {
+    fn state(&self) -> Arc<RouteState> {
+        self.route.borrow().clone()
+    }
 }
 
 /// A running spliced.
 pub struct Daemon {
-    routes: Vec<Arc<RouteState>>,
+    slots: Vec<Slot>,
     shared: Arc<Shared>,
-    stop_accepting: CancellationToken,
-    accept_loops: Vec<JoinHandle<()>>,
+    pool: Arc<Pool>,
     connections: TaskTracker,
     control: Option<ControlSocket>,
     metrics: Option<(SocketAddr, JoinHandle<()>)>,
     /// Stops the control socket and the metrics endpoint, once the connections are gone.
     stop_service: CancellationToken,
+    /// The configuration running now.
+    config: Config,
 }
 
 impl Daemon {
@@ -149,94 +164,232 @@ impl Daemon {
         } else {
             None
         };
-        let have_sockmap = sockmap.is_some();
         let shared = Arc::new(Shared {
             sockmap,
             counters: Counters::default(),
             registry: Registry::default(),
             send_buffer: config.send_buffer,
+            max_connections: AtomicU64::new(config.max_connections as u64),
             close_all: CancellationToken::new(),
         });
-        let pool = Arc::new(Pool::new(config.max_buffered_total));
-        let limit = Arc::new(Semaphore::new(config.max_connections));
-        let stop_accepting = CancellationToken::new();
-        let connections = TaskTracker::new();
-        let mut routes = Vec::new();
+        let mut daemon = Daemon {
+            slots: Vec::new(),
+            pool: Arc::new(Pool::new(config.max_buffered_total)),
+            shared,
+            connections: TaskTracker::new(),
+            control: None,
+            metrics: None,
+            stop_service: CancellationToken::new(),
+            config: Config::new(Vec::new()),
+        };
         let mut listeners = Vec::new();
-        for route in config.routes {
-            let listener = bind(&route).await?;
-            let local_addr = listener
-                .local_addr()
-                .map_err(|e| StartError(format!("route {}: {e}", route.name)))?;
-            let path = match route.mode {
-                Mode::Auto if have_sockmap => DataPath::Sockmap,
-                Mode::Auto => DataPath::Splice,
-                Mode::Sockmap => DataPath::Sockmap,
-                Mode::Splice => DataPath::Splice,
-                Mode::Copy => DataPath::Copy,
-            };
-            info!(
-                "route {}: listening on {local_addr}, upstream {}, data path {path}",
-                route.name, route.upstream
-            );
-            let budget = Budget {
-                per_direction: route.max_buffered,
-                pool: pool.clone(),
-            };
-            let counters = shared.registry.route(&route.name);
-            counters.set_path(path);
-            routes.push(Arc::new(RouteState {
-                limit: route.max_connections.map(|n| Arc::new(Semaphore::new(n))),
-                route,
-                path,
-                local_addr,
-                budget,
-                counters,
-            }));
-            listeners.push(listener);
+        for route in &config.routes {
+            listeners.push(bind(route).await?);
         }
-        let stop_service = CancellationToken::new();
-        let metrics = match &config.metrics {
-            None => None,
-            Some(addr) => {
-                let (addr, task) = metrics::start(addr, shared.clone(), stop_service.clone())
+        if let Some(addr) = &config.metrics {
+            let (addr, task) =
+                metrics::start(addr, daemon.shared.clone(), daemon.stop_service.clone())
                     .await
                     .map_err(|e| StartError(format!("metrics: cannot listen on {addr}: {e}")))?;
-                info!("metrics: Prometheus text on http://{addr}/metrics");
-                Some((addr, task))
-            }
-        };
-        let control = control::start(&config.control_socket, shared.clone(), stop_service.clone());
-        if control.is_some() {
+            info!("metrics: Prometheus text on http://{addr}/metrics");
+            daemon.metrics = Some((addr, task));
+        }
+        daemon.control = control::start(
+            &config.control_socket,
+            daemon.shared.clone(),
+            daemon.stop_service.clone(),
+        );
+        if daemon.control.is_some() {
             info!(
                 "control socket {}: `spliced status` answers here",
                 config.control_socket.display()
             );
         }
-        let accept_loops = routes
-            .iter()
-            .zip(listeners)
-            .map(|(route, listener)| {
-                tokio::spawn(accept_loop(
-                    listener,
-                    route.clone(),
-                    shared.clone(),
-                    limit.clone(),
-                    connections.clone(),
-                    stop_accepting.clone(),
+        for route in &config.routes {
+            daemon.path_for(route).map_err(StartError)?;
+        }
+        for (route, listener) in config.routes.iter().zip(listeners) {
+            let slot = daemon.open(route.clone(), listener);
+            daemon.slots.push(slot);
+        }
+        daemon.config = config;
+        Ok(daemon)
+    }
+
+    /// The data path a route gets: what its mode asks for, `auto` resolved by whether the eBPF
+    /// program is loaded.
+    fn path_for(&self, route: &Route) -> Result<DataPath, String> {
+        let have_sockmap = self.shared.sockmap.is_some();
+        Ok(match route.mode {
+            Mode::Auto if have_sockmap => DataPath::Sockmap,
+            Mode::Auto => DataPath::Splice,
+            Mode::Sockmap if have_sockmap => DataPath::Sockmap,
+            Mode::Sockmap => {
+                return Err(format!(
+                    "route {}: mode sockmap needs the eBPF program, which this daemon did not \
+                     load (no route used it at start, or the kernel refused it); restart \
+                     spliced, or use mode auto, splice or copy",
+                    route.name
                 ))
-            })
-            .collect();
-        Ok(Daemon {
-            routes,
-            shared,
-            stop_accepting,
-            accept_loops,
-            connections,
-            control,
-            metrics,
-            stop_service,
+            }
+            Mode::Splice => DataPath::Splice,
+            Mode::Copy => DataPath::Copy,
         })
+    }
+
+    /// The state of a route whose [`Daemon::path_for`] was checked (a sockmap route without
+    /// the program would get splice).
+    fn state(&self, route: Route) -> Arc<RouteState> {
+        let path = self.path_for(&route).unwrap_or(DataPath::Splice);
+        let counters = self.shared.registry.route(&route.name);
+        counters.set_path(path);
+        Arc::new(RouteState {
+            budget: Budget {
+                per_direction: route.max_buffered,
+                pool: self.pool.clone(),
+            },
+            route,
+            path,
+            counters,
+        })
+    }
+
+    /// Starts accepting on `listener` (bound to `local_addr`) for `route`.
+    fn open(&self, route: Route, (listener, local_addr): (TcpListener, SocketAddr)) -> Slot {
+        let state = self.state(route);
+        info!(
+            "route {}: listening on {local_addr}, upstream {}, data path {}",
+            state.route.name, state.route.upstream, state.path
+        );
+        let (tx, rx) = watch::channel(state);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(
+            listener,
+            rx,
+            self.shared.clone(),
+            self.connections.clone(),
+            stop.clone(),
+        ));
+        Slot {
+            local_addr,
+            route: tx,
+            stop,
+            task,
+        }
+    }
+
+    /// Applies a new configuration (SIGHUP): new routes start, removed routes stop accepting,
+    /// changed routes apply to new connections; established connections are untouched. A route
+    /// keeps its listener when its listen address is unchanged (matched by name, or by address
+    /// when the name changed). Nothing changes unless every new listener could be bound; then
+    /// the errors are returned and the old configuration stays.
+    ///
+    /// Top-level keys that only take effect at start (`send_buffer`, `max_buffered_total`,
+    /// `control_socket`, `metrics`) are reported as warnings when changed; `max_connections`
+    /// and `grace_period` apply at once.
+    pub async fn reload(&mut self, config: Config) -> Result<ReloadSummary, Vec<String>> {
+        let mut errors = Vec::new();
+        // Which old slot each new route reuses.
+        let mut reuse: Vec<Option<usize>> = Vec::new();
+        let mut taken = vec![false; self.slots.len()];
+        for route in &config.routes {
+            if let Err(e) = self.path_for(route) {
+                errors.push(e);
+            }
+            let same_listen = |i: usize| {
+                let old = &self.config.routes[i];
+                old.listen == route.listen && (route.listen.port != 0 || old.name == route.name)
+            };
+            let by_name = (0..self.slots.len())
+                .find(|&i| !taken[i] && self.config.routes[i].name == route.name && same_listen(i));
+            let found =
+                by_name.or_else(|| (0..self.slots.len()).find(|&i| !taken[i] && same_listen(i)));
+            if let Some(i) = found {
+                taken[i] = true;
+            }
+            reuse.push(found);
+        }
+        let mut fresh = Vec::new();
+        for (route, found) in config.routes.iter().zip(&reuse) {
+            if found.is_none() {
+                match bind(route).await {
+                    Ok(l) => fresh.push(Some(l)),
+                    Err(e) => {
+                        errors.push(e.0);
+                        fresh.push(None);
+                    }
+                }
+            } else {
+                fresh.push(None);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        for (key, changed) in [
+            ("send_buffer", config.send_buffer != self.config.send_buffer),
+            (
+                "max_buffered_total",
+                config.max_buffered_total != self.config.max_buffered_total,
+            ),
+            (
+                "control_socket",
+                config.control_socket != self.config.control_socket,
+            ),
+            (
+                "metrics",
+                config.metrics.as_ref().map(ToString::to_string)
+                    != self.config.metrics.as_ref().map(ToString::to_string),
+            ),
+        ] {
+            if changed {
+                warn!("reload: {key} changed; it takes effect only when spliced restarts");
+            }
+        }
+        self.shared
+            .max_connections
+            .store(config.max_connections as u64, Ordering::Relaxed);
+        let mut summary = ReloadSummary::default();
+        let mut old: Vec<Option<Slot>> = self.slots.drain(..).map(Some).collect();
+        let old_routes = std::mem::take(&mut self.config.routes);
+        let mut slots = Vec::new();
+        for ((route, found), listener) in config.routes.iter().zip(reuse).zip(fresh) {
+            match (found, listener) {
+                (Some(i), _) => {
+                    let slot = old[i].take().expect("each old slot is reused once");
+                    let before = &old_routes[i];
+                    if before.name != route.name || !same_route(before, route) {
+                        let state = self.state(route.clone());
+                        info!(
+                            "route {}: changed; new connections go to {} on data path {}",
+                            route.name, route.upstream, state.path
+                        );
+                        slot.route.send_replace(state);
+                        summary.changed += 1;
+                    }
+                    slots.push(slot);
+                }
+                (None, Some(listener)) => {
+                    slots.push(self.open(route.clone(), listener));
+                    summary.added += 1;
+                }
+                (None, None) => unreachable!("bound above"),
+            }
+        }
+        for (slot, route) in old.into_iter().zip(&old_routes) {
+            if let Some(slot) = slot {
+                info!(
+                    "route {}: removed; stopped listening on {} (live connections carry on)",
+                    route.name, slot.local_addr
+                );
+                slot.stop.cancel();
+                let _ = slot.task.await;
+                summary.removed += 1;
+            }
+        }
+        self.slots = slots;
+        self.config = config;
+        Ok(summary)
     }
 
     /// The address the metrics endpoint listens on, if it is on.
@@ -246,19 +399,16 @@ impl Daemon {
 
     /// The bound address of route `name` (useful with port 0).
     pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
-        self.route(route).map(|r| r.local_addr)
+        self.slot(route).map(|s| s.local_addr)
     }
 
     /// The data path route `name` uses for new connections (what `auto` chose).
     pub fn data_path(&self, route: &str) -> Option<DataPath> {
-        self.route(route).map(|r| r.path)
+        self.slot(route).map(|s| s.state().path)
     }
 
-    fn route(&self, name: &str) -> Option<&RouteState> {
-        self.routes
-            .iter()
-            .map(|r| &**r)
-            .find(|r| r.route.name == name)
+    fn slot(&self, name: &str) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.state().route.name == name)
     }
 
     /// Counters so far.
@@ -278,9 +428,11 @@ impl Daemon {
     /// Stops accepting, lets live connections run for `grace`, then resets the ones left.
     /// The eBPF program and maps are released when the last connection is gone.
     pub async fn shutdown(self, grace: Duration) {
-        self.stop_accepting.cancel();
-        for task in self.accept_loops {
-            let _ = task.await;
+        for slot in &self.slots {
+            slot.stop.cancel();
+        }
+        for slot in self.slots {
+            let _ = slot.task.await;
         }
         self.connections.close();
         let live = self.connections.len();
@@ -309,6 +461,27 @@ impl Daemon {
     }
 }
 
+/// What a reload changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub added: usize,
+    pub removed: usize,
+    pub changed: usize,
+}
+
+/// Whether two routes of the same name behave the same (`Route` has no `PartialEq`: endpoints
+/// compare by their text).
+fn same_route(a: &Route, b: &Route) -> bool {
+    a.listen == b.listen
+        && a.upstream.to_string() == b.upstream.to_string()
+        && a.mode == b.mode
+        && a.interface == b.interface
+        && a.connect_timeout == b.connect_timeout
+        && a.max_buffered == b.max_buffered
+        && a.max_connections == b.max_connections
+        && a.idle_timeout == b.idle_timeout
+}
+
 async fn load_sockmap() -> Result<Sockmap, String> {
     let sockmap = Sockmap::load(crate::EBPF_OBJECT).map_err(|e| e.to_string())?;
     let sockmap = Arc::new(sockmap);
@@ -320,7 +493,7 @@ async fn load_sockmap() -> Result<Sockmap, String> {
     Arc::into_inner(sockmap).ok_or_else(|| "sockmap probe kept a reference".to_owned())
 }
 
-async fn bind(route: &Route) -> Result<TcpListener, StartError> {
+async fn bind(route: &Route) -> Result<(TcpListener, SocketAddr), StartError> {
     let fail = |e: &dyn std::fmt::Display| {
         StartError(format!(
             "route {}: cannot listen on {}: {e}",
@@ -352,14 +525,15 @@ async fn bind(route: &Route) -> Result<TcpListener, StartError> {
         };
         fail(&format!("{e}{hint}"))
     })?;
-    socket.listen(1024).map_err(|e| fail(&e))
+    let listener = socket.listen(1024).map_err(|e| fail(&e))?;
+    let local_addr = listener.local_addr().map_err(|e| fail(&e))?;
+    Ok((listener, local_addr))
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    route: Arc<RouteState>,
+    route: watch::Receiver<Arc<RouteState>>,
     shared: Arc<Shared>,
-    limit: Arc<Semaphore>,
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
@@ -368,35 +542,17 @@ async fn accept_loop(
             r = listener.accept() => r,
             () = stop.cancelled() => return,
         };
+        // The route as of now: a reload applies to connections accepted after it.
+        let route = route.borrow().clone();
         match accepted {
             Ok((client, peer)) => {
                 shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                 route.counters.total.fetch_add(1, Ordering::Relaxed);
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    route.counters.fail(Failure::MaxConnections);
-                    warn!(route = %route.route.name, client = %peer, "connection limit (max_connections) reached: connection refused");
+                let Some(live) = Live::enter(&shared, &route) else {
                     let _ = sockopt::set_linger_zero(&client);
                     continue;
                 };
-                let route_permit = match &route.limit {
-                    None => None,
-                    Some(l) => match l.clone().try_acquire_owned() {
-                        Ok(p) => Some(p),
-                        Err(_) => {
-                            route.counters.fail(Failure::RouteMaxConnections);
-                            warn!(route = %route.route.name, client = %peer, "route connection limit (route max_connections) reached: connection refused");
-                            let _ = sockopt::set_linger_zero(&client);
-                            continue;
-                        }
-                    },
-                };
-                connections.spawn(connection(
-                    client,
-                    peer,
-                    route.clone(),
-                    shared.clone(),
-                    (permit, route_permit),
-                ));
+                connections.spawn(connection(client, peer, route, shared.clone(), live));
             }
             Err(e) if is_resource_exhaustion(&e) => {
                 // EMFILE and friends: the pending connection stays queued; retrying at once
@@ -406,6 +562,48 @@ async fn accept_loop(
             }
             Err(e) => debug!(route = %route.route.name, "accept: {e}"),
         }
+    }
+}
+
+/// A connection counted as live, globally and for its route; counted out when dropped.
+struct Live {
+    shared: Arc<Shared>,
+    counters: Arc<RouteCounters>,
+}
+
+impl Live {
+    /// Counts a new connection in, or refuses it (counted as failed, logged) when it would take
+    /// the daemon past `max_connections` or the route past its own.
+    fn enter(shared: &Arc<Shared>, route: &RouteState) -> Option<Live> {
+        let name = &route.route.name;
+        let all = shared.counters.active.fetch_add(1, Ordering::AcqRel) + 1;
+        let live = Live {
+            shared: shared.clone(),
+            counters: route.counters.clone(),
+        };
+        let mine = route.counters.active.fetch_add(1, Ordering::AcqRel) + 1;
+        if all > shared.max_connections.load(Ordering::Relaxed) {
+            route.counters.fail(Failure::MaxConnections);
+            warn!(route = %name, "connection limit (max_connections) reached: connection refused");
+            return None;
+        }
+        if route
+            .route
+            .max_connections
+            .is_some_and(|max| mine > max as u64)
+        {
+            route.counters.fail(Failure::RouteMaxConnections);
+            warn!(route = %name, "route connection limit (route max_connections) reached: connection refused");
+            return None;
+        }
+        Some(live)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.shared.counters.active.fetch_sub(1, Ordering::AcqRel);
+        self.counters.active.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -493,19 +691,10 @@ async fn connection(
     peer: SocketAddr,
     route: Arc<RouteState>,
     shared: Arc<Shared>,
-    permits: (OwnedSemaphorePermit, Option<OwnedSemaphorePermit>),
+    _live: Live,
 ) {
     let counters = &shared.counters;
     let rc = &route.counters;
-    counters.active.fetch_add(1, Ordering::Relaxed);
-    rc.active.fetch_add(1, Ordering::Relaxed);
-    // Counted down on every way out, once the slots are free again: whoever sees the count
-    // drop can connect.
-    let _active = scopeguard(move || {
-        drop(permits);
-        counters.active.fetch_sub(1, Ordering::Relaxed);
-        rc.active.fetch_sub(1, Ordering::Relaxed);
-    });
     let entry = shared.registry.add(&route.route.name, peer);
     let started = Instant::now();
     let name = &route.route.name;
@@ -595,19 +784,6 @@ async fn connection(
         None | Some(Failure::Client | Failure::Upstream | Failure::IdleTimeout) => log_line!(info),
         _ => log_line!(warn),
     }
-}
-
-/// Runs `f` when dropped.
-fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
-    struct Guard<F: FnOnce()>(Option<F>);
-    impl<F: FnOnce()> Drop for Guard<F> {
-        fn drop(&mut self) {
-            if let Some(f) = self.0.take() {
-                f();
-            }
-        }
-    }
-    Guard(Some(f))
 }
 
 /// Runs the connection on the route's data path; sockmap hands connections it cannot take to

@@ -570,3 +570,228 @@ fn metrics_are_off_by_default() {
         "listeners other than the route's"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// SIGHUP reload.
+
+/// The address route `name` last logged it listens on.
+fn route_addr(spliced: &Spliced, name: &str) -> SocketAddr {
+    let needle = format!("route {name}: listening on ");
+    let log = spliced.wait_log(&needle, 1, LOG_WAIT);
+    let line = log.lines().rev().find(|l| l.contains(&needle)).unwrap();
+    let rest = line.split(&needle).nth(1).unwrap();
+    rest.split(',').next().unwrap().parse().unwrap()
+}
+
+/// Sends SIGHUP and waits for the `count`-th log line containing `outcome`.
+fn hup(spliced: &Spliced, outcome: &str, count: usize) -> String {
+    // SAFETY: kill on the test's own child.
+    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
+    spliced.wait_log(outcome, count, LOG_WAIT)
+}
+
+fn connect_to(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    set_timeouts(&s, Duration::from_secs(60));
+    s
+}
+
+fn reload_routes(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let one = topo.listen();
+    let two = topo.listen();
+    let up_one = topo.upstream(one.local_addr().unwrap().port());
+    let up_two = topo.upstream(two.local_addr().unwrap().port());
+    let config = dir.write(
+        mode,
+        "metrics = \"127.0.0.1:0\"",
+        &[("moved", &up_one, ""), ("gone", &up_one, "")],
+    );
+    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 2) else {
+        return;
+    };
+    let (moved, gone) = (route_addr(&spliced, "moved"), route_addr(&spliced, "gone"));
+
+    // A transfer in progress on "moved": 64 MiB up, of which the upstream has read only the
+    // first MiB when the configuration changes.
+    let len = 64 << 20;
+    let mut c = connect_to(moved);
+    let mut s = accept(&one, ACCEPT);
+    let sender = {
+        let mut c = c.try_clone().unwrap();
+        thread::spawn(move || {
+            let hash = Payload::new(len, 7).send(&mut c).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            hash
+        })
+    };
+    let head = read_exact(&mut s, 1 << 20);
+
+    // "moved" now goes to the second upstream, "gone" is removed, "new" is added.
+    dir.write(
+        mode,
+        "metrics = \"127.0.0.1:0\"",
+        &[
+            ("moved", &up_two, ""),
+            ("new", &up_one, "max_connections = 1"),
+        ],
+    );
+    let log = hup(&spliced, "reload: configuration applied", 1);
+    assert!(
+        log.contains("1 route(s) added, 1 removed, 1 changed"),
+        "{log}"
+    );
+    assert!(!log.contains("reload: metrics changed"), "{log}");
+    // The established transfer finishes intact, on the old upstream.
+    let mut hash = sha2_of(&head);
+    let n = receive_into(&mut s, &mut hash);
+    assert_eq!(n + head.len() as u64, len, "bytes after the reload");
+    assert_eq!(
+        finish(hash),
+        sender.join().unwrap(),
+        "SHA-256 across the reload"
+    );
+    s.write_all(b"done").unwrap();
+    drop(s);
+    let mut reply = Vec::new();
+    c.read_to_end(&mut reply).unwrap();
+    assert_eq!(reply, b"done");
+    drop(c);
+    let closed = spliced.wait_log("route=moved", 1, LOG_WAIT);
+    let line = closed.lines().find(|l| l.contains("route=moved")).unwrap();
+    assert!(line.contains(&format!("bytes_up={len}")), "{line}");
+    assert!(line.contains("end=complete"), "{line}");
+
+    // New connections on "moved" reach the second upstream.
+    let mut c = connect_to(moved);
+    let mut s = accept(&two, ACCEPT);
+    c.write_all(b"to two").unwrap();
+    assert_eq!(read_exact(&mut s, 6), b"to two");
+    // "gone" no longer accepts.
+    match TcpStream::connect_timeout(&gone, Duration::from_secs(2)) {
+        Ok(_) => panic!("the removed route still accepts on {gone}"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+    }
+    // "new" works, with its own limit.
+    let new = route_addr(&spliced, "new");
+    let mut n1 = connect_to(new);
+    let mut s1 = accept(&one, ACCEPT);
+    n1.write_all(b"new").unwrap();
+    assert_eq!(read_exact(&mut s1, 3), b"new");
+    match TcpStream::connect_timeout(&new, Duration::from_secs(5)) {
+        Ok(mut extra) => {
+            closed_within(&mut extra, Duration::from_secs(5));
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    wait_metric(
+        metrics_addr(&spliced),
+        "spliced_connections_failed_total{route=\"new\",reason=\"route_max_connections\"}",
+        1,
+    );
+}
+per_mode!(reload_starts_stops_and_changes_routes, super::reload_routes);
+
+fn sha2_of(bytes: &[u8]) -> sha2::Sha256 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(bytes);
+    h
+}
+
+/// Reads `r` to EOF into `hash`; returns the byte count.
+fn receive_into(r: &mut TcpStream, hash: &mut sha2::Sha256) -> u64 {
+    use sha2::Digest;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r.expect("read the upload"),
+        };
+        if n == 0 {
+            return total;
+        }
+        hash.update(&buf[..n]);
+        total += n as u64;
+    }
+}
+
+fn finish(hash: sha2::Sha256) -> [u8; 32] {
+    use sha2::Digest;
+    hash.finalize().into()
+}
+
+#[test]
+fn reload_with_errors_keeps_the_running_configuration() {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let config = dir.write("copy", "", &[("web", &upstream, "")]);
+    let spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    let web = spliced.addr();
+
+    // Two mistakes: both are logged with file:line:column, nothing changes.
+    let broken = format!(
+        "mode = \"copy\"\ncontrol_socket = \"{}\"\nmax_conections = 5\n[[route]]\nname = \"web\"\n\
+         listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nidle_timeout = \"0s\"\n",
+        dir.socket()
+    );
+    fs::write(&config, broken).unwrap();
+    let log = hup(&spliced, "still running the previous configuration", 1);
+    assert!(
+        log.contains(&format!(
+            "reload: {config}:3:1: max_conections: unknown key; did you mean `max_connections`?"
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "reload: {config}:8:16: route[0].idle_timeout: must be more than 0"
+        )),
+        "{log}"
+    );
+    assert!(log.contains("reload: 2 error(s); still running"), "{log}");
+
+    // A new route whose address is taken: not applied either, the old routes stay.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap();
+    let text = format!(
+        "mode = \"copy\"\ncontrol_socket = \"{}\"\n[[route]]\nname = \"web\"\n\
+         listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n[[route]]\nname = \"busy\"\n\
+         listen = \"{taken_addr}\"\nupstream = \"{upstream}\"\n",
+        dir.socket()
+    );
+    fs::write(&config, text).unwrap();
+    let log = hup(&spliced, "still running the previous configuration", 2);
+    assert!(
+        log.contains(&format!(
+            "reload: route busy: cannot listen on {taken_addr}"
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("route busy: listening"), "{log}");
+    // The running route still forwards, and the daemon is alive.
+    let mut c = connect_to(web);
+    let mut s = accept(&listener, ACCEPT);
+    c.write_all(b"still here").unwrap();
+    assert_eq!(read_exact(&mut s, 10), b"still here");
+    assert!(!spliced.log().contains("reload: configuration applied"));
+}
+
+#[test]
+fn sighup_without_a_config_file_changes_nothing() {
+    let topo = Topology::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let mut spliced = Spliced::route("copy", &upstream, &[]).unwrap();
+    hup(&spliced, "SIGHUP: nothing to reload (no --config file)", 1);
+    spliced.assert_running();
+    let mut c = spliced.connect();
+    let mut s = accept(&listener, ACCEPT);
+    c.write_all(b"ok").unwrap();
+    assert_eq!(read_exact(&mut s, 2), b"ok");
+}
