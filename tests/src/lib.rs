@@ -29,6 +29,20 @@ use sha2::{Digest, Sha256};
 /// The data paths the suite runs against.
 pub const MODES: [&str; 3] = ["sockmap", "splice", "copy"];
 
+/// `default` bytes, or `SPLICED_TEST_BULK_MIB` MiB when that is set: `cargo xtask
+/// integration-test vm` scales bulk transfers down, QEMU without KVM being far slower.
+pub fn bulk_bytes(default: u64) -> u64 {
+    match std::env::var("SPLICED_TEST_BULK_MIB") {
+        Ok(v) => {
+            let mib: u64 = v
+                .parse()
+                .unwrap_or_else(|_| panic!("SPLICED_TEST_BULK_MIB={v:?} is not a number"));
+            mib << 20
+        }
+        Err(_) => default,
+    }
+}
+
 /// Runs `cmd`, panicking with its stderr unless it succeeds.
 pub fn sh(args: &[&str]) -> String {
     let out = Command::new(args[0])

@@ -25,8 +25,11 @@ use tests::{
     Payload, Spliced, Topology,
 };
 
-/// Size of each direction of the bulk transfers.
-const BULK: u64 = 256 << 20;
+/// Size of each direction of the bulk transfers (tests named `_256mib`); the VM suite scales it
+/// down with `SPLICED_TEST_BULK_MIB`.
+fn bulk() -> u64 {
+    tests::bulk_bytes(256 << 20)
+}
 /// How long a bulk transfer may take (the sockets' own timeouts are 60 s per call).
 const BULK_LIMIT: Duration = Duration::from_secs(60);
 /// How long the upstream may wait for the daemon's dial.
@@ -161,23 +164,27 @@ fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, 
 }
 
 fn upload(mode: &str) {
-    transfer(mode, (BULK, Fin::AfterSending), (0, Fin::AfterEof));
+    transfer(mode, (bulk(), Fin::AfterSending), (0, Fin::AfterEof));
 }
 per_mode!(upload_256mib, super::upload);
 
 fn download(mode: &str) {
-    transfer(mode, (0, Fin::AfterEof), (BULK, Fin::AfterSending));
+    transfer(mode, (0, Fin::AfterEof), (bulk(), Fin::AfterSending));
 }
 per_mode!(download_256mib, super::download);
 
 fn bidirectional(mode: &str) {
-    transfer(mode, (BULK, Fin::AfterSending), (BULK, Fin::AfterSending));
+    transfer(
+        mode,
+        (bulk(), Fin::AfterSending),
+        (bulk(), Fin::AfterSending),
+    );
 }
 per_mode!(both_ways_256mib, super::bidirectional);
 
 /// The client half-closes at once, then downloads (a request ended by SHUT_WR, a large reply).
 fn download_after_fin(mode: &str) {
-    transfer(mode, (0, Fin::AfterSending), (BULK, Fin::AfterSending));
+    transfer(mode, (0, Fin::AfterSending), (bulk(), Fin::AfterSending));
 }
 per_mode!(download_after_client_fin_256mib, super::download_after_fin);
 

@@ -4,6 +4,8 @@
 //! - `build [--release]`: build `spliced` with its eBPF object and print the binary's path;
 //! - `run [--release] -- ARGS`: build, then exec `spliced ARGS` as root;
 //! - `test [ARGS]`: every check and test (what CI runs);
+//! - `integration-test local [ARGS]`: the integration suite on the host kernel;
+//! - `integration-test vm [--kernel VERSION ...]`: the suite in QEMU on Debian cloud kernels;
 //! - `demo`: a link-local HTTP upstream in a namespace, spliced in front of it, a curl through it;
 //! - `bench [--quick] [--output FILE]`: spliced against direct, socat, HAProxy and
 //!   systemd-socket-proxyd; writes docs/benchmarks.md and docs/benchmarks.svg.
@@ -14,6 +16,7 @@ mod run;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use std::{ffi::OsString, process::ExitCode};
 
@@ -48,10 +51,33 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Run the integration suite on the host kernel (`local`) or in QEMU on other kernels (`vm`).
+    IntegrationTest {
+        #[command(subcommand)]
+        on: Where,
+    },
     /// Show spliced forwarding to a link-local HTTP server in a namespace, until Ctrl-C.
     Demo,
     /// Benchmark spliced against direct, socat, HAProxy and systemd-socket-proxyd.
     Bench(bench::Args),
+}
+
+#[derive(Subcommand)]
+enum Where {
+    /// The integration tests (tests/) on the host kernel, as root.
+    Local {
+        /// Passed on to `cargo test` (a filter, or `-- --nocapture`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// A subset of the integration tests in QEMU (TCG) on Debian cloud kernels; one table row
+    /// per kernel. Fails if any kernel fails.
+    Vm {
+        /// A kernel series: 5.10, 6.1, 6.12, 7 (the newest of that series). Repeatable; default:
+        /// all of them.
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +87,12 @@ fn main() -> ExitCode {
         Command::Build { release } => build::command(release),
         Command::Run { release, args } => run::command(release, args),
         Command::Test { args } => test::command(args),
+        Command::IntegrationTest {
+            on: Where::Local { args },
+        } => test::local(args),
+        Command::IntegrationTest {
+            on: Where::Vm { kernels },
+        } => test::vm(kernels),
         Command::Demo => demo::command(),
         Command::Bench(args) => bench::command(args),
     };

@@ -94,6 +94,32 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
     steps.finish()
 }
 
+/// `cargo xtask integration-test local`: setup, the build, and the integration tests (tests/) on
+/// the host kernel, eBPF required.
+pub fn local(args: Vec<OsString>) -> Result<()> {
+    if !is_root() {
+        reexec_as_root()?;
+    }
+    crate::setup::run()?;
+    let bin = crate::build::build_spliced(false)?;
+    remove_stale_namespaces()?;
+    run(cargo()
+        .current_dir(workspace_root())
+        .env("SPLICED_REQUIRE_EBPF", "1")
+        .env("SPLICED_BIN", &bin)
+        .env("PATH", path_with_cargo_bin()?)
+        .args(["test", "-p", "tests"])
+        .args(&args))
+}
+
+/// `cargo xtask integration-test vm`: see [`crate::vm`]. Root for the packages it installs.
+pub fn vm(kernels: Vec<String>) -> Result<()> {
+    if !is_root() {
+        reexec_as_root()?;
+    }
+    crate::vm::command(kernels)
+}
+
 /// `cargo xtask bench --quick --output DIR/b.md` (this same xtask binary), stopped after
 /// [`BENCH_LIMIT`]; then its table is parsed back: a row for every contender, every column in
 /// every row, every cell a figure (see `bench::validate`).

@@ -21,6 +21,16 @@ const PACKAGES: &[&str] = &[
 /// `systemd-socket-proxyd`) and iperf3.
 const BENCH_PACKAGES: &[&str] = &["haproxy", "socat", "systemd", "iperf3"];
 
+/// What `cargo xtask integration-test vm` adds: QEMU (installed without its recommends, about
+/// 70 MB), busybox-static for the guest, `strip`, and xz/zstd for the kernel modules.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "binutils",
+    "xz-utils",
+    "zstd",
+];
+
 /// Installs the missing packages; `apt-get update` runs only when something is missing.
 pub fn ensure() -> Result<()> {
     ensure_list(PACKAGES)
@@ -29,6 +39,11 @@ pub fn ensure() -> Result<()> {
 /// Installs the bench's missing packages, the same way.
 pub fn ensure_bench() -> Result<()> {
     ensure_list(BENCH_PACKAGES)
+}
+
+/// Installs the VM suite's missing packages, the same way.
+pub fn ensure_vm() -> Result<()> {
+    ensure_list(VM_PACKAGES)
 }
 
 fn ensure_list(packages: &[&'static str]) -> Result<()> {

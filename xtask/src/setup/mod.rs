@@ -32,6 +32,14 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
+/// What `cargo xtask integration-test vm` adds: everything [`run`] installs, QEMU,
+/// busybox-static, the tools that unpack kernel packages and modules, and the musl target.
+pub fn vm() -> Result<()> {
+    run()?;
+    apt::ensure_vm()?;
+    toolchain::ensure_target("x86_64-unknown-linux-musl")
+}
+
 /// The Debian packages `cargo xtask bench` runs (HAProxy, socat, systemd-socket-proxyd, iperf3).
 pub fn bench_packages() -> Result<()> {
     apt::ensure_bench()

@@ -83,3 +83,18 @@ fn component(marker: &Path, name: &str, toolchain: Option<&str>) -> Result<Outco
     run(&mut cmd)?;
     Ok(Outcome::Installed(String::new()))
 }
+
+/// Adds rustup target `target` to the toolchain running xtask unless it is installed.
+pub fn ensure_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?
+        .lines()
+        .any(|l| l.trim() == target);
+    let outcome = if installed {
+        Outcome::Ok
+    } else {
+        run(Command::new("rustup").args(["target", "add", target]))?;
+        Outcome::Installed(String::new())
+    };
+    report(&format!("rust target {target}"), &outcome);
+    Ok(())
+}

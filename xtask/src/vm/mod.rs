@@ -1,0 +1,408 @@
+//! `cargo xtask integration-test vm [--kernel VERSION ...]`: the integration suite inside QEMU
+//! (TCG) on Debian cloud kernels other than the host's.
+//!
+//! For each kernel: fetch and cache its packages ([`kernel`]), pack an initramfs with static
+//! (musl) `spliced` and test binaries ([`initramfs`]), boot it ([`qemu`]), read the markers and
+//! libtest's result lines from the console, and print one table row: kernel, data path `auto`
+//! chose (and why not sockmap), tests passed/failed, time.
+//!
+//! Under TCG the host suite is far too slow (256 MiB transfers, 68 s of backpressure tests), so
+//! the guest runs a subset of the real test binaries, [`VM_TESTS`], with bulk transfers scaled
+//! to [`VM_BULK_MIB`] MiB (`SPLICED_TEST_BULK_MIB`). eBPF is required (tests fail, not skip)
+//! on a kernel where spliced's own start-up probe chose sockmap; on one where it did not, the
+//! sockmap tests skip and the table's data path column says so, with the probe's reason.
+pub mod initramfs;
+pub mod kernel;
+mod qemu;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::util::{cargo, output, path_with_cargo_bin, workspace_root};
+use initramfs::TestBin;
+
+/// Every kernel series the suite knows how to fetch, oldest first.
+pub const ALL_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7"];
+
+/// Payload of each direction of the VM's bulk transfers, in MiB (256 on the host).
+pub const VM_BULK_MIB: u32 = 8;
+
+/// How long one guest may run, boot to power-off.
+const GUEST_LIMIT: Duration = Duration::from_secs(900);
+
+/// The tests the guest runs: binary, and libtest name filters (substrings).
+pub const VM_TESTS: &[(&str, &[&str])] = &[
+    (
+        "datapath",
+        &[
+            "upload_256mib",
+            "download_256mib",
+            "both_ways_256mib",
+            "half_close",
+            "server_speaks_first",
+            "client_speaks_first",
+            "upstream_reset",
+            "upstream_refused",
+            "zone_by_",
+            "hostname_upstream",
+            "ipv4_upstream",
+            "veth_recreated",
+        ],
+    ),
+    (
+        "cli",
+        &[
+            "check_",
+            "bad_command_lines",
+            "connection_log_line",
+            "rust_log_debug_shows_the_ebpf_fin_record",
+            "startup_log_names_the_data_path",
+            "two_routes",
+            "sigterm_with_a_live_connection",
+        ],
+    ),
+];
+
+/// The musl target the guest binaries are built for (static, no libc needed in the guest).
+const MUSL: &str = "x86_64-unknown-linux-musl";
+
+/// What one guest run found.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// The data path mode auto chose (`sockmap`, `splice`), or `none` if spliced never listened.
+    pub auto: String,
+    /// Why not sockmap, when auto fell back.
+    pub why: Option<String>,
+    pub passed: u32,
+    pub failed: u32,
+    /// Test binaries that exited non-zero or never reported.
+    pub broken: Vec<String>,
+    /// Whether the guest's init reached its end.
+    pub done: bool,
+}
+
+impl Outcome {
+    pub fn ok(&self) -> bool {
+        self.done && self.broken.is_empty() && self.failed == 0 && self.passed > 0
+    }
+}
+
+/// Reads the guest's console: markers from `/init` and libtest's `test result:` lines.
+pub fn parse_console(console: &str, binaries: &[&str]) -> Outcome {
+    let mut o = Outcome {
+        auto: "none".into(),
+        ..Outcome::default()
+    };
+    let mut exited = Vec::new();
+    for line in console.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let n: u32 = n.trim_start_matches("ok.").parse().unwrap_or(0);
+                match what {
+                    "passed" => o.passed += n,
+                    "failed" => o.failed += n,
+                    _ => {}
+                }
+            }
+            continue;
+        }
+        let Some(m) = line.split_once("SPLICED-VM: ").map(|(_, m)| m) else {
+            continue;
+        };
+        if let Some(p) = m.strip_prefix("auto ") {
+            o.auto = p.trim().to_string();
+        } else if let Some(w) = m.strip_prefix("why ") {
+            o.why = Some(w.trim().to_string());
+        } else if let Some(e) = m.strip_prefix("exit ") {
+            let mut it = e.split_whitespace();
+            if let (Some(name), Some(rc)) = (it.next(), it.next()) {
+                exited.push(name.to_string());
+                if rc != "0" {
+                    o.broken.push(format!("{name} (exit {rc})"));
+                }
+            }
+        } else if m.trim() == "done" {
+            o.done = true;
+        }
+    }
+    for b in binaries {
+        if !exited.iter().any(|e| e == b) {
+            o.broken.push(format!("{b} (no exit status)"));
+        }
+    }
+    o
+}
+
+/// One row of the summary.
+struct Row {
+    kernel: String,
+    outcome: Result<Outcome, String>,
+    took: Duration,
+}
+
+/// Runs the suite on each of `kernels` (default: all of [`ALL_KERNELS`]) and prints the table;
+/// fails if any kernel failed.
+pub fn command(kernels: Vec<String>) -> Result<()> {
+    let kernels = if kernels.is_empty() {
+        ALL_KERNELS.iter().map(|s| s.to_string()).collect()
+    } else {
+        kernels
+    };
+    crate::setup::vm()?;
+    let work = kernel::cache_dir()?.join("vm");
+    fs::create_dir_all(&work)?;
+    eprintln!("vm: building spliced and the tests for {MUSL}");
+    let spliced = build_spliced(&work)?;
+    let tests = build_tests(&work)?;
+    let names: Vec<&str> = tests.iter().map(|t| t.name.as_str()).collect();
+    let mut rows = Vec::new();
+    for requested in &kernels {
+        let started = Instant::now();
+        let outcome = run_one(requested, &spliced, &tests, &work, &names);
+        let (kernel, outcome) = match outcome {
+            Ok((release, o)) => (release, Ok(o)),
+            Err(e) => {
+                eprintln!("vm: {requested}: {e:#}");
+                (requested.clone(), Err(format!("{e:#}")))
+            }
+        };
+        rows.push(Row {
+            kernel,
+            outcome,
+            took: started.elapsed(),
+        });
+    }
+    print_table(&rows);
+    let bad: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r.outcome.as_ref().is_ok_and(Outcome::ok))
+        .map(|r| r.kernel.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!("the VM suite failed on {}", bad.join(", "));
+    }
+    Ok(())
+}
+
+fn run_one(
+    requested: &str,
+    spliced: &Path,
+    tests: &[TestBin],
+    work: &Path,
+    names: &[&str],
+) -> Result<(String, Outcome)> {
+    let k = kernel::fetch(requested)?;
+    eprintln!("vm: {requested}: booting {} under TCG", k.release);
+    let initrd = work.join(format!("initramfs-{}.cpio", k.release));
+    initramfs::build(&k, spliced, tests, &guest_env(), &initrd)?;
+    let console = work.join(format!("console-{}.log", k.release));
+    let result = qemu::boot(
+        &k.vmlinuz,
+        &initrd,
+        &console,
+        GUEST_LIMIT,
+        &format!("vm {}: ", k.release),
+    );
+    let _ = fs::remove_file(&initrd);
+    let text = result?;
+    let outcome = parse_console(&text, names);
+    if !outcome.ok() {
+        eprintln!(
+            "vm: {}: failed; the whole console is in {}",
+            k.release,
+            console.display()
+        );
+    }
+    Ok((k.release, outcome))
+}
+
+fn print_table(rows: &[Row]) {
+    println!();
+    println!(
+        "VM suite (subset under TCG, bulk transfers {VM_BULK_MIB} MiB; see README \"Kernel requirements\")"
+    );
+    println!("| kernel | data path (auto) | passed | failed | time |\n|---|---|---|---|---|");
+    for r in rows {
+        let secs = r.took.as_secs();
+        match &r.outcome {
+            Ok(o) => {
+                let path = match &o.why {
+                    Some(why) => format!("{} ({why})", o.auto),
+                    None => o.auto.clone(),
+                };
+                let mut failed = o.failed.to_string();
+                if !o.broken.is_empty() {
+                    failed.push_str(&format!(" + {}", o.broken.join(", ")));
+                }
+                if !o.done {
+                    failed.push_str(" (guest did not finish)");
+                }
+                println!(
+                    "| {} | {path} | {} | {failed} | {}m{:02}s |",
+                    r.kernel,
+                    o.passed,
+                    secs / 60,
+                    secs % 60
+                );
+            }
+            Err(e) => println!(
+                "| {} | - | - | error: {e} | {}m{:02}s |",
+                r.kernel,
+                secs / 60,
+                secs % 60
+            ),
+        }
+    }
+}
+
+/// `cargo build --target musl` of `spliced` (with its eBPF object), stripped into `work`.
+fn build_spliced(work: &Path) -> Result<PathBuf> {
+    let out = output(
+        cargo()
+            .current_dir(workspace_root())
+            .env("SPLICED_REQUIRE_EBPF", "1")
+            .env("PATH", path_with_cargo_bin()?)
+            .args([
+                "build",
+                "--target",
+                MUSL,
+                "-p",
+                "proxy-user",
+                "--bin",
+                "spliced",
+            ])
+            .args(["--message-format=json-render-diagnostics"]),
+    )?;
+    let exe = executables(&out)
+        .into_iter()
+        .find(|(name, _)| name == "spliced")
+        .context("cargo built no spliced executable")?;
+    stripped(&exe.1, &work.join("spliced"))
+}
+
+/// `cargo test --no-run --target musl -p tests`: the test binaries of [`VM_TESTS`], stripped.
+fn build_tests(work: &Path) -> Result<Vec<TestBin>> {
+    let out = output(
+        cargo()
+            .current_dir(workspace_root())
+            .env("SPLICED_REQUIRE_EBPF", "1")
+            .env("PATH", path_with_cargo_bin()?)
+            .args(["test", "--no-run", "--target", MUSL, "-p", "tests"])
+            .args(VM_TESTS.iter().flat_map(|(name, _)| ["--test", name]))
+            .args(["--message-format=json-render-diagnostics"]),
+    )?;
+    let built = executables(&out);
+    let mut bins = Vec::new();
+    for (name, filters) in VM_TESTS {
+        let (_, path) = built
+            .iter()
+            .find(|(n, _)| n == name)
+            .with_context(|| format!("cargo built no test binary {name}"))?;
+        bins.push(TestBin {
+            name: name.to_string(),
+            path: stripped(path, &work.join(format!("test-{name}")))?,
+            filters: filters.iter().map(|f| f.to_string()).collect(),
+        });
+    }
+    Ok(bins)
+}
+
+/// (target name, executable) of every artifact in cargo's JSON messages.
+fn executables(json: &str) -> Vec<(String, PathBuf)> {
+    json.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact")
+        .filter_map(|v| {
+            let exe = v["executable"].as_str()?;
+            let name = v["target"]["name"].as_str()?;
+            Some((name.to_string(), PathBuf::from(exe)))
+        })
+        .collect()
+}
+
+/// Copies `from` to `to` without symbols (debug builds are mostly debug info: smaller guest).
+fn stripped(from: &Path, to: &Path) -> Result<PathBuf> {
+    let status = Command::new("strip")
+        .arg("-o")
+        .arg(to)
+        .arg(from)
+        .status()
+        .context("cannot run strip")?;
+    if !status.success() {
+        bail!("strip {} failed: {status}", from.display());
+    }
+    Ok(to.to_path_buf())
+}
+
+/// The environment the guest's tests run with.
+pub fn guest_env() -> Vec<(String, String)> {
+    vec![("SPLICED_TEST_BULK_MIB".into(), VM_BULK_MIB.to_string())]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONSOLE: &str = "\
+[    0.0] Linux version 5.10.0-46-cloud-amd64
+SPLICED-VM: kernel 5.10.0-46-cloud-amd64
+SPLICED-VM: auto splice
+SPLICED-VM: why sockmap probe: a byte sent before the insert did not arrive: timed out
+SPLICED-VM: start datapath
+
+running 3 tests
+test half_close::copy ... ok
+test result: ok. 30 passed; 0 failed; 0 ignored; 0 measured; 40 filtered out; finished in 3.10s
+
+SPLICED-VM: exit datapath 0
+SPLICED-VM: start cli
+test result: FAILED. 10 passed; 2 failed; 0 ignored; 0 measured; 5 filtered out; finished in 9.00s
+SPLICED-VM: exit cli 101
+SPLICED-VM: done
+";
+
+    #[test]
+    fn console_markers_and_results() {
+        let o = parse_console(CONSOLE, &["datapath", "cli"]);
+        assert_eq!(o.auto, "splice");
+        assert_eq!(
+            o.why.as_deref(),
+            Some("sockmap probe: a byte sent before the insert did not arrive: timed out")
+        );
+        assert_eq!((o.passed, o.failed), (40, 2));
+        assert_eq!(o.broken, ["cli (exit 101)"]);
+        assert!(o.done);
+        assert!(!o.ok());
+    }
+
+    #[test]
+    fn a_guest_that_stopped_early_fails() {
+        let text = "SPLICED-VM: auto sockmap\n\
+                    test result: ok. 5 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out\n\
+                    SPLICED-VM: exit datapath 0\n";
+        let o = parse_console(text, &["datapath", "cli"]);
+        assert_eq!(o.auto, "sockmap");
+        assert_eq!(o.passed, 5);
+        assert_eq!(o.broken, ["cli (no exit status)"]);
+        assert!(!o.done);
+        assert!(!o.ok());
+        let all = parse_console(
+            &format!("{text}SPLICED-VM: exit cli 0\nSPLICED-VM: done\n"),
+            &["datapath", "cli"],
+        );
+        assert!(all.ok());
+        // Nothing ran: not a pass.
+        assert!(!parse_console("SPLICED-VM: done\n", &[]).ok());
+    }
+}
