@@ -165,15 +165,20 @@ impl Sockmap {
     /// last microseconds), the client stays active and the result says so: the caller serves the
     /// upstream's direction in userspace. Taking an active socket out of `ACTIVE` while bytes
     /// arrive is never done: a verdict detached in the middle of a receive drops them.
-    pub fn insert(&self, pair: &Pair, limit: SockLimit) -> Result<Activation, InsertError> {
+    ///
+    /// `limit: None` leaves both sockets unbounded (the verdict's default without a `LIMITS`
+    /// entry) until the first [`Sockmap::set_limit`], and saves two map updates.
+    pub fn insert(&self, pair: &Pair, limit: Option<SockLimit>) -> Result<Activation, InsertError> {
         let mut m = self.maps();
         let zero = SockStats::default();
         let (c, u) = (pair.client_cookie, pair.upstream_cookie);
         let steps = (|| -> Result<(), aya::maps::MapError> {
             m.stats.insert(c, zero, 0)?;
             m.stats.insert(u, zero, 0)?;
-            m.limits.insert(c, limit, 0)?;
-            m.limits.insert(u, limit, 0)?;
+            if let Some(limit) = limit {
+                m.limits.insert(c, limit, 0)?;
+                m.limits.insert(u, limit, 0)?;
+            }
             m.targets.insert(c, pair.upstream, 0)?;
             m.targets.insert(u, pair.client, 0)?;
             m.active.insert(c, pair.client, 0)
@@ -193,6 +198,18 @@ impl Sockmap {
     /// leaving the maps drops the bytes still queued in its psock.
     pub fn remove(&self, pair: &Pair) {
         remove_all(&mut self.maps(), pair);
+    }
+
+    /// Drops the pair's counters and limits, for sockets that are closed right after: closing
+    /// a socket takes it out of every sockhash itself (`sock_map_close`), so the four sockhash
+    /// deletes of [`Sockmap::remove`] would only add work to every connection's end. The same
+    /// rule applies: only once no byte can arrive any more, or with both sides being reset.
+    pub fn forget(&self, pair: &Pair) {
+        let mut m = self.maps();
+        for cookie in [pair.client_cookie, pair.upstream_cookie] {
+            let _ = m.stats.remove(&cookie);
+            let _ = m.limits.remove(&cookie);
+        }
     }
 
     /// The verdict program's counters for a socket.
@@ -237,15 +254,7 @@ impl Sockmap {
         // Give the early byte time to land in b's receive queue before the insert.
         std::thread::sleep(Duration::from_millis(20));
         let activation = self
-            .insert(
-                &pair,
-                SockLimit {
-                    limit: u64::MAX,
-                    report_at: u64::MAX,
-                    generation: 1,
-                    consumed: 0,
-                },
-            )
+            .insert(&pair, None)
             .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
         let result = (|| {
             if activation != Activation::Both {
