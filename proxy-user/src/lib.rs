@@ -9,6 +9,7 @@ mod registry;
 mod server;
 mod sockmap;
 mod sockopt;
+pub mod systemd;
 mod watch;
 
 pub use config::{Config, Mode, Route};

@@ -8,7 +8,7 @@ use spliced::{
     config::{Config, ConfigError, DEFAULT_CONTROL_SOCKET, EX_USAGE},
     Daemon,
 };
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -56,6 +56,14 @@ fn main() -> ExitCode {
             Err(errors) => return usage_errors(&errors),
         },
     };
+    // Before any thread exists: this reads and removes the LISTEN_* variables.
+    let inherited = match spliced::systemd::listen_fds() {
+        Ok(i) => i,
+        Err(e) => {
+            error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     raise_fd_limit();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -75,25 +83,34 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let mut daemon = match Daemon::start(config).await {
+        let routes = config.routes.len();
+        let mut daemon = match Daemon::start_with(config, inherited).await {
             Ok(d) => d,
             Err(e) => {
                 error!("{e}");
                 return ExitCode::FAILURE;
             }
         };
+        notify(&format!("READY=1\nSTATUS=forwarding {routes} route(s)"));
         loop {
             match signals.next().await {
                 Signal::Stop(name) => {
                     info!("{name}: stopping");
+                    notify("STOPPING=1");
                     break;
                 }
                 Signal::Reload => match &config_path {
                     None => info!("SIGHUP: nothing to reload (no --config file)"),
                     Some(path) => {
-                        if let Some(g) = reload(&mut daemon, path).await {
-                            grace = g;
-                        }
+                        notify(&spliced::systemd::reloading_message());
+                        let status = match reload(&mut daemon, path).await {
+                            Some(g) => {
+                                grace = g;
+                                "configuration reloaded"
+                            }
+                            None => "reload failed; running the previous configuration",
+                        };
+                        notify(&format!("READY=1\nSTATUS={status}"));
                     }
                 },
             }
@@ -170,6 +187,13 @@ async fn reload(daemon: &mut Daemon, path: &std::path::Path) -> Option<std::time
             fail(&errors);
             None
         }
+    }
+}
+
+/// Tells the service manager (systemd, `Type=notify`) about a state change, if there is one.
+fn notify(state: &str) {
+    if let Err(e) = spliced::systemd::notify(state) {
+        warn!("cannot notify the service manager ({state:?}): {e}");
     }
 }
 

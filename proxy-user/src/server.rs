@@ -31,6 +31,7 @@ use crate::{
     registry::{Failure, Registry, RouteCounters},
     sockmap::Sockmap,
     sockopt,
+    systemd::Inherited,
 };
 
 /// The data path that carries a connection's bytes.
@@ -134,12 +135,47 @@ pub struct Daemon {
     stop_service: CancellationToken,
     /// The configuration running now.
     config: Config,
+    /// Listening sockets systemd handed over, by name: a route of that name takes a duplicate
+    /// instead of binding (so a route removed and added again by reloads gets it back).
+    inherited: Vec<Inherited>,
 }
 
 impl Daemon {
     /// Loads and probes the eBPF data path if a route may use it, binds every route's listener
     /// and starts accepting. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        Daemon::start_with(config, Vec::new()).await
+    }
+
+    /// [`Daemon::start`] with listening sockets handed over by systemd (socket activation): the
+    /// route named like a socket accepts on it instead of binding its `listen` address.
+    pub async fn start_with(
+        config: Config,
+        mut inherited: Vec<Inherited>,
+    ) -> Result<Daemon, StartError> {
+        let mut seen = std::collections::HashSet::new();
+        inherited.retain(|i| {
+            let first = seen.insert(i.name.clone());
+            if !first {
+                warn!(
+                    "socket activation: a second socket is named {:?}; only the first is used",
+                    i.name
+                );
+            }
+            first
+        });
+        for i in &inherited {
+            if !config.routes.iter().any(|r| r.name == i.name) {
+                warn!(
+                    "socket activation: socket {:?} ({}) matches no route name; kept for a \
+                     reload that adds a route of that name",
+                    i.name,
+                    i.listener
+                        .local_addr()
+                        .map_or("?".to_owned(), |a| a.to_string())
+                );
+            }
+        }
         let wants_sockmap = config
             .routes
             .iter()
@@ -181,10 +217,11 @@ impl Daemon {
             metrics: None,
             stop_service: CancellationToken::new(),
             config: Config::new(Vec::new()),
+            inherited,
         };
         let mut listeners = Vec::new();
         for route in &config.routes {
-            listeners.push(bind(route).await?);
+            listeners.push(daemon.listener(route).await?);
         }
         if let Some(addr) = &config.metrics {
             let (addr, task) =
@@ -254,6 +291,32 @@ impl Daemon {
         })
     }
 
+    /// The route's listener: a duplicate of the socket systemd passed under the route's name,
+    /// or else a new one bound to its `listen` address.
+    async fn listener(&self, route: &Route) -> Result<(TcpListener, SocketAddr), StartError> {
+        let Some(inherited) = self.inherited.iter().find(|i| i.name == route.name) else {
+            return bind(route).await;
+        };
+        let fail = |e: io::Error| {
+            StartError(format!(
+                "route {}: the socket systemd passed as {:?}: {e}",
+                route.name, inherited.name
+            ))
+        };
+        let listener = inherited
+            .listener
+            .try_clone()
+            .and_then(TcpListener::from_std)
+            .map_err(fail)?;
+        let local_addr = listener.local_addr().map_err(fail)?;
+        info!(
+            "route {}: socket-activated: systemd passed {local_addr} as {:?} (the route's listen \
+             address {} is not bound)",
+            route.name, inherited.name, route.listen
+        );
+        Ok((listener, local_addr))
+    }
+
     /// Starts accepting on `listener` (bound to `local_addr`) for `route`.
     fn open(&self, route: Route, (listener, local_addr): (TcpListener, SocketAddr)) -> Slot {
         let state = self.state(route);
@@ -312,7 +375,7 @@ impl Daemon {
         let mut fresh = Vec::new();
         for (route, found) in config.routes.iter().zip(&reuse) {
             if found.is_none() {
-                match bind(route).await {
+                match self.listener(route).await {
                     Ok(l) => fresh.push(Some(l)),
                     Err(e) => {
                         errors.push(e.0);

@@ -795,3 +795,296 @@ fn sighup_without_a_config_file_changes_nothing() {
     c.write_all(b"ok").unwrap();
     assert_eq!(read_exact(&mut s, 2), b"ok");
 }
+
+// ---------------------------------------------------------------------------------------------
+// systemd: socket activation and readiness notifications.
+
+/// A process with its stderr captured; SIGTERM then SIGKILL on drop.
+struct Child {
+    child: std::process::Child,
+    log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Child {
+    fn spawn(cmd: &mut Command) -> Child {
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let pipe = child.stderr.take().unwrap();
+        let sink = log.clone();
+        thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        Child { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + LOG_WAIT;
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log within {LOG_WAIT:?}:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: kill on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit within {limit:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("--- log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A free port on 127.0.0.1 (bound and released; nothing else here binds explicit ports).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The next datagram on the notify socket (at most 10 s).
+fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification within 10 s");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn socket_activation(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let notify_path = dir.path.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The route's own listen address is on no interface here: binding it would fail, so a
+    // working route proves the inherited socket is used.
+    let config = dir.write(mode, "", &[("web", &upstream, "")]);
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:0", "192.0.2.1:8080");
+    fs::write(&config, text).unwrap();
+    let (web_port, spare_port) = (free_port(), free_port());
+    let mut daemon = Child::spawn(
+        Command::new("systemd-socket-activate")
+            .arg(format!("--listen=127.0.0.1:{web_port}"))
+            .arg(format!("--listen=127.0.0.1:{spare_port}"))
+            .arg("--fdname=web:spare")
+            .arg(format!("--setenv=NOTIFY_SOCKET={}", notify_path.display()))
+            .arg("--setenv=RUST_LOG=info")
+            .arg(spliced_bin())
+            .args(["--config", &config]),
+    );
+    let web: SocketAddr = ([127, 0, 0, 1], web_port).into();
+    // systemd-socket-activate starts the service on the first connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut c = loop {
+        match TcpStream::connect_timeout(&web, Duration::from_secs(5)) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "connect to {web}: {e}");
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    };
+    set_timeouts(&c, Duration::from_secs(30));
+    assert_eq!(
+        next_notification(&notify),
+        "READY=1\nSTATUS=forwarding 1 route(s)"
+    );
+    let log = daemon.wait_log("socket-activated");
+    assert!(
+        log.contains(&format!(
+            "route web: socket-activated: systemd passed 127.0.0.1:{web_port} as \"web\""
+        )),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "socket activation: socket \"spare\" (127.0.0.1:{spare_port}) matches no route name"
+        )),
+        "{log}"
+    );
+    let mut s = accept(&listener, ACCEPT);
+    c.write_all(b"activated").unwrap();
+    assert_eq!(read_exact(&mut s, 9), b"activated");
+    s.write_all(b"reply").unwrap();
+    assert_eq!(read_exact(&mut c, 5), b"reply");
+
+    // A reload adds route "spare": it takes the second inherited socket. systemd hears
+    // RELOADING (with the monotonic time) and READY again.
+    let text = fs::read_to_string(&config).unwrap()
+        + &format!(
+            "[[route]]\nname = \"spare\"\nlisten = \"192.0.2.1:8081\"\nupstream = \"{upstream}\"\n"
+        );
+    fs::write(&config, text).unwrap();
+    daemon.signal(libc::SIGHUP);
+    let reloading = next_notification(&notify);
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(
+        next_notification(&notify),
+        "READY=1\nSTATUS=configuration reloaded"
+    );
+    let mut c2 = connect_to(([127, 0, 0, 1], spare_port).into());
+    let mut s2 = accept(&listener, ACCEPT);
+    c2.write_all(b"spare").unwrap();
+    assert_eq!(read_exact(&mut s2, 5), b"spare");
+    // A failed reload is READY again too, with the reason.
+    fs::write(&config, "bogus = 1\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    assert!(next_notification(&notify).starts_with("RELOADING=1"));
+    assert_eq!(
+        next_notification(&notify),
+        "READY=1\nSTATUS=reload failed; running the previous configuration"
+    );
+    // The connection from before both reloads still works.
+    c.write_all(b"after").unwrap();
+    assert_eq!(read_exact(&mut s, 5), b"after");
+    drop((c, s, c2, s2));
+
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(next_notification(&notify), "STOPPING=1");
+    let status = daemon.wait(Duration::from_secs(10));
+    assert!(status.success(), "{status}\n{}", daemon.log());
+}
+per_mode!(
+    socket_activation_and_notifications,
+    super::socket_activation
+);
+
+#[test]
+fn socket_activation_refuses_a_non_listening_descriptor() {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let upstream = topo.upstream(9);
+    let config = dir.write("copy", "", &[("web", &upstream, "")]);
+    // A datagram socket is no TCP listener.
+    let port = free_port();
+    let mut daemon = Child::spawn(
+        Command::new("systemd-socket-activate")
+            .arg("--datagram")
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .arg("--fdname=web")
+            .arg("--setenv=RUST_LOG=info")
+            .arg(spliced_bin())
+            .args(["--config", &config]),
+    );
+    // A datagram starts the service.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let status = loop {
+        let _ = udp.send_to(b"x", ("127.0.0.1", port));
+        if let Some(status) = daemon.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running:\n{}",
+            daemon.log()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1), "{}", daemon.log());
+    daemon.wait_log(
+        "socket activation: descriptor 3 (name \"web\"): not a TCP socket; spliced takes \
+         ListenStream= sockets",
+    );
+}
+
+/// The shipped unit file, checked by systemd's own parser (`systemd-analyze verify`) with the
+/// binary under test in place of /usr/bin/spliced; and the promises the README makes about it.
+#[test]
+fn unit_file_verifies() {
+    let unit_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../packaging/spliced.service");
+    let unit = fs::read_to_string(&unit_path).expect("packaging/spliced.service");
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecStart=/usr/bin/spliced --config /etc/spliced/spliced.toml",
+        "RuntimeDirectory=spliced",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "ProtectHome=yes",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line:?} missing");
+    }
+    let bounding = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("a capability bounding set");
+    assert!(bounding.contains("CAP_BPF") && bounding.contains("CAP_NET_ADMIN"));
+    assert!(!bounding.contains("CAP_SYS_ADMIN"), "{bounding}");
+    let dir = Dir::new();
+    let copy = dir.path.join("spliced.service");
+    fs::write(
+        &copy,
+        unit.replace("/usr/bin/spliced", spliced_bin().to_str().unwrap()),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&copy)
+        .output()
+        .expect("run systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr, "", "systemd-analyze found problems");
+}

@@ -1,5 +1,6 @@
 //! The Debian packages the tests and the demo call: `ip`, `curl`, `python3 -m http.server`,
-//! `ps`/`kill`, `nsenter`/`unshare`, `iperf3`; and, for `cargo xtask bench` only, the forwarders
+//! `ps`/`kill`, `nsenter`/`unshare`/`runuser`, `iperf3`, `systemd-socket-activate` and
+//! `systemd-analyze` (the daemon tests); and, for `cargo xtask bench` only, the forwarders
 //! it compares spliced with.
 use std::process::Command;
 
@@ -15,6 +16,7 @@ const PACKAGES: &[&str] = &[
     "procps",
     "util-linux",
     "iperf3",
+    "systemd",
 ];
 
 /// What `cargo xtask bench` adds: HAProxy, socat, systemd (for `systemd-socket-activate` and
