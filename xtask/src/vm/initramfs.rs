@@ -340,6 +340,7 @@ mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 hostname spliced-vm
 /usr/sbin/ip link set lo up
 echo "SPLICED-VM: kernel $(uname -r)"
+echo "SPLICED-VM: version $(uname -v)"
 "#;
 
 /// Starts spliced in mode auto on a route to nowhere, reads which data path it chose (and why
