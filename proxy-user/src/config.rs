@@ -12,6 +12,7 @@
 //! max_buffered_total = "512MiB"  # all connections together (sockmap backpressure)
 //! control_socket = "/run/spliced/control.sock"  # `spliced status` asks here (root only)
 //! metrics = "127.0.0.1:9180"  # Prometheus text on http://ADDR/metrics; off when absent
+//! user = "spliced"         # after start-up, run as this user (see crate::privdrop)
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
@@ -154,6 +155,9 @@ pub struct Config {
     pub control_socket: std::path::PathBuf,
     /// Where to serve Prometheus metrics; `None`: not served.
     pub metrics: Option<Endpoint>,
+    /// The user to switch to once the program is loaded and the sockets are bound; `None`:
+    /// stay as started.
+    pub user: Option<String>,
 }
 
 /// One configuration error, already rendered with file:line:column, key and fix.
@@ -196,6 +200,7 @@ impl Config {
             max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
             control_socket: DEFAULT_CONTROL_SOCKET.into(),
             metrics: None,
+            user: None,
         }
     }
 
@@ -245,7 +250,7 @@ pub(crate) fn check_zone(endpoint: &Endpoint) -> Result<(), String> {
 // Raw file structure. Values stay `toml::Value` with their spans so that one wrong type does not
 // stop the parse: each key is checked by hand and every problem is reported.
 
-const TOP_KEYS: [&str; 9] = [
+const TOP_KEYS: [&str; 10] = [
     "mode",
     "grace_period",
     "send_buffer",
@@ -254,6 +259,7 @@ const TOP_KEYS: [&str; 9] = [
     "max_buffered_total",
     "control_socket",
     "metrics",
+    "user",
     "route",
 ];
 const ROUTE_KEYS: [&str; 9] = [
@@ -487,6 +493,7 @@ fn check(raw: RawConfig, errors: &mut Errors) -> Config {
                 parse_control_socket(value.get_ref()).map(|p| config.control_socket = p)
             }
             "metrics" => parse_metrics(value.get_ref()).map(|e| config.metrics = Some(e)),
+            "user" => parse_user(value.get_ref()).map(|u| config.user = Some(u)),
             _ => Err(unknown_key(name, &TOP_KEYS, "top-level")),
         };
         if let Err(message) = result {
@@ -965,6 +972,12 @@ fn parse_control_socket(value: &Value) -> Result<std::path::PathBuf, String> {
     Ok(s.into())
 }
 
+fn parse_user(value: &Value) -> Result<String, String> {
+    let s = expect_str(value, "user = \"spliced\"")?;
+    crate::privdrop::lookup(s)?;
+    Ok(s.to_owned())
+}
+
 fn parse_metrics(value: &Value) -> Result<Endpoint, String> {
     let s = expect_str(value, "metrics = \"127.0.0.1:9180\"")?;
     // Port 0 is allowed (tests); the bound address is logged.
@@ -1333,7 +1346,7 @@ mode = 3
             errors(text),
             vec![
                 r#"spliced.toml:1:8: mode: "fast" is not a mode; use one of auto, sockmap, splice, copy"#,
-                r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, [[route]] tables"#,
+                r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, `user`, [[route]] tables"#,
                 r#"spliced.toml:3:15: send_buffer: "2GiB" is more than the maximum of 1GiB; use e.g. "16MiB", or 0 for the kernel's autotuning"#,
                 r#"spliced.toml:8:12: route[0].upstream: "[fe80::1]:80": fe80::1 is a link-local address (fe80::/10), which exists on every interface; name the interface with "%", e.g. "[fe80::1%eth0]:80""#,
                 r#"spliced.toml:11:8: route[1].name: "ghost" is already the name of route[0]; route names must be unique"#,
@@ -1384,7 +1397,8 @@ mode = 3
             error(&top_with("grace_priod = \"1s\"")),
             "spliced.toml:1:1: grace_priod: unknown key; did you mean `grace_period`? valid \
              top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, \
-             `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, [[route]] tables"
+             `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, `user`, [[route]] \
+             tables"
         );
         assert_eq!(
             error(&route_with("listne = \"x\"")),
@@ -1870,6 +1884,26 @@ mode = 3
             error(&top_with("metrics = true")),
             "spliced.toml:1:11: metrics: expected a string, found a boolean (true); write e.g. \
              metrics = \"127.0.0.1:9180\""
+        );
+    }
+
+    #[test]
+    fn user_key() {
+        assert_eq!(load(&route_with("")).user, None, "stays root by default");
+        assert_eq!(
+            load(&top_with("user = \"nobody\"")).user.as_deref(),
+            Some("nobody")
+        );
+        assert_eq!(
+            error(&top_with("user = \"no-such-user-spliced\"")),
+            "spliced.toml:1:8: user: user \"no-such-user-spliced\" does not exist on this \
+             machine; create it (e.g. useradd --system --no-create-home --shell \
+             /usr/sbin/nologin no-such-user-spliced) or remove the key to stay root"
+        );
+        assert_eq!(
+            error(&top_with("user = 0")),
+            "spliced.toml:1:8: user: expected a string, found an integer (0); write e.g. user = \
+             \"spliced\""
         );
     }
 }

@@ -28,6 +28,8 @@ pub(crate) struct ControlSocket {
     path: PathBuf,
     /// Device and inode of the socket file we created, to remove only our own.
     id: (u64, u64),
+    /// The socket's directory, if spliced created it.
+    created_dir: Option<PathBuf>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,7 +42,7 @@ pub(crate) fn start(
     stop: CancellationToken,
 ) -> Option<ControlSocket> {
     match bind(path) {
-        Ok(listener) => {
+        Ok((listener, created_dir)) => {
             let id = std::fs::metadata(path)
                 .map(|m| (m.dev(), m.ino()))
                 .unwrap_or_default();
@@ -48,6 +50,7 @@ pub(crate) fn start(
             Some(ControlSocket {
                 path: path.to_owned(),
                 id,
+                created_dir,
                 task,
             })
         }
@@ -63,6 +66,16 @@ pub(crate) fn start(
 }
 
 impl ControlSocket {
+    /// Hands the socket file (and its directory, if spliced created it) to the user the daemon
+    /// is about to become, so that it can remove them at exit. Still mode 0600/0700: root and
+    /// that user only.
+    pub(crate) fn chown(&self, uid: u32, gid: u32) -> io::Result<()> {
+        if let Some(dir) = &self.created_dir {
+            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+        }
+        std::os::unix::fs::chown(&self.path, Some(uid), Some(gid))
+    }
+
     /// Stops serving and removes the socket file if it is still the one this daemon created.
     pub(crate) async fn stop(self) {
         self.task.abort();
@@ -75,9 +88,11 @@ impl ControlSocket {
     }
 }
 
-fn bind(path: &Path) -> io::Result<UnixListener> {
+fn bind(path: &Path) -> io::Result<(UnixListener, Option<PathBuf>)> {
+    let mut created_dir = None;
     if let Some(dir) = path.parent() {
         if !dir.exists() {
+            created_dir = Some(dir.to_owned());
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -105,7 +120,7 @@ fn bind(path: &Path) -> io::Result<UnixListener> {
     unsafe { libc::umask(old) };
     let listener = bound?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
+    Ok((listener, created_dir))
 }
 
 async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {

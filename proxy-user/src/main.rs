@@ -65,7 +65,13 @@ fn main() -> ExitCode {
         }
     };
     raise_fd_limit();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Idle blocking-pool threads go after a second: a privilege drop waits for the ones that
+    // were started with root's credentials (see privdrop).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_keep_alive(std::time::Duration::from_secs(1))
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             error!("cannot start the runtime: {e}");
@@ -84,6 +90,7 @@ fn main() -> ExitCode {
             }
         };
         let routes = config.routes.len();
+        let user = config.user.clone();
         let mut daemon = match Daemon::start_with(config, inherited).await {
             Ok(d) => d,
             Err(e) => {
@@ -91,6 +98,13 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        if let Some(name) = user {
+            if let Err(e) = drop_privileges(&daemon, &name) {
+                error!("cannot switch to user {name:?}: {e}; stopping");
+                daemon.shutdown(std::time::Duration::ZERO).await;
+                return ExitCode::FAILURE;
+            }
+        }
         notify(&format!("READY=1\nSTATUS=forwarding {routes} route(s)"));
         loop {
             match signals.next().await {
@@ -188,6 +202,21 @@ async fn reload(daemon: &mut Daemon, path: &std::path::Path) -> Option<std::time
             None
         }
     }
+}
+
+/// Switches to `name` once everything privileged is done (see `spliced::privdrop`).
+fn drop_privileges(daemon: &Daemon, name: &str) -> Result<(), String> {
+    let user = spliced::privdrop::lookup(name)?;
+    daemon
+        .hand_over_to(user.uid, user.gid)
+        .map_err(|e| format!("cannot hand the control socket over: {e}"))?;
+    spliced::privdrop::drop_to(&user, &tokio::runtime::Handle::current())?;
+    info!(
+        "running as user {name} (uid {}, gid {}), keeping only CAP_NET_ADMIN and \
+         CAP_NET_BIND_SERVICE",
+        user.uid, user.gid
+    );
+    Ok(())
 }
 
 /// Tells the service manager (systemd, `Type=notify`) about a state change, if there is one.

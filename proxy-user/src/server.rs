@@ -399,6 +399,7 @@ impl Daemon {
                 "control_socket",
                 config.control_socket != self.config.control_socket,
             ),
+            ("user", config.user != self.config.user),
             (
                 "metrics",
                 config.metrics.as_ref().map(ToString::to_string)
@@ -453,6 +454,15 @@ impl Daemon {
         self.slots = slots;
         self.config = config;
         Ok(summary)
+    }
+
+    /// Prepares for running as `uid`/`gid` (see [`crate::privdrop`]): the control socket
+    /// becomes theirs, so the daemon can still remove it at exit.
+    pub fn hand_over_to(&self, uid: u32, gid: u32) -> io::Result<()> {
+        match &self.control {
+            Some(c) => c.chown(uid, gid),
+            None => Ok(()),
+        }
     }
 
     /// The address the metrics endpoint listens on, if it is on.

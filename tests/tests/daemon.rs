@@ -1070,7 +1070,20 @@ fn unit_file_verifies() {
         .lines()
         .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
         .expect("a capability bounding set");
-    assert!(bounding.contains("CAP_BPF") && bounding.contains("CAP_NET_ADMIN"));
+    for cap in [
+        "CAP_BPF",
+        "CAP_NET_ADMIN",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_SETUID",
+        "CAP_SETGID",
+        "CAP_SETPCAP",
+        "CAP_CHOWN",
+    ] {
+        assert!(
+            bounding.split_whitespace().any(|c| c == cap),
+            "{cap} missing: {bounding}"
+        );
+    }
     assert!(!bounding.contains("CAP_SYS_ADMIN"), "{bounding}");
     let dir = Dir::new();
     let copy = dir.path.join("spliced.service");
@@ -1088,3 +1101,164 @@ fn unit_file_verifies() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr, "", "systemd-analyze found problems");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Privilege drop.
+
+/// The capabilities the running daemon keeps: CAP_NET_BIND_SERVICE (10) and CAP_NET_ADMIN (12).
+const KEPT_CAPS: u64 = (1 << 10) | (1 << 12);
+
+/// Every thread of `pid`: (tid, Uid line fields, CapEff, CapPrm, CapBnd).
+fn thread_creds(pid: i32) -> Vec<(String, Vec<u32>, u64, u64, u64)> {
+    let mut out = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let Ok(text) = fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {text}"))
+                .trim()
+                .to_owned()
+        };
+        let hex = |key: &str| u64::from_str_radix(&field(key), 16).unwrap();
+        let uids = field("Uid:")
+            .split_whitespace()
+            .map(|u| u.parse().unwrap())
+            .collect();
+        out.push((
+            task.file_name().to_string_lossy().into_owned(),
+            uids,
+            hex("CapEff:"),
+            hex("CapPrm:"),
+            hex("CapBnd:"),
+        ));
+    }
+    out
+}
+
+fn privilege_drop(mode: &str) {
+    let topo = Topology::new();
+    let dir = Dir::new();
+    let listener = topo.listen();
+    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    // The socket's directory does not exist yet: spliced creates it and hands it over.
+    let socket = dir.path.join("run/control.sock");
+    // A small max_buffered makes sockmap hold and hand back (SO_RCVBUFFORCE) under a slow reader.
+    let config = dir.write(
+        mode,
+        "metrics = \"127.0.0.1:0\"\nuser = \"nobody\"",
+        &[(
+            "web",
+            &upstream,
+            "max_buffered = \"64KiB\"\nidle_timeout = \"60s\"",
+        )],
+    );
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replace(&dir.socket(), socket.to_str().unwrap());
+    fs::write(&config, &text).unwrap();
+    // The sockmap data path logs at debug how many bytes it held and handed back.
+    let env = [("RUST_LOG", Some("info,spliced::forward::sockmap=debug"))];
+    let mut spliced = match Spliced::try_start_env(&["--config", &config], &env, 1) {
+        Ok(s) => s,
+        Err(e) if e.log.contains("mode sockmap cannot work here") && !tests::ebpf_required() => {
+            eprintln!("SKIPPED: sockmap unavailable on this machine:\n{}", e.log);
+            return;
+        }
+        Err(e) => panic!("spliced did not start ({:?}):\n{}", e.status, e.log),
+    };
+    spliced.wait_log("running as user nobody (uid 65534, gid 65534)", 1, LOG_WAIT);
+    let creds = thread_creds(spliced.pid());
+    assert!(creds.len() >= 2, "{creds:?}");
+    for (tid, uids, eff, prm, bnd) in &creds {
+        assert_eq!(uids, &[65534; 4], "thread {tid}");
+        assert_eq!(
+            (*eff, *prm, *bnd),
+            (KEPT_CAPS, KEPT_CAPS, KEPT_CAPS),
+            "thread {tid}"
+        );
+    }
+    let meta = fs::metadata(&socket).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (65534, 0o600));
+
+    // 32 MiB each way; the client starts reading only after a second, so the download stalls.
+    let len = 32 << 20;
+    let mut c = spliced.connect();
+    let s = accept(&listener, ACCEPT);
+    let up = {
+        let mut c = c.try_clone().unwrap();
+        thread::spawn(move || {
+            let h = Payload::new(len, 3).send(&mut c).unwrap();
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            h
+        })
+    };
+    let down = {
+        let mut s = s.try_clone().unwrap();
+        thread::spawn(move || {
+            let h = Payload::new(len, 4).send(&mut s).unwrap();
+            s.shutdown(std::net::Shutdown::Write).unwrap();
+            h
+        })
+    };
+    let received_up = {
+        let mut s = s.try_clone().unwrap();
+        thread::spawn(move || tests::receive(&mut s).unwrap())
+    };
+    thread::sleep(Duration::from_secs(1));
+    // Root asks the unprivileged daemon for its status meanwhile.
+    let row = status_row(socket.to_str().unwrap(), c.local_addr().unwrap())
+        .expect("the connection is listed");
+    assert_eq!(row[3], mode);
+    assert_eq!(tests::receive(&mut c).unwrap(), (len, down.join().unwrap()));
+    assert_eq!(received_up.join().unwrap(), (len, up.join().unwrap()));
+    drop((c, s));
+    let log = spliced.wait_log("connection closed", 1, LOG_WAIT);
+    assert!(log.contains("end=complete"), "{log}");
+    if mode == "sockmap" {
+        // The stall made the verdict hold: the hand-back (SO_RCVBUFFORCE) ran without root.
+        let done = spliced.wait_log("sockmap connection done", 1, LOG_WAIT);
+        let line = done
+            .lines()
+            .find(|l| l.contains("sockmap connection done"))
+            .unwrap();
+        let held: u64 = line
+            .split("held_down=")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no held_down in {line}"));
+        assert!(held > 0, "the download never held: {line}");
+    }
+
+    // A reload binds a new listener, on a port below 1024, as the unprivileged user.
+    // Each mode's test (they run in parallel) searches its own range.
+    let base = 900 + 30 * tests::MODES.iter().position(|m| *m == mode).unwrap() as u16;
+    let low = (base..base + 30)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1024");
+    let text = fs::read_to_string(&config).unwrap()
+        + &format!(
+            "[[route]]\nname = \"later\"\nlisten = \"127.0.0.1:{low}\"\nupstream = \"{upstream}\"\n"
+        );
+    fs::write(&config, text).unwrap();
+    hup(&spliced, "reload: configuration applied", 1);
+    let mut c = connect_to(route_addr(&spliced, "later"));
+    let mut s = accept(&listener, ACCEPT);
+    c.write_all(b"later").unwrap();
+    assert_eq!(read_exact(&mut s, 5), b"later");
+    drop((c, s));
+    let status = spliced.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    assert!(
+        !socket.exists(),
+        "the control socket is removed by the unprivileged daemon"
+    );
+}
+per_mode!(
+    privilege_drop_keeps_only_what_is_needed,
+    super::privilege_drop
+);

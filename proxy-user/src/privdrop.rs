@@ -1,0 +1,328 @@
+//! Dropping root once the daemon is set up: after the eBPF program is loaded and every socket
+//! is bound, spliced switches to the configured `user` (its primary group, no supplementary
+//! groups) and keeps only the capabilities the running daemon still uses, in every thread.
+//!
+//! What the running daemon needs was found by trying (Linux 6.18, `tests/tests/daemon.rs`):
+//!
+//! - `CAP_NET_ADMIN`: `SO_SNDBUFFORCE` (the large send buffers of sockmap sockets, trap 9) and
+//!   `SO_RCVBUFFORCE` (the backpressure hand-back fixes a held socket's receive buffer). Without
+//!   it a held sockmap connection fails at the hand-back.
+//! - `CAP_NET_BIND_SERVICE`: only for a reload that adds a listen port below 1024.
+//!
+//! Not needed after start: `CAP_BPF` (map lookups, updates and socket inserts on the maps
+//! already created work without it), `CAP_SETUID`/`CAP_SETGID`, `CAP_CHOWN`, `CAP_SYS_ADMIN`;
+//! `SO_BINDTODEVICE` needs nothing since Linux 5.7.
+//!
+//! Credentials are per thread in Linux. glibc's `setuid` changes every thread, but a thread's
+//! capabilities survive the switch only if that thread set `PR_SET_KEEPCAPS`, and `capset`
+//! changes only the calling thread. So the switch runs, with raw system calls, on the main thread
+//! and on every tokio worker at once (each worker held by a task waiting at a barrier), and is
+//! then checked for every thread of the process in `/proc/self/task`: a thread left with other
+//! credentials (an idle blocking-pool thread from before the switch) must exit within a few
+//! seconds, or the daemon stops.
+use std::{
+    ffi::CString,
+    io,
+    sync::{Arc, Barrier, Mutex},
+    time::{Duration, Instant},
+};
+
+/// Linux capability numbers (linux/capability.h).
+const CAP_NET_BIND_SERVICE: u32 = 10;
+const CAP_NET_ADMIN: u32 = 12;
+
+/// The capabilities the running daemon keeps, as a bit mask.
+pub const KEEP: u64 = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_ADMIN);
+
+/// How long threads from before the switch may take to go (tokio's blocking-pool threads idle
+/// out after the runtime's keep-alive).
+const STRAGGLERS: Duration = Duration::from_secs(10);
+
+/// A user to switch to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Looks `name` up in the user database.
+pub fn lookup(name: &str) -> Result<User, String> {
+    let cname = CString::new(name).map_err(|_| format!("{name:?} contains a NUL byte"))?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: valid pointers and buffer length; the result points into `pwd`/`buf`.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "cannot look up user {name:?}: {}",
+            io::Error::from_raw_os_error(rc)
+        ));
+    }
+    if result.is_null() {
+        return Err(format!(
+            "user {name:?} does not exist on this machine; create it (e.g. useradd --system \
+             --no-create-home --shell /usr/sbin/nologin {name}) or remove the key to stay root"
+        ));
+    }
+    Ok(User {
+        name: name.to_owned(),
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    })
+}
+
+/// Switches every thread of the process to `user`, keeping [`KEEP`]. Must be called from the
+/// thread that runs `block_on` (not a worker) of the multi-threaded runtime `handle`.
+pub fn drop_to(user: &User, handle: &tokio::runtime::Handle) -> Result<(), String> {
+    let workers = handle.metrics().num_workers();
+    let in_place = Arc::new(Barrier::new(workers + 1));
+    let done = Arc::new(Barrier::new(workers + 1));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..workers {
+        let (in_place, done, failures, user) = (
+            in_place.clone(),
+            done.clone(),
+            failures.clone(),
+            user.clone(),
+        );
+        // Each task blocks its worker until all are in place: no worker can hold two of them.
+        handle.spawn(async move {
+            in_place.wait();
+            if let Err(e) = drop_this_thread(&user) {
+                failures
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(format!("worker thread: {e}"));
+            }
+            done.wait();
+        });
+    }
+    in_place.wait();
+    let mine = drop_this_thread(user);
+    done.wait();
+    mine.map_err(|e| format!("main thread: {e}"))?;
+    if let Some(e) = failures.lock().unwrap_or_else(|e| e.into_inner()).first() {
+        return Err(e.clone());
+    }
+    verify(user)
+}
+
+fn check(rc: libc::c_long, what: &str) -> io::Result<()> {
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// The switch for the calling thread only (raw system calls: glibc's wrappers would change
+/// every thread, and those without `PR_SET_KEEPCAPS` would lose every capability).
+fn drop_this_thread(user: &User) -> io::Result<()> {
+    // SAFETY: plain system calls with valid arguments; they change only this thread's
+    // credentials.
+    unsafe {
+        // The bounding set first, while CAP_SETPCAP is still there.
+        for cap in 0..64u32 {
+            if KEEP & (1 << cap) == 0 {
+                let rc = libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
+                if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!(
+                            "dropping capability {cap} from the bounding set: {} (spliced must \
+                             start as root, or with CAP_SETPCAP, to drop privileges)",
+                            io::Error::last_os_error()
+                        ),
+                    ));
+                }
+            }
+        }
+        check(
+            libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into(),
+            "PR_SET_KEEPCAPS",
+        )?;
+        let groups = [user.gid];
+        check(
+            libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()),
+            "setgroups",
+        )?;
+        check(
+            libc::syscall(libc::SYS_setresgid, user.gid, user.gid, user.gid),
+            "setresgid",
+        )?;
+        check(
+            libc::syscall(libc::SYS_setresuid, user.uid, user.uid, user.uid),
+            "setresuid",
+        )?;
+        let mut header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [
+            CapData {
+                effective: KEEP as u32,
+                permitted: KEEP as u32,
+                inheritable: 0,
+            },
+            CapData {
+                effective: (KEEP >> 32) as u32,
+                permitted: (KEEP >> 32) as u32,
+                inheritable: 0,
+            },
+        ];
+        check(
+            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
+            "capset",
+        )?;
+        check(
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+            .into(),
+            "PR_CAP_AMBIENT_CLEAR_ALL",
+        )?;
+        check(
+            libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0).into(),
+            "PR_SET_KEEPCAPS",
+        )?;
+        check(
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
+            "PR_SET_NO_NEW_PRIVS",
+        )?;
+    }
+    Ok(())
+}
+
+/// What `/proc/self/task/TID/status` says about one thread's credentials.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ThreadCreds {
+    pub uids: [u32; 4],
+    pub gids: [u32; 4],
+    pub cap_eff: u64,
+    pub cap_prm: u64,
+    pub cap_bnd: u64,
+}
+
+/// Parses the credential lines of a `/proc/.../status` file.
+pub fn parse_status(text: &str) -> Option<ThreadCreds> {
+    let ids = |key: &str| -> Option<[u32; 4]> {
+        let line = text.lines().find_map(|l| l.strip_prefix(key))?;
+        let v: Vec<u32> = line
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        v.try_into().ok()
+    };
+    let hex = |key: &str| -> Option<u64> {
+        let line = text.lines().find_map(|l| l.strip_prefix(key))?;
+        u64::from_str_radix(line.trim(), 16).ok()
+    };
+    Some(ThreadCreds {
+        uids: ids("Uid:")?,
+        gids: ids("Gid:")?,
+        cap_eff: hex("CapEff:")?,
+        cap_prm: hex("CapPrm:")?,
+        cap_bnd: hex("CapBnd:")?,
+    })
+}
+
+/// Waits until every thread of the process runs as `user` with [`KEEP`] (threads from before
+/// the switch may take [`STRAGGLERS`] to exit).
+fn verify(user: &User) -> Result<(), String> {
+    let want = ThreadCreds {
+        uids: [user.uid; 4],
+        gids: [user.gid; 4],
+        cap_eff: KEEP,
+        cap_prm: KEEP,
+        cap_bnd: KEEP,
+    };
+    let deadline = Instant::now() + STRAGGLERS;
+    loop {
+        let mut wrong = Vec::new();
+        let tasks = std::fs::read_dir("/proc/self/task")
+            .map_err(|e| format!("cannot list the threads in /proc/self/task: {e}"))?;
+        for task in tasks.flatten() {
+            let Ok(text) = std::fs::read_to_string(task.path().join("status")) else {
+                continue; // gone meanwhile
+            };
+            if parse_status(&text).as_ref() != Some(&want) {
+                let name = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Name:"))
+                    .unwrap_or("?")
+                    .trim()
+                    .to_owned();
+                wrong.push(format!("{} ({name})", task.file_name().to_string_lossy()));
+            }
+        }
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "thread(s) {} still run with other credentials after {STRAGGLERS:?}",
+                wrong.join(", ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lookup_users() {
+        let root = lookup("root").unwrap();
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert_eq!(
+            lookup("no-such-user-spliced").unwrap_err(),
+            "user \"no-such-user-spliced\" does not exist on this machine; create it (e.g. \
+             useradd --system --no-create-home --shell /usr/sbin/nologin no-such-user-spliced) \
+             or remove the key to stay root"
+        );
+    }
+
+    #[test]
+    fn status_lines() {
+        let text = "Name:\tspliced\nUid:\t65534\t65534\t65534\t65534\nGid:\t65534\t65534\t65534\t65534\n\
+                    CapInh:\t0000000000000000\nCapPrm:\t0000000000001400\nCapEff:\t0000000000001400\n\
+                    CapBnd:\t0000000000001400\n";
+        let creds = parse_status(text).unwrap();
+        assert_eq!(creds.uids, [65534; 4]);
+        assert_eq!(creds.cap_eff, KEEP);
+        assert_eq!(KEEP, 0x1400);
+        assert!(parse_status("Name:\tx\n").is_none());
+    }
+}
