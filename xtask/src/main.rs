@@ -77,6 +77,10 @@ enum Where {
         /// all of them.
         #[arg(long = "kernel", value_name = "VERSION")]
         kernels: Vec<String>,
+        /// Run only the tests whose names contain FILTER (repeatable), instead of the VM subset.
+        /// `SPLICED_TEST_LOG` (the daemons' `RUST_LOG`) is passed on to the guest.
+        #[arg(long = "test", value_name = "FILTER")]
+        filters: Vec<String>,
     },
 }
 
@@ -91,8 +95,8 @@ fn main() -> ExitCode {
             on: Where::Local { args },
         } => test::local(args),
         Command::IntegrationTest {
-            on: Where::Vm { kernels },
-        } => test::vm(kernels),
+            on: Where::Vm { kernels, filters },
+        } => test::vm(kernels, filters),
         Command::Demo => demo::command(),
         Command::Bench(args) => bench::command(args),
     };

@@ -16,8 +16,8 @@ use crate::util::{
     cargo, is_root, output, path_with_cargo_bin, reexec_as_root, run, workspace_root,
 };
 
-/// Runs setup, fmt, clippy (host and eBPF), the build and `cargo test`; `args` go to `cargo test`
-/// (a filter, or `-- --nocapture`). When all of that passed, a quick bench run checks that the
+/// Runs setup, fmt, clippy (host and eBPF), the build, `cargo test` and the VM suite on the oldest
+/// and the newest kernel; `args` go to `cargo test` (a filter, or `-- --nocapture`). When all of that passed, a quick bench run checks that the
 /// bench works and writes a well-formed table. Checks that do not depend on each other all run, so one run
 /// shows every problem; the summary names the steps that failed.
 pub fn command(args: Vec<OsString>) -> Result<()> {
@@ -81,6 +81,11 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
                     .args(["test", "--workspace", "--exclude", "proxy-ebpf"])
                     .args(&args))
             });
+            // The oldest and the newest kernel in QEMU (about 6 minutes; see crate::vm).
+            steps.run(
+                "integration tests in VMs (oldest and newest kernel)",
+                || crate::vm::command(crate::vm::ci_kernels(), &[], CI_GUEST_LIMIT),
+            );
             // Only on a tree that passed everything else: a benchmark of a broken build says
             // nothing.
             if steps.failed.is_empty() {
@@ -89,7 +94,11 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
                 steps.skipped.push("bench (quick)");
             }
         }
-        None => steps.skipped.extend(["tests", "bench (quick)"]),
+        None => steps.skipped.extend([
+            "tests",
+            "integration tests in VMs (oldest and newest kernel)",
+            "bench (quick)",
+        ]),
     }
     steps.finish()
 }
@@ -113,11 +122,11 @@ pub fn local(args: Vec<OsString>) -> Result<()> {
 }
 
 /// `cargo xtask integration-test vm`: see [`crate::vm`]. Root for the packages it installs.
-pub fn vm(kernels: Vec<String>) -> Result<()> {
+pub fn vm(kernels: Vec<String>, filters: Vec<String>) -> Result<()> {
     if !is_root() {
         reexec_as_root()?;
     }
-    crate::vm::command(kernels)
+    crate::vm::command(kernels, &filters, crate::vm::GUEST_LIMIT)
 }
 
 /// `cargo xtask bench --quick --output DIR/b.md` (this same xtask binary), stopped after
@@ -142,6 +151,10 @@ fn bench_quick() -> Result<()> {
     let _ = fs::remove_dir_all(&dir);
     result
 }
+
+/// How long one guest of the VM step may run: with the musl build, the step stays under 15
+/// minutes even when both guests use all of it.
+const CI_GUEST_LIMIT: Duration = Duration::from_secs(330);
 
 /// How long the quick bench may take (it takes about 100 s).
 const BENCH_LIMIT: Duration = Duration::from_secs(170);

@@ -33,8 +33,15 @@ pub const ALL_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7"];
 /// Payload of each direction of the VM's bulk transfers, in MiB (256 on the host).
 pub const VM_BULK_MIB: u32 = 8;
 
-/// How long one guest may run, boot to power-off.
-const GUEST_LIMIT: Duration = Duration::from_secs(900);
+/// How long one guest may run, boot to power-off (about 2.5 minutes on an idle machine).
+pub const GUEST_LIMIT: Duration = Duration::from_secs(600);
+
+/// What `cargo xtask test` runs: the oldest and the newest series.
+pub fn ci_kernels() -> Vec<String> {
+    let oldest = ALL_KERNELS[0];
+    let newest = ALL_KERNELS[ALL_KERNELS.len() - 1];
+    vec![oldest.to_string(), newest.to_string()]
+}
 
 /// The tests the guest runs: binary, and libtest name filters (substrings).
 pub const VM_TESTS: &[(&str, &[&str])] = &[
@@ -153,7 +160,7 @@ struct Row {
 
 /// Runs the suite on each of `kernels` (default: all of [`ALL_KERNELS`]) and prints the table;
 /// fails if any kernel failed.
-pub fn command(kernels: Vec<String>) -> Result<()> {
+pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) -> Result<()> {
     let kernels = if kernels.is_empty() {
         ALL_KERNELS.iter().map(|s| s.to_string()).collect()
     } else {
@@ -164,12 +171,17 @@ pub fn command(kernels: Vec<String>) -> Result<()> {
     fs::create_dir_all(&work)?;
     eprintln!("vm: building spliced and the tests for {MUSL}");
     let spliced = build_spliced(&work)?;
-    let tests = build_tests(&work)?;
+    let mut tests = build_tests(&work)?;
+    if !filters.is_empty() {
+        for t in &mut tests {
+            t.filters = filters.to_vec();
+        }
+    }
     let names: Vec<&str> = tests.iter().map(|t| t.name.as_str()).collect();
     let mut rows = Vec::new();
     for requested in &kernels {
         let started = Instant::now();
-        let outcome = run_one(requested, &spliced, &tests, &work, &names);
+        let outcome = run_one(requested, &spliced, &tests, &work, &names, guest_limit);
         let (kernel, outcome) = match outcome {
             Ok((release, o)) => (release, Ok(o)),
             Err(e) => {
@@ -201,6 +213,7 @@ fn run_one(
     tests: &[TestBin],
     work: &Path,
     names: &[&str],
+    limit: Duration,
 ) -> Result<(String, Outcome)> {
     let k = kernel::fetch(requested)?;
     eprintln!("vm: {requested}: booting {} under TCG", k.release);
@@ -211,7 +224,7 @@ fn run_one(
         &k.vmlinuz,
         &initrd,
         &console,
-        GUEST_LIMIT,
+        limit,
         &format!("vm {}: ", k.release),
     );
     let _ = fs::remove_file(&initrd);
@@ -347,7 +360,17 @@ fn stripped(from: &Path, to: &Path) -> Result<PathBuf> {
 
 /// The environment the guest's tests run with.
 pub fn guest_env() -> Vec<(String, String)> {
-    vec![("SPLICED_TEST_BULK_MIB".into(), VM_BULK_MIB.to_string())]
+    let mut env = vec![("SPLICED_TEST_BULK_MIB".into(), VM_BULK_MIB.to_string())];
+    // The daemons' log level (tests/src/lib.rs), passed on for debugging a guest's failure.
+    if let Ok(level) = std::env::var("SPLICED_TEST_LOG") {
+        if level
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_=,:".contains(c))
+        {
+            env.push(("SPLICED_TEST_LOG".into(), level));
+        }
+    }
+    env
 }
 
 #[cfg(test)]
