@@ -636,6 +636,28 @@ pub fn mem_available() -> u64 {
 /// Defines one `#[test]` per data path calling `$body(mode)`: `per_mode!(name, body);`.
 #[macro_export]
 macro_rules! per_mode {
+    // The three paths, and `auto`, which starts connections on the copy path and moves them to
+    // sockmap after 256 KiB or 100 ms (where sockmap works; splice otherwise).
+    ($name:ident, $body:path, and_auto) => {
+        mod $name {
+            #[test]
+            fn sockmap() {
+                $body("sockmap")
+            }
+            #[test]
+            fn splice() {
+                $body("splice")
+            }
+            #[test]
+            fn copy() {
+                $body("copy")
+            }
+            #[test]
+            fn auto() {
+                $body("auto")
+            }
+        }
+    };
     ($name:ident, $body:path) => {
         mod $name {
             #[test]

@@ -111,7 +111,7 @@ fn bytes(len: u64, seed: u64) -> Vec<u8> {
 }
 
 /// When one end of a bulk transfer sends its FIN.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Fin {
     /// As soon as its own bytes are sent, while still reading.
     AfterSending,
@@ -161,17 +161,29 @@ fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, 
     assert!(took < BULK_LIMIT, "{mode}: transfer took {took:?}");
     eprintln!("{mode}: {up} bytes up and {down} down in {took:?}");
     s.assert_closed(up, down);
+    let early_fin = (up == 0 && client_fin == Fin::AfterSending)
+        || (down == 0 && server_fin == Fin::AfterSending);
+    if mode == "auto" && !early_fin && s.spliced.log().contains("data path sockmap") {
+        // Started on the copy path, in the kernel after the first 256 KiB. (A connection
+        // half-closed before that stays on the copy path: trap 4.)
+        let log = s.spliced.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("connection closed"))
+            .unwrap();
+        assert!(line.contains("path=sockmap"), "not promoted: {line}");
+    }
 }
 
 fn upload(mode: &str) {
     transfer(mode, (bulk(), Fin::AfterSending), (0, Fin::AfterEof));
 }
-per_mode!(upload_256mib, super::upload);
+per_mode!(upload_256mib, super::upload, and_auto);
 
 fn download(mode: &str) {
     transfer(mode, (0, Fin::AfterEof), (bulk(), Fin::AfterSending));
 }
-per_mode!(download_256mib, super::download);
+per_mode!(download_256mib, super::download, and_auto);
 
 fn bidirectional(mode: &str) {
     transfer(
@@ -180,13 +192,17 @@ fn bidirectional(mode: &str) {
         (bulk(), Fin::AfterSending),
     );
 }
-per_mode!(both_ways_256mib, super::bidirectional);
+per_mode!(both_ways_256mib, super::bidirectional, and_auto);
 
 /// The client half-closes at once, then downloads (a request ended by SHUT_WR, a large reply).
 fn download_after_fin(mode: &str) {
     transfer(mode, (0, Fin::AfterSending), (bulk(), Fin::AfterSending));
 }
-per_mode!(download_after_client_fin_256mib, super::download_after_fin);
+per_mode!(
+    download_after_client_fin_256mib,
+    super::download_after_fin,
+    and_auto
+);
 
 /// The client sends and SHUT_WRs; the server reads to EOF, only then replies and closes.
 fn half_close(mode: &str) {
@@ -196,7 +212,7 @@ fn half_close(mode: &str) {
     half_close_exchange(&mut c, &mut srv, &req, &reply);
     s.assert_closed(req.len() as u64, reply.len() as u64);
 }
-per_mode!(half_close, super::half_close);
+per_mode!(half_close, super::half_close, and_auto);
 
 /// The server reads `req` (already sent) and replies; then both sides close and each sees a
 /// clean EOF.
@@ -222,7 +238,7 @@ fn server_first(mode: &str) {
     reply_and_close(&mut c, &mut srv, req, reply);
     s.assert_closed(req.len() as u64, (BANNER.len() + reply.len()) as u64);
 }
-per_mode!(server_speaks_first, super::server_first);
+per_mode!(server_speaks_first, super::server_first, and_auto);
 
 /// The client writes its request at once after connect, before the upstream accepts.
 fn client_first(mode: &str) {
@@ -235,7 +251,53 @@ fn client_first(mode: &str) {
     reply_and_close(&mut c, &mut srv, req, &reply);
     s.assert_closed(req.len() as u64, reply.len() as u64);
 }
-per_mode!(client_speaks_first, super::client_first);
+per_mode!(client_speaks_first, super::client_first, and_auto);
+
+/// `auto` with sockmap: a connection that moved a few bytes ends on the copy path; one that lives
+/// past 100 ms is moved to sockmap at a quiet moment, and what it carried on both paths counts.
+#[test]
+fn auto_promotes_by_age() {
+    let Some(s) = Setup::new("auto") else { return };
+    if !s.spliced.log().contains("data path sockmap") {
+        assert!(!tests::ebpf_required(), "auto did not choose sockmap");
+        return;
+    }
+    let (mut c, mut srv) = s.pair();
+    let (req, reply) = (b"short", b"reply");
+    c.write_all(req).unwrap();
+    assert_eq!(read_exact(&mut srv, req.len()), req);
+    srv.write_all(reply).unwrap();
+    assert_eq!(read_exact(&mut c, reply.len()), reply);
+    thread::sleep(Duration::from_millis(400));
+    let (req2, reply2) = (bytes(100_000, 7), bytes(200_000, 8));
+    half_close_exchange(&mut c, &mut srv, &req2, &reply2);
+    let log = s.spliced.wait_log("connection closed", 1, LOG);
+    let line = log
+        .lines()
+        .find(|l| l.contains("connection closed"))
+        .unwrap();
+    assert!(
+        line.contains("path=sockmap"),
+        "not promoted after 400 ms: {line}"
+    );
+    s.assert_closed(
+        (req.len() + req2.len()) as u64,
+        (reply.len() + reply2.len()) as u64,
+    );
+    // And a connection over in a moment stays on the copy path.
+    let (mut c, mut srv) = s.pair();
+    half_close_exchange(&mut c, &mut srv, b"quick", b"done");
+    let log = s.spliced.wait_log("connection closed", 2, LOG);
+    let line = log
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .nth(1)
+        .unwrap();
+    assert!(
+        line.contains("path=copy") && line.contains("bytes_up=5 bytes_down=4 "),
+        "{line}"
+    );
+}
 
 /// The server's reply to `req`.
 fn reply_to(req: &[u8]) -> Vec<u8> {
@@ -284,7 +346,7 @@ fn instant_half_close(mode: &str) {
         count("path=copy")
     );
 }
-per_mode!(instant_half_close_300, super::instant_half_close);
+per_mode!(instant_half_close_300, super::instant_half_close, and_auto);
 
 /// Connections in the upstream-closes-first case, and the clients making them at once.
 const SHORT: usize = 2000;
@@ -344,7 +406,11 @@ fn upstream_closes_first(mode: &str) {
         .collect();
     assert!(bad.is_empty(), "{} not complete: {bad:#?}", bad.len());
 }
-per_mode!(upstream_closes_first_2000, super::upstream_closes_first);
+per_mode!(
+    upstream_closes_first_2000,
+    super::upstream_closes_first,
+    and_auto
+);
 
 /// Connections open at once in the concurrent case.
 const CONCURRENT: usize = 200;
@@ -384,7 +450,7 @@ fn concurrent(mode: &str) {
     });
     s.spliced.wait_log("end=complete", CONCURRENT, LOG);
 }
-per_mode!(concurrent_200, super::concurrent);
+per_mode!(concurrent_200, super::concurrent, and_auto);
 
 /// Closes `s` with SO_LINGER 0: an RST instead of a FIN.
 fn reset(s: TcpStream) {
@@ -423,7 +489,7 @@ fn upstream_reset(mode: &str) {
         "the daemon did not log the upstream's failure:\n{log}"
     );
 }
-per_mode!(upstream_reset, super::upstream_reset);
+per_mode!(upstream_reset, super::upstream_reset, and_auto);
 
 /// The upstream port has no listener: the client is closed at once and the daemon says why.
 fn upstream_refused(mode: &str) {
@@ -447,7 +513,7 @@ fn upstream_refused(mode: &str) {
     eprintln!("{mode}: client closed {took:?} after a refused dial");
     spliced.wait_log("upstream failed", 1, LOG);
 }
-per_mode!(upstream_refused, super::upstream_refused);
+per_mode!(upstream_refused, super::upstream_refused, and_auto);
 
 /// A half-close exchange through `spliced` to `listener`, tagged so each one is distinct.
 /// Returns the bytes moved (up, down).

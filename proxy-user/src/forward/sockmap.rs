@@ -182,6 +182,9 @@ struct Direction<'a> {
     dst: &'a TcpStream,
     /// `dst` called connect(): its `bytes_acked` counts the SYN.
     dst_connected: bool,
+    /// Bytes written into `dst` before the sockets joined sockmap (by the copy path, for a
+    /// promoted connection): not the verdict's, and not part of its counts.
+    base: u64,
     /// This direction's share of the global pool.
     grant: u64,
     generation: u64,
@@ -203,11 +206,17 @@ struct Direction<'a> {
 }
 
 impl Direction<'_> {
+    /// Bytes that entered `dst`'s send queue since the sockets joined sockmap, counted like
+    /// the verdict's `bytes` plus the daemon's `consumed`.
+    fn written(&self) -> io::Result<u64> {
+        Ok(written(self.dst, self.dst_connected)?.saturating_sub(self.base))
+    }
+
     /// Tells the verdict what the daemon has written and how far it may go: the peer's progress
     /// plus the allowance.
     fn publish(&mut self, sockmap: &Sockmap) -> io::Result<()> {
         self.generation += 1;
-        let written = written(self.dst, self.dst_connected)?;
+        let written = self.written()?;
         // The next report a quarter of the allowance from here, or from what the verdict has
         // moved already if the peer's backlog is behind: a report point below that would fire
         // at the very next skb, and each report would only lead to the next (measured: 3,000
@@ -254,7 +263,7 @@ impl Direction<'_> {
                 // Held bytes go out only after every redirected byte is in dst's queue: they
                 // come after them in the stream. (While held, the verdict redirects nothing.)
                 let before = stats.bytes + self.consumed;
-                if self.active && written(self.dst, self.dst_connected)? < before {
+                if self.active && self.written()? < before {
                     break;
                 }
                 if self.active && self.clamped.is_none() {
@@ -360,6 +369,7 @@ pub async fn run(
     upstream: TcpStream,
     send_buffer: Option<usize>,
     budget: &Budget,
+    carried: (u64, u64),
     cancel: &CancellationToken,
 ) -> Result<Outcome, Declined> {
     if let Some(bytes) = send_buffer {
@@ -413,7 +423,16 @@ pub async fn run(
         ],
     };
     let grants = reservation.grants;
-    let result = splice_pair(sockmap, &watch, &client, &upstream, &pair, grants, cancel).await;
+    let result = splice_pair(
+        sockmap,
+        &watch,
+        &client,
+        &upstream,
+        &pair,
+        (grants, carried),
+        cancel,
+    )
+    .await;
     // The epoll registrations go before the sockets close: `EPOLL_CTL_DEL` names an fd number,
     // and once closed that number may already belong to another connection's new socket,
     // whose registration it would delete (its FIN would then never be reported).
@@ -445,7 +464,7 @@ async fn splice_pair(
     client: &TcpStream,
     upstream: &TcpStream,
     pair: &Pair,
-    grants: [u64; 2],
+    (grants, carried): ([u64; 2], (u64, u64)),
     cancel: &CancellationToken,
 ) -> Result<Outcome, InsertError> {
     // No bound while the early bytes are flushed (trap 3): a hold during the flush would make
@@ -460,6 +479,7 @@ async fn splice_pair(
         src_cookie: pair.client_cookie,
         dst: upstream,
         dst_connected: true,
+        base: carried.0,
         grant: grants[0],
         generation: 1,
         active: true,
@@ -475,6 +495,7 @@ async fn splice_pair(
         src_cookie: pair.upstream_cookie,
         dst: client,
         dst_connected: false,
+        base: carried.1,
         grant: grants[1],
         generation: 1,
         active: activation == Activation::Both,
@@ -688,7 +709,7 @@ mod tests {
             per_direction: 4 << 20,
             pool: Arc::new(Pool::new(64 << 20)),
         };
-        let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
+        let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, (0, 0), &cancel).await };
         let ends = tokio::task::spawn_blocking(move || {
             let writer = std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
@@ -740,7 +761,7 @@ mod tests {
             pool: pool.clone(),
         };
         let cancel = CancellationToken::new();
-        let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
+        let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, (0, 0), &cancel).await };
         let ends = tokio::task::spawn_blocking(move || {
             // The upstream reads nothing for 2 s while the client writes what it can.
             a.set_nonblocking(true).unwrap();
@@ -808,7 +829,7 @@ mod tests {
             .set_recv_buffer_size(32 << 20)
             .unwrap();
         let cancel = CancellationToken::new();
-        let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
+        let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, (0, 0), &cancel).await };
         let ends = tokio::task::spawn_blocking(move || {
             let writer = std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];

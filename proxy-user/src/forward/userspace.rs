@@ -7,6 +7,7 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     pin::pin,
     sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
 };
 
 use tokio::{io::Interest, net::TcpStream};
@@ -23,6 +24,8 @@ trait Mover {
     fn fill(&mut self, src: RawFd) -> io::Result<usize>;
     /// Writes from the store to `dst`.
     fn drain(&mut self, dst: RawFd) -> io::Result<usize>;
+    /// The most one `fill` reads.
+    fn capacity(&self) -> usize;
 }
 
 fn ret(n: isize) -> io::Result<usize> {
@@ -77,6 +80,9 @@ impl Mover for Buffer {
         }
         Ok(n)
     }
+    fn capacity(&self) -> usize {
+        Self::SIZE
+    }
     fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
         let Some(buf) = &self.buf else {
             return Ok(0);
@@ -129,6 +135,9 @@ impl Mover for Pipe {
     fn pending(&self) -> usize {
         self.held
     }
+    fn capacity(&self) -> usize {
+        self.capacity
+    }
     fn fill(&mut self, src: RawFd) -> io::Result<usize> {
         // SAFETY: valid fds, null offsets (sockets and pipes have none).
         let n = ret(unsafe {
@@ -167,16 +176,55 @@ enum Failed {
     Destination(io::Error),
 }
 
-/// One direction: move bytes until EOF, then shut the destination's write side (half-close).
+/// Asks the pumps of a connection to stop at their next quiet point (everything read has been
+/// written, nothing more read), so that the connection can move to the sockmap path. Fires
+/// when the pumps together have moved `after_bytes`, or when the driver cancels it.
+struct Pause {
+    token: CancellationToken,
+    moved: AtomicU64,
+    after_bytes: u64,
+}
+
+/// How a pump stopped without failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pumped {
+    /// The source's FIN was forwarded.
+    Eof,
+    /// Stopped at a quiet point on [`Pause`]'s request; bytes may wait in the source's
+    /// receive queue.
+    Paused,
+}
+
+/// Waits until `pause` fires; never without one.
+async fn paused(pause: Option<&Pause>) {
+    match pause {
+        Some(p) => p.token.cancelled().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One direction: move bytes until EOF, then shut the destination's write side (half-close);
+/// or, with a `pause`, until it fires.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
     mover: &mut impl Mover,
     count: &AtomicU64,
-) -> Result<(), Failed> {
+    pause: Option<&Pause>,
+) -> Result<Pumped, Failed> {
+    // Whether the last read took everything `src` had queued. A pause waits for that: a read
+    // that filled the store may have stopped inside an skb, and the verdict program, once
+    // attached, would receive that skb whole, the bytes already read included (measured: the
+    // first 256 KiB of an upload delivered twice).
+    let mut drained = true;
     loop {
         let n = loop {
-            src.readable().await.map_err(Failed::Source)?;
+            // Quiet here: the store is empty (a fill happens only then, and drains it).
+            tokio::select! {
+                biased;
+                () = paused(pause), if drained => return Ok(Pumped::Paused),
+                r = src.readable() => r.map_err(Failed::Source)?,
+            }
             match src.try_io(Interest::READABLE, || mover.fill(src.as_raw_fd())) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -184,13 +232,21 @@ async fn pump(
             }
         };
         if n == 0 {
-            return sockopt::shutdown_write(dst).map_err(Failed::Destination);
+            sockopt::shutdown_write(dst).map_err(Failed::Destination)?;
+            return Ok(Pumped::Eof);
         }
+        drained = n < mover.capacity();
         while mover.pending() > 0 {
             dst.writable().await.map_err(Failed::Destination)?;
             match dst.try_io(Interest::WRITABLE, || mover.drain(dst.as_raw_fd())) {
                 Ok(n) => {
                     count.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Some(p) = pause {
+                        let moved = p.moved.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                        if moved >= p.after_bytes {
+                            p.token.cancel();
+                        }
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(Failed::Destination(e)),
@@ -253,18 +309,37 @@ async fn drive(
     down: &AtomicU64,
     cancel: &CancellationToken,
 ) -> End {
-    let mut upload = pin!(pump(client, upstream, &mut up_store, up));
-    let mut download = pin!(pump(upstream, client, &mut down_store, down));
-    let (mut up_done, mut down_done) = (false, false);
+    drive_rest(
+        client,
+        upstream,
+        (&mut up_store, false),
+        (&mut down_store, false),
+        (up, down),
+        cancel,
+    )
+    .await
+}
+
+/// Runs the directions not yet `done` to their ends.
+async fn drive_rest(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    (up_store, mut up_done): (&mut impl Mover, bool),
+    (down_store, mut down_done): (&mut impl Mover, bool),
+    (up, down): (&AtomicU64, &AtomicU64),
+    cancel: &CancellationToken,
+) -> End {
+    let mut upload = pin!(pump(client, upstream, up_store, up, None));
+    let mut download = pin!(pump(upstream, client, down_store, down, None));
     while !(up_done && down_done) {
         tokio::select! {
             r = &mut upload, if !up_done => match r {
-                Ok(()) => up_done = true,
+                Ok(_) => up_done = true,
                 Err(Failed::Source(e)) => return End::ClientFailed(e),
                 Err(Failed::Destination(e)) => return End::UpstreamFailed(e),
             },
             r = &mut download, if !down_done => match r {
-                Ok(()) => down_done = true,
+                Ok(_) => down_done = true,
                 Err(Failed::Source(e)) => return End::UpstreamFailed(e),
                 Err(Failed::Destination(e)) => return End::ClientFailed(e),
             },
@@ -272,4 +347,111 @@ async fn drive(
         }
     }
     End::Complete
+}
+
+/// When a connection on the copy path moves to sockmap: after `bytes` in both directions
+/// together, or after `after`, whichever comes first, at a moment when the daemon holds no
+/// byte of it and neither side has sent its FIN.
+#[derive(Clone, Copy, Debug)]
+pub struct Promotion {
+    pub bytes: u64,
+    pub after: Duration,
+}
+
+/// What [`copy_then_promote`] ended with.
+pub enum Started {
+    /// The connection ended on the copy path.
+    Done(Outcome),
+    /// Both directions stopped at a quiet point: the sockets go to sockmap. `up` and `down`
+    /// were carried so far.
+    Promote {
+        client: TcpStream,
+        upstream: TcpStream,
+        up: u64,
+        down: u64,
+    },
+}
+
+/// The copy path until `promotion` says the connection has earned the sockmap set-up cost.
+/// A connection that ends first (most short ones) never pays it.
+pub async fn copy_then_promote(
+    client: TcpStream,
+    upstream: TcpStream,
+    promotion: Promotion,
+    cancel: &CancellationToken,
+) -> Started {
+    let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (mut up_store, mut down_store) = (Buffer::new(), Buffer::new());
+    let pause = Pause {
+        token: CancellationToken::new(),
+        moved: AtomicU64::new(0),
+        after_bytes: promotion.bytes,
+    };
+    let first = async {
+        let mut upload = pin!(pump(&client, &upstream, &mut up_store, &up, Some(&pause)));
+        let mut download = pin!(pump(
+            &upstream,
+            &client,
+            &mut down_store,
+            &down,
+            Some(&pause)
+        ));
+        let deadline = tokio::time::sleep(promotion.after);
+        let mut deadline = pin!(deadline);
+        let (mut up_state, mut down_state) = (None, None);
+        while up_state.is_none() || down_state.is_none() {
+            tokio::select! {
+                r = &mut upload, if up_state.is_none() => match r {
+                    Ok(p) => up_state = Some(p),
+                    Err(Failed::Source(e)) => return Err(End::ClientFailed(e)),
+                    Err(Failed::Destination(e)) => return Err(End::UpstreamFailed(e)),
+                },
+                r = &mut download, if down_state.is_none() => match r {
+                    Ok(p) => down_state = Some(p),
+                    Err(Failed::Source(e)) => return Err(End::UpstreamFailed(e)),
+                    Err(Failed::Destination(e)) => return Err(End::ClientFailed(e)),
+                },
+                () = &mut deadline, if !pause.token.is_cancelled() => pause.token.cancel(),
+                () = cancel.cancelled() => return Err(End::Shutdown),
+            }
+        }
+        Ok((
+            up_state == Some(Pumped::Eof),
+            down_state == Some(Pumped::Eof),
+        ))
+    }
+    .await;
+    let end = match first {
+        Ok((false, false)) => {
+            return Started::Promote {
+                client,
+                upstream,
+                up: up.into_inner(),
+                down: down.into_inner(),
+            }
+        }
+        // A FIN went through: a socket past ESTABLISHED cannot join sockmap (trap 4), and the
+        // connection is ending anyway; the rest stays on the copy path.
+        Ok((up_done, down_done)) => {
+            drive_rest(
+                &client,
+                &upstream,
+                (&mut up_store, up_done),
+                (&mut down_store, down_done),
+                (&up, &down),
+                cancel,
+            )
+            .await
+        }
+        Err(end) => end,
+    };
+    if !matches!(end, End::Complete) {
+        let _ = sockopt::set_linger_zero(&client);
+        let _ = sockopt::set_linger_zero(&upstream);
+    }
+    Started::Done(Outcome {
+        up: up.into_inner(),
+        down: down.into_inner(),
+        end,
+    })
 }

@@ -16,6 +16,8 @@ use super::topology::{check_stop, Guard, Proc};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Contender {
     Direct,
+    /// spliced's default: `auto`, which starts connections on copy and moves them to sockmap.
+    Auto,
     Sockmap,
     Splice,
     Copy,
@@ -25,8 +27,9 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 7] = [
+    pub const ALL: [Contender; 8] = [
         Contender::Direct,
+        Contender::Auto,
         Contender::Sockmap,
         Contender::Splice,
         Contender::Copy,
@@ -39,6 +42,7 @@ impl Contender {
     pub fn name(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
+            Contender::Auto => "spliced auto",
             Contender::Sockmap => "spliced sockmap",
             Contender::Splice => "spliced splice",
             Contender::Copy => "spliced copy",
@@ -52,6 +56,7 @@ impl Contender {
     fn slug(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
+            Contender::Auto => "auto",
             Contender::Sockmap => "sockmap",
             Contender::Splice => "splice",
             Contender::Copy => "copy",
@@ -121,7 +126,7 @@ impl Instance {
 pub fn describe(c: Contender, form: ProxydForm) -> String {
     match c {
         Contender::Direct => "no forwarder: the client dials `[fe80::2%IF]:PORT` itself".into(),
-        Contender::Sockmap | Contender::Splice | Contender::Copy => format!(
+        Contender::Auto | Contender::Sockmap | Contender::Splice | Contender::Copy => format!(
             "`spliced --config FILE` with `mode = \"{}\"`, `grace_period = \"0s\"`, \
              `max_connections = 100000`, one route `listen = \"127.0.0.1:PORT\"`, \
              `upstream = \"[fe80::2%IF]:PORT\"`; other settings default (log level info, to a file)",
@@ -165,7 +170,7 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
     let log = dir.join(format!("{}-{tag}.log", c.slug()));
     let mut cmd = match c {
         Contender::Direct => unreachable!(),
-        Contender::Sockmap | Contender::Splice | Contender::Copy => {
+        Contender::Auto | Contender::Sockmap | Contender::Splice | Contender::Copy => {
             let config = dir.join(format!("{}-{tag}.toml", c.slug()));
             fs::write(
                 &config,

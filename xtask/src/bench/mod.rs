@@ -79,7 +79,10 @@ impl Notes {
 
     /// A remark that `c` broke connections; for spliced, also a failure of the run.
     fn broke(&mut self, c: Contender, line: String) {
-        if matches!(c, Contender::Sockmap | Contender::Splice | Contender::Copy) {
+        if matches!(
+            c,
+            Contender::Auto | Contender::Sockmap | Contender::Splice | Contender::Copy
+        ) {
             self.spliced_broke.push(line.clone());
         }
         self.lines.push(line);
