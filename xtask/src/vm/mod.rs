@@ -151,6 +151,15 @@ pub fn parse_console(console: &str, binaries: &[&str]) -> Outcome {
     o
 }
 
+/// A directory removed on drop.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// One row of the summary.
 struct Row {
     kernel: String,
@@ -167,11 +176,15 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
         kernels
     };
     crate::setup::vm()?;
-    let work = kernel::cache_dir()?.join("vm");
-    fs::create_dir_all(&work)?;
+    let consoles = kernel::cache_dir()?.join("vm");
+    // Binaries and initramfs of this run only (another run may be going on at the same time);
+    // removed at the end, whatever happened.
+    let work = WorkDir(consoles.join(format!("run-{}", std::process::id())));
+    fs::create_dir_all(&work.0).with_context(|| format!("cannot create {}", work.0.display()))?;
+    let work = &work.0;
     eprintln!("vm: building spliced and the tests for {MUSL}");
-    let spliced = build_spliced(&work)?;
-    let mut tests = build_tests(&work)?;
+    let spliced = build_spliced(work)?;
+    let mut tests = build_tests(work)?;
     if !filters.is_empty() {
         for t in &mut tests {
             t.filters = filters.to_vec();
@@ -181,7 +194,14 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
     let mut rows = Vec::new();
     for requested in &kernels {
         let started = Instant::now();
-        let outcome = run_one(requested, &spliced, &tests, &work, &names, guest_limit);
+        let outcome = run_one(
+            requested,
+            &spliced,
+            &tests,
+            (work, &consoles),
+            &names,
+            guest_limit,
+        );
         let (kernel, outcome) = match outcome {
             Ok((release, o)) => (release, Ok(o)),
             Err(e) => {
@@ -211,7 +231,7 @@ fn run_one(
     requested: &str,
     spliced: &Path,
     tests: &[TestBin],
-    work: &Path,
+    (work, consoles): (&Path, &Path),
     names: &[&str],
     limit: Duration,
 ) -> Result<(String, Outcome)> {
@@ -219,16 +239,19 @@ fn run_one(
     eprintln!("vm: {requested}: booting {} under TCG", k.release);
     let initrd = work.join(format!("initramfs-{}.cpio", k.release));
     initramfs::build(&k, spliced, tests, &guest_env(), &initrd)?;
-    let console = work.join(format!("console-{}.log", k.release));
+    let running = work.join(format!("console-{}.log", k.release));
     let result = qemu::boot(
         &k.vmlinuz,
         &initrd,
-        &console,
+        &running,
         limit,
         &format!("vm {}: ", k.release),
     );
     let _ = fs::remove_file(&initrd);
-    let text = result?;
+    // Kept after the run (the work directory is not): the latest console of each kernel.
+    let console = consoles.join(format!("console-{}.log", k.release));
+    let _ = fs::copy(&running, &console);
+    let text = result.with_context(|| format!("console: {}", console.display()))?;
     let outcome = parse_console(&text, names);
     if !outcome.ok() {
         eprintln!(
