@@ -6,11 +6,14 @@
 //! - `test [ARGS]`: every check and test (what CI runs);
 //! - `integration-test local [ARGS]`: the integration suite on the host kernel;
 //! - `integration-test vm [--kernel VERSION ...]`: the suite in QEMU on Debian cloud kernels;
+//! - `deb [--output DIR]`: a Debian package (binary, systemd unit, example configuration, man
+//!   page generated from the clap definitions);
 //! - `demo`: a link-local HTTP upstream in a namespace, spliced in front of it, a curl through it;
 //! - `bench [--quick] [--output FILE]`: spliced against direct, socat, HAProxy and
 //!   systemd-socket-proxyd; writes docs/benchmarks.md and docs/benchmarks.svg.
 mod bench;
 mod build;
+mod deb;
 mod demo;
 mod run;
 mod setup;
@@ -56,6 +59,12 @@ enum Command {
         #[command(subcommand)]
         on: Where,
     },
+    /// Build a Debian package of spliced (binary, unit, example configuration, man page).
+    Deb {
+        /// Where to write the .deb (default: target/deb).
+        #[arg(long, value_name = "DIR")]
+        output: Option<std::path::PathBuf>,
+    },
     /// Show spliced forwarding to a link-local HTTP server in a namespace, until Ctrl-C.
     Demo,
     /// Benchmark spliced against direct, socat, HAProxy and systemd-socket-proxyd.
@@ -97,6 +106,7 @@ fn main() -> ExitCode {
         Command::IntegrationTest {
             on: Where::Vm { kernels, filters },
         } => test::vm(kernels, filters),
+        Command::Deb { output } => deb::command(output),
         Command::Demo => demo::command(),
         Command::Bench(args) => bench::command(args),
     };

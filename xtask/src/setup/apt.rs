@@ -1,7 +1,7 @@
 //! The Debian packages the tests and the demo call: `ip`, `curl`, `python3 -m http.server`,
 //! `ps`/`kill`, `nsenter`/`unshare`/`runuser`, `iperf3`, `systemd-socket-activate` and
-//! `systemd-analyze` (the daemon tests); and, for `cargo xtask bench` only, the forwarders
-//! it compares spliced with.
+//! `systemd-analyze` (the daemon tests), `groff` (the man page test); and, for `cargo xtask
+//! bench` only, the forwarders it compares spliced with.
 use std::process::Command;
 
 use anyhow::Result;
@@ -17,6 +17,7 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "iperf3",
     "systemd",
+    "groff-base",
 ];
 
 /// What `cargo xtask bench` adds: HAProxy, socat, systemd (for `systemd-socket-activate` and
