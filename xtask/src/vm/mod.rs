@@ -175,6 +175,7 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
     } else {
         kernels
     };
+    let started = Instant::now();
     crate::setup::vm()?;
     let consoles = kernel::cache_dir()?.join("vm");
     // Binaries and initramfs of this run only (another run may be going on at the same time);
@@ -216,6 +217,13 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
         });
     }
     print_table(&rows);
+    let secs = started.elapsed().as_secs();
+    println!(
+        "{} kernel(s) in {}m{:02}s, setup and the musl build included",
+        rows.len(),
+        secs / 60,
+        secs % 60
+    );
     let bad: Vec<&str> = rows
         .iter()
         .filter(|r| !r.outcome.as_ref().is_ok_and(Outcome::ok))
