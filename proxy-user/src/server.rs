@@ -621,7 +621,7 @@ async fn accept_loop(
             Ok((client, peer)) => {
                 shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
                 route.counters.total.fetch_add(1, Ordering::Relaxed);
-                let Some(live) = Live::enter(&shared, &route) else {
+                let Some(live) = Live::enter(&shared, &route, peer) else {
                     let _ = sockopt::set_linger_zero(&client);
                     continue;
                 };
@@ -647,7 +647,7 @@ struct Live {
 impl Live {
     /// Counts a new connection in, or refuses it (counted as failed, logged) when it would take
     /// the daemon past `max_connections` or the route past its own.
-    fn enter(shared: &Arc<Shared>, route: &RouteState) -> Option<Live> {
+    fn enter(shared: &Arc<Shared>, route: &RouteState, client: SocketAddr) -> Option<Live> {
         let name = &route.route.name;
         let all = shared.counters.active.fetch_add(1, Ordering::AcqRel) + 1;
         let live = Live {
@@ -657,7 +657,7 @@ impl Live {
         let mine = route.counters.active.fetch_add(1, Ordering::AcqRel) + 1;
         if all > shared.max_connections.load(Ordering::Relaxed) {
             route.counters.fail(Failure::MaxConnections);
-            warn!(route = %name, "connection limit (max_connections) reached: connection refused");
+            warn!(route = %name, client = %client, "connection limit (max_connections) reached: connection refused");
             return None;
         }
         if route
@@ -666,7 +666,7 @@ impl Live {
             .is_some_and(|max| mine > max as u64)
         {
             route.counters.fail(Failure::RouteMaxConnections);
-            warn!(route = %name, "route connection limit (route max_connections) reached: connection refused");
+            warn!(route = %name, client = %client, "route connection limit (route max_connections) reached: connection refused");
             return None;
         }
         Some(live)
