@@ -210,11 +210,17 @@ fn drop_privileges(daemon: &Daemon, name: &str) -> Result<(), String> {
     daemon
         .hand_over_to(user.uid, user.gid)
         .map_err(|e| format!("cannot hand the control socket over: {e}"))?;
-    spliced::privdrop::drop_to(&user, &tokio::runtime::Handle::current())?;
+    let mut keep = spliced::privdrop::KEEP;
+    if daemon.has_sockmap() && spliced::privdrop::bpf_needs_cap() {
+        // This kernel checks CAP_BPF for every bpf() command (before 6.5).
+        keep |= 1 << spliced::privdrop::CAP_BPF;
+    }
+    spliced::privdrop::drop_to(&user, keep, &tokio::runtime::Handle::current())?;
     info!(
-        "running as user {name} (uid {}, gid {}), keeping only CAP_NET_ADMIN and \
-         CAP_NET_BIND_SERVICE",
-        user.uid, user.gid
+        "running as user {name} (uid {}, gid {}), keeping only {}",
+        user.uid,
+        user.gid,
+        spliced::privdrop::names(keep)
     );
     Ok(())
 }

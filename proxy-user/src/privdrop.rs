@@ -9,8 +9,15 @@
 //!   it a held sockmap connection fails at the hand-back.
 //! - `CAP_NET_BIND_SERVICE`: only for a reload that adds a listen port below 1024.
 //!
-//! Not needed after start: `CAP_BPF` (map lookups, updates and socket inserts on the maps
-//! already created work without it), `CAP_SETUID`/`CAP_SETGID`, `CAP_CHOWN`, `CAP_SYS_ADMIN`;
+//! - `CAP_BPF`: only where the kernel checks it for every `bpf()` command. Linux 6.18 checks it
+//!   only to create maps and load programs: lookups, updates and socket inserts on the maps
+//!   spliced already has work without it (measured). Kernels before 6.5 refuse every `bpf()`
+//!   command without it while `kernel.unprivileged_bpf_disabled` is set (Debian's default), so
+//!   the sockmap path would fail there. Rather than trust a version, spliced tries: a thread
+//!   of its own creates a one-entry array map, drops CAP_BPF (capabilities are per thread),
+//!   looks the entry up, and exits; CAP_BPF is kept if the lookup was refused.
+//!
+//! Not needed after start: `CAP_SETUID`/`CAP_SETGID`, `CAP_CHOWN`, `CAP_SYS_ADMIN`;
 //! `SO_BINDTODEVICE` needs nothing since Linux 5.7.
 //!
 //! Credentials are per thread in Linux. glibc's `setuid` changes every thread, but a thread's
@@ -30,9 +37,122 @@ use std::{
 /// Linux capability numbers (linux/capability.h).
 const CAP_NET_BIND_SERVICE: u32 = 10;
 const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_BPF: u32 = 39;
 
-/// The capabilities the running daemon keeps, as a bit mask.
+/// The capabilities the running daemon always keeps, as a bit mask; plus `CAP_BPF` where
+/// [`bpf_needs_cap`] finds the kernel wants it for maps that already exist.
 pub const KEEP: u64 = (1 << CAP_NET_BIND_SERVICE) | (1 << CAP_NET_ADMIN);
+
+/// The names of the capabilities in `mask`, for the log.
+pub fn names(mask: u64) -> String {
+    let mut names = Vec::new();
+    for (cap, name) in [
+        (CAP_NET_BIND_SERVICE, "CAP_NET_BIND_SERVICE"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_BPF, "CAP_BPF"),
+    ] {
+        if mask & (1 << cap) != 0 {
+            names.push(name);
+        }
+    }
+    names.join(", ")
+}
+
+/// Whether this kernel refuses a `bpf()` command on an existing map without CAP_BPF: tried in
+/// a thread of its own, whose reduced capabilities end with it. Errors (no CAP_BPF to create
+/// the trial map in the first place) count as "needed", the safe side.
+pub fn bpf_needs_cap() -> bool {
+    std::thread::spawn(|| {
+        // union bpf_attr, large enough for both commands.
+        let mut attr = [0u64; 16];
+        // BPF_MAP_CREATE: map_type = BPF_MAP_TYPE_ARRAY (2), key_size 4, value_size 8,
+        // max_entries 1.
+        attr[0] = 2 | (4 << 32);
+        attr[1] = 8 | (1 << 32);
+        // SAFETY: the bpf system call with a zeroed, large-enough attribute block.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                0,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        if fd < 0 {
+            return true;
+        }
+        let fd = fd as i32;
+        // This thread only: CAP_BPF (and CAP_SYS_ADMIN, which also satisfies the check) gone.
+        let kept = read_caps().map(|(eff, _)| eff & !(1 << CAP_BPF) & !(1 << 21));
+        let dropped = kept.is_some_and(|eff| set_thread_caps(eff, eff).is_ok());
+        let (key, mut value) = (0u32, 0u64);
+        let mut attr = [0u64; 16];
+        // BPF_MAP_LOOKUP_ELEM: map_fd, key pointer, value pointer.
+        attr[0] = fd as u64;
+        attr[1] = &key as *const u32 as u64;
+        attr[2] = &mut value as *mut u64 as u64;
+        // SAFETY: as above, with valid key and value pointers.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                1,
+                attr.as_ptr(),
+                std::mem::size_of_val(&attr),
+            )
+        };
+        // SAFETY: closing the map this thread created.
+        unsafe { libc::close(fd) };
+        !dropped || rc < 0
+    })
+    .join()
+    .unwrap_or(true)
+}
+
+/// This thread's (effective, permitted) capabilities.
+fn read_caps() -> Option<(u64, u64)> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget with a valid header and two data structs (version 3).
+    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
+    (rc == 0).then(|| {
+        (
+            u64::from(data[0].effective) | (u64::from(data[1].effective) << 32),
+            u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32),
+        )
+    })
+}
+
+/// Sets this thread's effective and permitted capabilities (no inheritable ones).
+fn set_thread_caps(effective: u64, permitted: u64) -> io::Result<()> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        CapData {
+            effective: effective as u32,
+            permitted: permitted as u32,
+            inheritable: 0,
+        },
+        CapData {
+            effective: (effective >> 32) as u32,
+            permitted: (permitted >> 32) as u32,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset with a valid header and two data structs (version 3).
+    check(
+        unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) },
+        "capset",
+    )
+}
 
 /// How long threads from before the switch may take to go (tokio's blocking-pool threads idle
 /// out after the runtime's keep-alive).
@@ -81,9 +201,10 @@ pub fn lookup(name: &str) -> Result<User, String> {
     })
 }
 
-/// Switches every thread of the process to `user`, keeping [`KEEP`]. Must be called from the
-/// thread that runs `block_on` (not a worker) of the multi-threaded runtime `handle`.
-pub fn drop_to(user: &User, handle: &tokio::runtime::Handle) -> Result<(), String> {
+/// Switches every thread of the process to `user`, keeping the capabilities in `keep`. Must be
+/// called from the thread that runs `block_on` (not a worker) of the multi-threaded runtime
+/// `handle`.
+pub fn drop_to(user: &User, keep: u64, handle: &tokio::runtime::Handle) -> Result<(), String> {
     let workers = handle.metrics().num_workers();
     let in_place = Arc::new(Barrier::new(workers + 1));
     let done = Arc::new(Barrier::new(workers + 1));
@@ -98,7 +219,7 @@ pub fn drop_to(user: &User, handle: &tokio::runtime::Handle) -> Result<(), Strin
         // Each task blocks its worker until all are in place: no worker can hold two of them.
         handle.spawn(async move {
             in_place.wait();
-            if let Err(e) = drop_this_thread(&user) {
+            if let Err(e) = drop_this_thread(&user, keep) {
                 failures
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -108,13 +229,13 @@ pub fn drop_to(user: &User, handle: &tokio::runtime::Handle) -> Result<(), Strin
         });
     }
     in_place.wait();
-    let mine = drop_this_thread(user);
+    let mine = drop_this_thread(user, keep);
     done.wait();
     mine.map_err(|e| format!("main thread: {e}"))?;
     if let Some(e) = failures.lock().unwrap_or_else(|e| e.into_inner()).first() {
         return Err(e.clone());
     }
-    verify(user)
+    verify(user, keep)
 }
 
 fn check(rc: libc::c_long, what: &str) -> io::Result<()> {
@@ -143,13 +264,13 @@ const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// The switch for the calling thread only (raw system calls: glibc's wrappers would change
 /// every thread, and those without `PR_SET_KEEPCAPS` would lose every capability).
-fn drop_this_thread(user: &User) -> io::Result<()> {
+fn drop_this_thread(user: &User, keep: u64) -> io::Result<()> {
     // SAFETY: plain system calls with valid arguments; they change only this thread's
     // credentials.
     unsafe {
         // The bounding set first, while CAP_SETPCAP is still there.
         for cap in 0..64u32 {
-            if KEEP & (1 << cap) == 0 {
+            if keep & (1 << cap) == 0 {
                 let rc = libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
                 if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
                     return Err(io::Error::new(
@@ -180,26 +301,7 @@ fn drop_this_thread(user: &User) -> io::Result<()> {
             libc::syscall(libc::SYS_setresuid, user.uid, user.uid, user.uid),
             "setresuid",
         )?;
-        let mut header = CapHeader {
-            version: LINUX_CAPABILITY_VERSION_3,
-            pid: 0,
-        };
-        let data = [
-            CapData {
-                effective: KEEP as u32,
-                permitted: KEEP as u32,
-                inheritable: 0,
-            },
-            CapData {
-                effective: (KEEP >> 32) as u32,
-                permitted: (KEEP >> 32) as u32,
-                inheritable: 0,
-            },
-        ];
-        check(
-            libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()),
-            "capset",
-        )?;
+        set_thread_caps(keep, keep)?;
         check(
             libc::prctl(
                 libc::PR_CAP_AMBIENT,
@@ -256,15 +358,15 @@ pub fn parse_status(text: &str) -> Option<ThreadCreds> {
     })
 }
 
-/// Waits until every thread of the process runs as `user` with [`KEEP`] (threads from before
-/// the switch may take [`STRAGGLERS`] to exit).
-fn verify(user: &User) -> Result<(), String> {
+/// Waits until every thread of the process runs as `user` with `keep` (threads from before the
+/// switch may take [`STRAGGLERS`] to exit).
+fn verify(user: &User, keep: u64) -> Result<(), String> {
     let want = ThreadCreds {
         uids: [user.uid; 4],
         gids: [user.gid; 4],
-        cap_eff: KEEP,
-        cap_prm: KEEP,
-        cap_bnd: KEEP,
+        cap_eff: keep,
+        cap_prm: keep,
+        cap_bnd: keep,
     };
     let deadline = Instant::now() + STRAGGLERS;
     loop {
@@ -324,5 +426,33 @@ mod tests {
         assert_eq!(creds.cap_eff, KEEP);
         assert_eq!(KEEP, 0x1400);
         assert!(parse_status("Name:\tx\n").is_none());
+        assert_eq!(names(KEEP), "CAP_NET_BIND_SERVICE, CAP_NET_ADMIN");
+        assert_eq!(
+            names(KEEP | 1 << CAP_BPF),
+            "CAP_NET_BIND_SERVICE, CAP_NET_ADMIN, CAP_BPF"
+        );
+    }
+
+    #[test]
+    fn bpf_trial_leaves_this_thread_alone() {
+        let before = read_caps().unwrap();
+        let needed = bpf_needs_cap();
+        assert_eq!(
+            read_caps().unwrap(),
+            before,
+            "the trial ran in its own thread"
+        );
+        // Linux 6.5 moved the unprivileged check into map creation and program loading.
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut v = release
+            .split(['.', '-'])
+            .map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (v.next().unwrap(), v.next().unwrap());
+        if before.0 & (1 << CAP_BPF) != 0 && (major, minor) >= (6, 5) {
+            assert!(
+                !needed,
+                "{release}: an existing map's lookup needs no CAP_BPF"
+            );
+        }
     }
 }

@@ -465,6 +465,11 @@ impl Daemon {
         }
     }
 
+    /// Whether the eBPF program is loaded (some route may use sockmap).
+    pub fn has_sockmap(&self) -> bool {
+        self.shared.sockmap.is_some()
+    }
+
     /// The address the metrics endpoint listens on, if it is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(|(a, _)| *a)
