@@ -507,7 +507,10 @@ async fn splice_pair(
         done: false,
     };
     // Trap 3: bytes that arrived before activation sit in the receive queues until flushed.
-    for d in [&up, &down] {
+    // A reset that arrived meanwhile fails the flush's recv: that is the source's peer failing
+    // (seen under QEMU, where set-up can take longer than a whole exchange), not spliced.
+    let up_failed: fn(io::Error) -> End = End::ClientFailed;
+    for (d, source_failed) in [(&up, up_failed), (&down, End::UpstreamFailed)] {
         if d.active {
             if let Err(e) = flush_early_bytes(d.src.as_raw_fd()) {
                 return Ok(abort(
@@ -516,7 +519,7 @@ async fn splice_pair(
                     Some(pair),
                     sockmap,
                     (0, 0),
-                    End::Ours(e),
+                    classify(e, source_failed),
                 ));
             }
         }
