@@ -162,6 +162,26 @@ pub fn parse_console(console: &str, binaries: &[&str]) -> Outcome {
     o
 }
 
+/// Removes the `run-<pid>` directories of runs that were killed (no drop ran); those of runs
+/// still alive are left alone.
+fn remove_stale_runs(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("run-")
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// A directory removed on drop.
 struct WorkDir(PathBuf);
 
@@ -191,6 +211,7 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
     let consoles = kernel::cache_dir()?.join("vm");
     // Binaries and initramfs of this run only (another run may be going on at the same time);
     // removed at the end, whatever happened.
+    remove_stale_runs(&consoles);
     let work = WorkDir(consoles.join(format!("run-{}", std::process::id())));
     fs::create_dir_all(&work.0).with_context(|| format!("cannot create {}", work.0.display()))?;
     let work = &work.0;

@@ -4,6 +4,7 @@
 use std::{
     fs,
     io::{Read as _, Seek as _, SeekFrom},
+    os::unix::process::CommandExt as _,
     path::Path,
     process::{Child, Command, Stdio},
     thread,
@@ -48,6 +49,16 @@ pub fn boot(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; between fork and exec it only sets a process flag.
+    unsafe {
+        cmd.pre_exec(|| {
+            // QEMU dies with xtask, also when xtask is killed (a CI timeout) and no drop runs.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
     let mut guard = Guard(child);
     let started = Instant::now();
