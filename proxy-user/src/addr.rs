@@ -187,6 +187,12 @@ pub fn interface_index(name: &str) -> Result<u32, AddrError> {
     // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call.
     let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
     if index == 0 {
+        // if_nametoindex opens a socket for its ioctl: out of descriptors is not "no such
+        // interface".
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENODEV) {
+            return Err(AddrError(format!("cannot look up interface {name:?}: {e}")));
+        }
         return Err(AddrError(format!(
             "interface {name:?} does not exist (ip link shows the interfaces)"
         )));
