@@ -11,6 +11,7 @@ mod server;
 mod sockmap;
 mod sockopt;
 pub mod systemd;
+pub mod upstream;
 mod watch;
 
 pub use config::{Config, Mode, Route};

@@ -1,0 +1,195 @@
+//! The failover dial: connect a client to the first server of its set that answers, within the
+//! route's `connect_timeout`.
+use std::{
+    fmt, io,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::{Lease, Upstreams};
+use crate::addr::AddrError;
+
+/// What a dial may use besides the set: the route's (or match's) `connect_timeout` and
+/// `interface`.
+#[derive(Clone, Copy, Debug)]
+pub struct DialOptions<'a> {
+    pub connect_timeout: Duration,
+    /// SO_BINDTODEVICE for the upstream socket.
+    pub interface: Option<&'a str>,
+}
+
+/// A connected upstream.
+#[derive(Debug)]
+pub struct Dialed {
+    pub stream: TcpStream,
+    pub addr: SocketAddr,
+    /// Counts the connection on its server until dropped: keep it as long as the connection.
+    pub lease: Lease,
+    /// Servers tried before this one, and why each failed (the client only saw the delay).
+    pub failed: Vec<Attempt>,
+}
+
+/// One server a dial tried and gave up on.
+#[derive(Debug)]
+pub struct Attempt {
+    pub server: String,
+    pub error: ConnectError,
+}
+
+impl fmt::Display for Attempt {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.server, self.error)
+    }
+}
+
+/// Why one connect to a server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Refused, unreachable, reset: the server's side (or the network to it).
+    #[error("connecting to {addr} failed: {err}")]
+    Upstream { addr: SocketAddr, err: io::Error },
+    /// No answer within the time this attempt had.
+    #[error("no answer from {addr} within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    /// The route's `interface` cannot be used: a configuration problem, not the server's.
+    #[error("interface {iface:?} (key `interface`): {err}")]
+    Interface { iface: String, err: io::Error },
+    /// spliced could not make a socket (descriptors, memory, local ports): ours, not the
+    /// server's.
+    #[error("spliced could not open a socket to {addr}: {err}")]
+    Local { addr: SocketAddr, err: io::Error },
+}
+
+impl ConnectError {
+    /// Whether the server is to blame (and is marked down).
+    pub fn is_upstream(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::Upstream { .. } | ConnectError::Timeout { .. }
+        )
+    }
+}
+
+/// Why a client could not be given an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// No entry of the set resolved (a host name, or a zone's interface that is gone).
+    #[error("{0}")]
+    Resolve(#[from] AddrError),
+    /// Every server was tried and failed, or the connect timeout ran out first.
+    #[error("no upstream server could be reached{}: {}", within(*.timed_out), list(.attempts))]
+    NoUpstream {
+        attempts: Vec<Attempt>,
+        /// The connect timeout ran out before every server was tried.
+        timed_out: Option<Duration>,
+    },
+    /// Our side or the configuration: the route's interface, or no socket to be had.
+    #[error(transparent)]
+    Ours(ConnectError),
+}
+
+fn within(t: Option<Duration>) -> String {
+    t.map(|t| format!(" within the connect timeout of {t:?}"))
+        .unwrap_or_default()
+}
+
+fn list(attempts: &[Attempt]) -> String {
+    if attempts.is_empty() {
+        return "no server was tried".to_owned();
+    }
+    let all: Vec<String> = attempts.iter().map(Attempt::to_string).collect();
+    all.join("; ")
+}
+
+/// Dials the set of a route or match for `client`: resolves its entries, orders the servers by
+/// the balance (up primaries, up backups, then the ones marked down as a last resort) and tries
+/// them in turn until one connects, all within `connect_timeout`. Each attempt gets an equal
+/// share of the time left (the last one all of it), so one black-holed server cannot use up the
+/// time of the others. A refused, unreachable or timed-out server is marked down (passive check).
+pub async fn dial(
+    set: &Upstreams,
+    client: SocketAddr,
+    opts: &DialOptions<'_>,
+) -> Result<Dialed, DialError> {
+    let deadline = Instant::now() + opts.connect_timeout;
+    let no_time = || DialError::NoUpstream {
+        attempts: Vec::new(),
+        timed_out: Some(opts.connect_timeout),
+    };
+    let targets = tokio::time::timeout(opts.connect_timeout, set.resolve())
+        .await
+        .map_err(|_| no_time())??;
+    let plan = set.plan(&targets, client.ip());
+    let checks = set.spec().health_check.is_some();
+    let mut attempts = Vec::new();
+    for (i, target) in plan.iter().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(DialError::NoUpstream {
+                attempts,
+                timed_out: Some(opts.connect_timeout),
+            });
+        }
+        let share = left / (plan.len() - i) as u32;
+        match connect(target.addr, opts.interface, share).await {
+            Ok(stream) => {
+                target.server.dial_succeeded(checks);
+                return Ok(Dialed {
+                    stream,
+                    addr: target.addr,
+                    lease: target.server.lease(),
+                    failed: attempts,
+                });
+            }
+            Err(e) if e.is_upstream() => {
+                target.server.dial_failed(&e.to_string());
+                attempts.push(Attempt {
+                    server: target.server.name().to_owned(),
+                    error: e,
+                });
+            }
+            Err(e) => return Err(DialError::Ours(e)),
+        }
+    }
+    Err(DialError::NoUpstream {
+        attempts,
+        timed_out: None,
+    })
+}
+
+/// One TCP connect to `addr` (bound to `interface` if given), at most `limit` long. Also the
+/// health checks' connect, so checks go where dials go.
+pub(super) async fn connect(
+    addr: SocketAddr,
+    interface: Option<&str>,
+    limit: Duration,
+) -> Result<TcpStream, ConnectError> {
+    let local = |err| ConnectError::Local { addr, err };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(local)?;
+    if let Some(iface) = interface {
+        socket
+            .bind_device(Some(iface.as_bytes()))
+            .map_err(|err| ConnectError::Interface {
+                iface: iface.to_owned(),
+                err: if err.raw_os_error() == Some(libc::ENODEV) {
+                    io::Error::other("no such interface (ip link lists them)")
+                } else {
+                    err
+                },
+            })?;
+    }
+    match tokio::time::timeout(limit, socket.connect(addr)).await {
+        Err(_) => Err(ConnectError::Timeout { addr, after: limit }),
+        // No local port left (the port range is full of TIME_WAIT): ours, not the server's.
+        Ok(Err(err)) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(local(err)),
+        Ok(Err(err)) => Err(ConnectError::Upstream { addr, err }),
+        Ok(Ok(stream)) => Ok(stream),
+    }
+}
