@@ -18,6 +18,8 @@
 mod balance;
 mod dial;
 mod health;
+pub mod parse;
+mod report;
 mod server;
 mod set;
 #[cfg(test)]
@@ -28,6 +30,7 @@ use std::{fmt, time::Duration};
 pub use balance::{order, Candidate, RoundRobin};
 pub use dial::{dial, Attempt, ConnectError, DialError, DialOptions, Dialed};
 pub use health::{CheckOptions, Checker, PROXY_V2_LOCAL, RECOVERY_INTERVAL};
+pub use report::{render_metrics, render_status};
 pub use server::{
     Health, Lease, Observation, Server, ServerStatus, ServerTable, State, Transition,
 };
