@@ -15,11 +15,17 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches proxy-ebpf; the map types it shares live here.
     println!("cargo:rerun-if-changed=../proxy-common/src");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-    let stub = out_dir.join("proxy-ebpf");
+    // Both objects of proxy-ebpf: the sockmap verdict and the XDP front.
+    let stubs = [out_dir.join("proxy-ebpf"), out_dir.join("proxy-xdp")];
+    let write_stubs = || -> anyhow::Result<()> {
+        for stub in &stubs {
+            fs::write(stub, []).context("writing an empty eBPF object")?;
+        }
+        Ok(())
+    };
     let skip = env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
     if skip {
-        fs::write(&stub, []).context("writing the empty eBPF object")?;
-        return Ok(());
+        return write_stubs();
     }
     if let Err(missing) = toolchain_ready() {
         if env::var("SPLICED_REQUIRE_EBPF").is_ok_and(|v| v == "1") {
@@ -28,8 +34,7 @@ fn main() -> anyhow::Result<()> {
             ));
         }
         println!("cargo:warning=building spliced without its eBPF object: {missing}; run `cargo xtask setup`");
-        fs::write(&stub, []).context("writing the empty eBPF object")?;
-        return Ok(());
+        return write_stubs();
     }
     let cargo_metadata::Metadata { packages, .. } = cargo_metadata::MetadataCommand::new()
         .no_deps()

@@ -6,6 +6,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+mod xdp;
+pub use xdp::*;
+
 /// Name of the SOCKHASH that maps a source socket's cookie to the socket its bytes go to.
 /// No program is attached to it: it is only the lookup table of `bpf_sk_redirect_hash`.
 pub const TARGETS_MAP: &str = "TARGETS";
@@ -75,4 +78,12 @@ mod user {
     unsafe impl aya::Pod for super::SockStats {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockLimit {}
+    // SAFETY: the XDP front's keys and values: `#[repr(C)]`, explicit padding, any bit pattern.
+    unsafe impl aya::Pod for super::XdpRouteKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::XdpRoute {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::XdpSynKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::XdpSynBucket {}
 }

@@ -1,0 +1,20 @@
+//! The XDP front (issue 15): per-route source ACLs (`allow`, `deny`) and a per-source SYN
+//! token bucket (`syn_rate`), enforced by an XDP program on the interfaces in `xdp` before the
+//! kernel's TCP stack sees a packet, and by [`AcceptGuard`] at accept for every connection.
+//!
+//! - [`rules`]: prefixes, a route's rules, and their compilation into map entries (pure).
+//! - [`front`]: loading, attaching (native, else generic), map updates in place, counters.
+//! - [`guard`]: the accept-time check and the once-per-interval log limiter.
+mod front;
+mod guard;
+mod netlink;
+mod rules;
+#[cfg(test)]
+mod tests;
+
+pub use front::{AttachMode, XdpError, XdpFront};
+pub use guard::{AcceptGuard, LogLimiter};
+pub use rules::{
+    route_key, MapOp, MapPlan, Prefix, PrefixError, Reason, RouteIds, RouteRules, SourceRules,
+    TooManyRoutes,
+};
