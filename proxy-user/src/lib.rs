@@ -5,6 +5,7 @@ pub mod config;
 pub mod control;
 mod forward;
 mod metrics;
+pub mod peek;
 pub mod privdrop;
 mod registry;
 mod server;
