@@ -5,6 +5,10 @@
 //! - [`rules`]: prefixes, a route's rules, and their compilation into map entries (pure).
 //! - [`front`]: loading, attaching (native, else generic), map updates in place, counters.
 //! - [`guard`]: the accept-time check and the once-per-interval log limiter.
+//! - [`filters`]: the daemon's view: front, guards and counters per route, across reloads.
+//! - [`config`]: the values of `xdp`, `allow`, `deny`, `syn_rate`.
+pub mod config;
+mod filters;
 mod front;
 mod guard;
 mod netlink;
@@ -12,6 +16,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
+pub use filters::{Filters, Refusals, LOG_INTERVAL};
 pub use front::{AttachMode, XdpError, XdpFront};
 pub use guard::{AcceptGuard, LogLimiter};
 pub use rules::{

@@ -248,3 +248,93 @@ fn describe_lists_effective_rules() {
     );
     assert!(SourceRules::default().describe().is_empty());
 }
+
+#[test]
+fn config_values() {
+    use super::config::*;
+    let v = |s: &str| -> toml::Value {
+        toml::from_str::<toml::Table>(&format!("v = {s}")).unwrap()["v"].clone()
+    };
+    assert_eq!(
+        parse_interfaces(&v(r#"["eth0", "lxdbr0"]"#)).unwrap(),
+        ["eth0", "lxdbr0"]
+    );
+    assert!(parse_interfaces(&v("[]")).unwrap().is_empty());
+    let e = parse_interfaces(&v(r#"["eth0", "eth*"]"#)).unwrap_err();
+    assert_eq!(e.index, Some(1));
+    assert!(e.message.contains("fixed, not patterns"), "{e:?}");
+    assert_eq!(
+        parse_interfaces(&v(r#"["a", "a"]"#)).unwrap_err().index,
+        Some(1)
+    );
+    assert_eq!(
+        parse_interfaces(&v(r#"["a/b"]"#)).unwrap_err().index,
+        Some(0)
+    );
+    assert_eq!(
+        parse_interfaces(&v(r#"["0123456789abcdef"]"#))
+            .unwrap_err()
+            .index,
+        Some(0)
+    );
+    assert_eq!(parse_interfaces(&v(r#""eth0""#)).unwrap_err().index, None);
+    assert_eq!(parse_interfaces(&v("[1]")).unwrap_err().index, Some(0));
+    let allow = parse_prefixes(&v(r#"["198.51.100.0/24", "2001:db8:1::/48"]"#), "allow").unwrap();
+    assert_eq!(allow.len(), 2);
+    let e = parse_prefixes(&v("[]"), "allow").unwrap_err();
+    assert!(e.message.contains("empty allow list"), "{e:?}");
+    assert!(parse_prefixes(&v("[]"), "deny").unwrap().is_empty());
+    let e = parse_prefixes(&v(r#"["198.51.100.0/24", "198.51.100.1/24"]"#), "deny").unwrap_err();
+    assert_eq!(e.index, Some(1));
+    assert!(e.message.contains("write 198.51.100.0/24"), "{e:?}");
+    let e = parse_prefixes(&v(r#"["10.0.0.0/8", "10.0.0.0/8"]"#), "deny").unwrap_err();
+    assert!(e.message.contains("twice"), "{e:?}");
+    assert_eq!(parse_syn_rate(&v("20")), Ok(20));
+    assert!(parse_syn_rate(&v("0"))
+        .unwrap_err()
+        .contains("out of range"));
+    assert!(parse_syn_rate(&v("\"20\""))
+        .unwrap_err()
+        .contains("expected an integer"));
+}
+
+#[test]
+fn element_offsets_skip_comments_and_escapes() {
+    use super::config::element_offset;
+    let text = r#"[ "a", # "not this"
+  'b\', "c\"d", "e" ]"#;
+    assert_eq!(element_offset(text, 0), Some(2));
+    assert_eq!(&text[element_offset(text, 1).unwrap()..][..3], r"'b\");
+    assert_eq!(&text[element_offset(text, 2).unwrap()..][..3], r#""c\"#);
+    assert_eq!(&text[element_offset(text, 3).unwrap()..][..3], r#""e""#);
+    assert_eq!(element_offset(text, 4), None);
+}
+
+#[test]
+fn filters_without_xdp_check_at_accept_and_keep_counters_across_reloads() {
+    let routes = |deny: &str| {
+        vec![route(
+            "a",
+            &["127.0.0.1:8080"],
+            SourceRules {
+                deny: vec![p(deny)],
+                ..SourceRules::default()
+            },
+        )]
+    };
+    let filters = Filters::start(&[], &[], &routes("198.51.100.66/32")).unwrap();
+    assert!(filters.interfaces().is_empty());
+    assert_eq!(filters.check("a", ip("198.51.100.66")), Err(Reason::Acl));
+    assert_eq!(filters.check("a", ip("198.51.100.7")), Ok(()));
+    assert_eq!(filters.check("unknown", ip("198.51.100.66")), Ok(()));
+    filters.apply(&[], &[], &routes("198.51.100.7/32")).unwrap();
+    assert_eq!(filters.check("a", ip("198.51.100.66")), Ok(()));
+    assert_eq!(filters.check("a", ip("198.51.100.7")), Err(Reason::Acl));
+    let r = filters.refusals("a", Reason::Acl);
+    assert_eq!((r.xdp, r.accept), (0, 2));
+    filters.apply(&[], &[], &[]).unwrap();
+    assert_eq!(filters.refusals("a", Reason::Acl), Refusals::default());
+    // Interfaces without an object: a clear error, nothing changed.
+    let e = filters.apply(&[], &["lo".into()], &[]).err().unwrap();
+    assert!(e.to_string().contains("without its XDP object"), "{e}");
+}
