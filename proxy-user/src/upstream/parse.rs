@@ -1,6 +1,7 @@
 //! The configuration forms of `upstream`, `balance` and `health_check` (on a route or a routing
-//! match). The configuration module owns the grammar of single values (addresses, durations) and
-//! passes it in as [`Grammar`]; this module owns the shapes:
+//! match), read from the document's items so that each problem keeps its own place. The
+//! configuration module owns the grammar of single values (addresses, durations) and passes it
+//! in as [`Grammar`]; this module owns the shapes:
 //!
 //! ```toml
 //! upstream = "[fe80::1%lxdbr0]:80"                           # one server
@@ -10,9 +11,12 @@
 //! balance = "roundrobin"                                     # | leastconn | source
 //! health_check = { interval = "2s", timeout = "1s", rise = 2, fall = 3 }   # each optional
 //! ```
-use std::time::Duration;
+//!
+//! `[[route.upstream]]` tables and a `[route.health_check]` table are the same as the inline
+//! forms.
+use std::{ops::Range, time::Duration};
 
-use toml::Value;
+use toml_edit::{Item, TableLike, Value};
 
 use super::{Balance, HealthCheck, ServerSpec, MAX_RISE_FALL, MAX_WEIGHT};
 use crate::addr::Endpoint;
@@ -22,83 +26,103 @@ pub struct Grammar<'a> {
     /// An upstream address, checked (zone interfaces exist, port not 0).
     pub address: &'a dyn Fn(&str) -> Result<Endpoint, String>,
     /// A duration such as `"2s"`.
-    pub duration: &'a dyn Fn(&Value) -> Result<Duration, String>,
+    pub duration: &'a dyn Fn(&Item) -> Result<Duration, String>,
 }
 
-/// One problem in a value, `at` the key path below it: `""`, `"[1]"`, `"[1].weight"`,
-/// `".interval"`.
+/// One problem in a value: `at` the key path below it (`""`, `"[1]"`, `"[1].weight"`,
+/// `".interval"`) and, when the document kept it, its own place in the file.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Problem {
     pub at: String,
+    pub span: Option<Range<usize>>,
     pub message: String,
 }
 
-fn problem(at: impl Into<String>, message: impl Into<String>) -> Problem {
+fn problem(
+    at: impl Into<String>,
+    span: Option<Range<usize>>,
+    message: impl Into<String>,
+) -> Problem {
     Problem {
         at: at.into(),
+        span,
         message: message.into(),
     }
 }
 
 /// What a value is, for messages: `a boolean (true)`, `an array`.
-fn describe(value: &Value) -> String {
-    let article = match value.type_str() {
-        "integer" | "array" => "an",
-        _ => "a",
+fn describe(item: &Item) -> String {
+    let (article, kind) = match item {
+        Item::None => ("", "nothing"),
+        Item::Table(_) | Item::Value(Value::InlineTable(_)) => ("a ", "table"),
+        Item::ArrayOfTables(_) | Item::Value(Value::Array(_)) => ("an ", "array"),
+        Item::Value(Value::String(_)) => ("a ", "string"),
+        Item::Value(Value::Integer(_)) => ("an ", "integer"),
+        Item::Value(Value::Float(_)) => ("a ", "float"),
+        Item::Value(Value::Boolean(_)) => ("a ", "boolean"),
+        Item::Value(Value::Datetime(_)) => ("a ", "datetime"),
     };
-    match value {
-        Value::Integer(_) | Value::Float(_) | Value::Boolean(_) => {
-            format!("{article} {} ({value})", value.type_str())
+    match item {
+        Item::Value(v @ (Value::Integer(_) | Value::Float(_) | Value::Boolean(_))) => {
+            format!("{article}{kind} ({})", v.to_string().trim())
         }
-        _ => format!("{article} {}", value.type_str()),
+        _ => format!("{article}{kind}"),
     }
 }
 
 const UPSTREAM_FORMS: &str = "write upstream = \"10.0.0.2:80\", a list of addresses, or a list \
                               of tables such as { address = \"10.0.0.2:80\", weight = 2 }";
 
+/// One element of `upstream`: an address or a table, with its place.
+enum Element<'a> {
+    Address(&'a str),
+    Table(&'a dyn TableLike),
+    Other(String),
+}
+
+fn element(value: &Value) -> Element<'_> {
+    match value {
+        Value::String(s) => Element::Address(s.value()),
+        Value::InlineTable(t) => Element::Table(t),
+        other => Element::Other(describe(&Item::Value(other.clone()))),
+    }
+}
+
 /// `upstream`: a string, or a non-empty list of strings and `{address, weight, backup}` tables.
 /// Every problem is reported; at least one server must be a primary.
-pub fn servers(value: &Value, grammar: &Grammar<'_>) -> Result<Vec<ServerSpec>, Vec<Problem>> {
-    let items: Vec<&Value> = match value {
-        Value::String(_) => vec![value],
-        Value::Array(items) if items.is_empty() => {
-            return Err(vec![problem(
-                "",
-                format!("the list is empty; {UPSTREAM_FORMS}"),
-            )]);
-        }
-        Value::Array(items) => items.iter().collect(),
+pub fn servers(item: &Item, grammar: &Grammar<'_>) -> Result<Vec<ServerSpec>, Vec<Problem>> {
+    let items: Vec<(Element<'_>, Option<Range<usize>>)> = match item {
+        Item::Value(v @ Value::String(_)) => vec![(element(v), item.span())],
+        Item::Value(Value::Array(a)) => a.iter().map(|v| (element(v), v.span())).collect(),
+        Item::ArrayOfTables(a) => a.iter().map(|t| (Element::Table(t), t.span())).collect(),
         other => {
-            return Err(vec![problem(
-                "",
-                format!(
-                    "expected an address or a list, found {}; {UPSTREAM_FORMS}",
-                    describe(other)
-                ),
-            )]);
+            let found = describe(other);
+            let m = format!("expected an address or a list, found {found}; {UPSTREAM_FORMS}");
+            return Err(vec![problem("", None, m)]);
         }
     };
-    let listed = matches!(value, Value::Array(_));
-    let mut out = Vec::new();
+    if items.is_empty() {
+        let m = format!("the list is empty; {UPSTREAM_FORMS}");
+        return Err(vec![problem("", None, m)]);
+    }
+    let listed = !matches!(item, Item::Value(Value::String(_)));
+    let mut out: Vec<ServerSpec> = Vec::new();
     let mut problems = Vec::new();
-    for (i, item) in items.into_iter().enumerate() {
+    for (i, (el, span)) in items.into_iter().enumerate() {
         let at = if listed {
             format!("[{i}]")
         } else {
             String::new()
         };
-        match server(item, &at, grammar) {
+        match server(el, &at, span.clone(), grammar) {
             Ok(s) => {
-                if let Some(j) = out.iter().position(|o: &ServerSpec| o.address == s.address) {
-                    problems.push(problem(
-                        &at,
-                        format!(
-                            "\"{}\" is already upstream[{j}]; list each server once (use weight \
-                             to give it a larger share)",
-                            s.address
-                        ),
-                    ));
+                if let Some(j) = out.iter().position(|o| o.address == s.address) {
+                    let m = format!(
+                        "\"{}\" is already upstream[{j}]; list each server once (use weight to \
+                         give it a larger share)",
+                        s.address
+                    );
+                    problems.push(problem(&at, span, m));
                 }
                 out.push(s);
             }
@@ -108,6 +132,7 @@ pub fn servers(value: &Value, grammar: &Grammar<'_>) -> Result<Vec<ServerSpec>, 
     if problems.is_empty() && out.iter().all(|s| s.backup) {
         problems.push(problem(
             "",
+            None,
             "every server is a backup, so none would ever be a primary; remove backup = true \
              from at least one",
         ));
@@ -120,47 +145,48 @@ pub fn servers(value: &Value, grammar: &Grammar<'_>) -> Result<Vec<ServerSpec>, 
 }
 
 /// One entry: an address string or a `{address, weight, backup}` table.
-fn server(item: &Value, at: &str, grammar: &Grammar<'_>) -> Result<ServerSpec, Vec<Problem>> {
-    let table = match item {
-        Value::String(s) => {
+fn server(
+    el: Element<'_>,
+    at: &str,
+    span: Option<Range<usize>>,
+    grammar: &Grammar<'_>,
+) -> Result<ServerSpec, Vec<Problem>> {
+    let table = match el {
+        Element::Address(s) => {
             return (grammar.address)(s)
                 .map(ServerSpec::new)
-                .map_err(|m| vec![problem(at, m)]);
+                .map_err(|m| vec![problem(at, span, m)]);
         }
-        Value::Table(t) => t,
-        other => {
-            return Err(vec![problem(
-                at,
-                format!(
-                    "expected an address or a table, found {}; write \"10.0.0.2:80\" or \
-                     {{ address = \"10.0.0.2:80\", weight = 2 }}",
-                    describe(other)
-                ),
-            )]);
+        Element::Table(t) => t,
+        Element::Other(found) => {
+            let m = format!(
+                "expected an address or a table, found {found}; write \"10.0.0.2:80\" or \
+                 {{ address = \"10.0.0.2:80\", weight = 2 }}"
+            );
+            return Err(vec![problem(at, span, m)]);
         }
     };
     let mut problems = Vec::new();
-    let mut spec = None;
-    let (mut weight, mut backup) = (1, false);
-    for (key, value) in table {
-        let here = format!("{at}.{key}");
-        let result = match key.as_str() {
+    let mut spec = ServerSpec::new(Endpoint {
+        host: crate::addr::Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into()),
+        zone: None,
+        port: 0,
+    });
+    for (key, value) in table.iter() {
+        let result = match key {
             "address" => match value.as_str() {
-                Some(s) => (grammar.address)(s).map(|e| spec = Some(e)),
+                Some(s) => (grammar.address)(s).map(|e| spec.address = e),
                 None => Err(format!(
                     "expected a string, found {}; write e.g. address = \"10.0.0.2:80\"",
                     describe(value)
                 )),
             },
-            "weight" => parse_weight(value).map(|w| weight = w),
-            "backup" => match value {
-                Value::Boolean(b) => {
-                    backup = *b;
-                    Ok(())
-                }
-                other => Err(format!(
+            "weight" => weight(value).map(|w| spec.weight = w),
+            "backup" => match value.as_bool() {
+                Some(b) => Ok(spec.backup = b),
+                None => Err(format!(
                     "expected true or false, found {}; write e.g. backup = true",
-                    describe(other)
+                    describe(value)
                 )),
             },
             _ => Err(
@@ -170,45 +196,44 @@ fn server(item: &Value, at: &str, grammar: &Grammar<'_>) -> Result<ServerSpec, V
             ),
         };
         if let Err(m) = result {
-            problems.push(problem(here, m));
+            let place = match key {
+                "address" | "weight" | "backup" => value.span(),
+                _ => table.get_key_value(key).and_then(|(k, _)| k.span()),
+            };
+            problems.push(problem(format!("{at}.{key}"), place.or(span.clone()), m));
         }
     }
     if !table.contains_key("address") {
-        problems.push(problem(
-            at,
-            "the table has no address; add e.g. address = \"10.0.0.2:80\"",
-        ));
+        let m = "the table has no address; add e.g. address = \"10.0.0.2:80\"";
+        problems.push(problem(at, span, m));
     }
-    match spec {
-        Some(address) if problems.is_empty() => Ok(ServerSpec {
-            address,
-            weight,
-            backup,
-        }),
-        _ => Err(problems),
+    if problems.is_empty() {
+        Ok(spec)
+    } else {
+        Err(problems)
     }
 }
 
-fn parse_weight(value: &Value) -> Result<u32, String> {
-    match value {
-        Value::Integer(n) if (1..=i64::from(MAX_WEIGHT)).contains(n) => Ok(*n as u32),
-        Value::Integer(n) => Err(format!(
+fn weight(item: &Item) -> Result<u32, String> {
+    match item.as_integer() {
+        Some(n) if (1..=i64::from(MAX_WEIGHT)).contains(&n) => Ok(n as u32),
+        Some(n) => Err(format!(
             "{n} is out of range; use 1 to {MAX_WEIGHT} (a share relative to the other servers)"
         )),
-        other => Err(format!(
+        None => Err(format!(
             "expected an integer, found {}; write e.g. weight = 2",
-            describe(other)
+            describe(item)
         )),
     }
 }
 
 /// `balance`.
-pub fn balance(value: &Value) -> Result<Balance, String> {
+pub fn balance(item: &Item) -> Result<Balance, String> {
     let valid = Balance::ALL.map(Balance::as_str).join(", ");
-    let Some(s) = value.as_str() else {
+    let Some(s) = item.as_str() else {
         return Err(format!(
             "expected a string, found {}; use one of {valid}",
-            describe(value)
+            describe(item)
         ));
     };
     Balance::ALL
@@ -224,21 +249,19 @@ pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `health_check = { interval, timeout, rise, fall }`, each optional (defaults: 2s, 1s, 2, 3);
 /// the timeout may not exceed the interval.
-pub fn health_check(value: &Value, grammar: &Grammar<'_>) -> Result<HealthCheck, Vec<Problem>> {
-    let Value::Table(table) = value else {
-        return Err(vec![problem(
-            "",
-            format!(
-                "expected a table, found {}; write e.g. health_check = {{ interval = \"2s\", \
-                 timeout = \"1s\", rise = 2, fall = 3 }}",
-                describe(value)
-            ),
-        )]);
+pub fn health_check(item: &Item, grammar: &Grammar<'_>) -> Result<HealthCheck, Vec<Problem>> {
+    let Some(table) = item.as_table_like() else {
+        let m = format!(
+            "expected a table, found {}; write e.g. health_check = {{ interval = \"2s\", \
+             timeout = \"1s\", rise = 2, fall = 3 }}",
+            describe(item)
+        );
+        return Err(vec![problem("", None, m)]);
     };
     let mut hc = HealthCheck::default();
     let mut problems = Vec::new();
-    for (key, value) in table {
-        let result = match key.as_str() {
+    for (key, value) in table.iter() {
+        let result = match key {
             "interval" => interval(value, grammar, "interval", "2s").map(|d| hc.interval = d),
             "timeout" => interval(value, grammar, "timeout", "1s").map(|d| hc.timeout = d),
             "rise" => count(value, "rise", 2).map(|n| hc.rise = n),
@@ -250,23 +273,26 @@ pub fn health_check(value: &Value, grammar: &Grammar<'_>) -> Result<HealthCheck,
             ),
         };
         if let Err(m) = result {
-            problems.push(problem(format!(".{key}"), m));
+            let place = match key {
+                "interval" | "timeout" | "rise" | "fall" => value.span(),
+                _ => table.get_key_value(key).and_then(|(k, _)| k.span()),
+            };
+            problems.push(problem(format!(".{key}"), place, m));
         }
     }
     if problems.is_empty() && hc.timeout > hc.interval {
-        let at = if table.contains_key("timeout") {
-            ".timeout"
+        let key = if table.contains_key("timeout") {
+            "timeout"
         } else {
-            ".interval"
+            "interval"
         };
-        problems.push(problem(
-            at,
-            format!(
-                "the timeout ({:?}) is longer than the interval ({:?}); a check must end \
-                 before the next one starts: lower timeout or raise interval",
-                hc.timeout, hc.interval
-            ),
-        ));
+        let m = format!(
+            "the timeout ({:?}) is longer than the interval ({:?}); a check must end before the \
+             next one starts: lower timeout or raise interval",
+            hc.timeout, hc.interval
+        );
+        let place = table.get(key).and_then(Item::span);
+        problems.push(problem(format!(".{key}"), place, m));
     }
     if problems.is_empty() {
         Ok(hc)
@@ -276,29 +302,30 @@ pub fn health_check(value: &Value, grammar: &Grammar<'_>) -> Result<HealthCheck,
 }
 
 fn interval(
-    value: &Value,
+    item: &Item,
     grammar: &Grammar<'_>,
     key: &str,
     example: &str,
 ) -> Result<Duration, String> {
-    let d = (grammar.duration)(value)?;
-    if d < MIN_INTERVAL || d > MAX_INTERVAL {
+    let d = (grammar.duration)(item)?;
+    if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&d) {
         return Err(format!(
-            "{value} is out of range; use 100ms to 1h, e.g. {key} = \"{example}\""
+            "{} is out of range; use 100ms to 1h, e.g. {key} = \"{example}\"",
+            item.to_string().trim()
         ));
     }
     Ok(d)
 }
 
-fn count(value: &Value, key: &str, example: u32) -> Result<u32, String> {
-    match value {
-        Value::Integer(n) if (1..=i64::from(MAX_RISE_FALL)).contains(n) => Ok(*n as u32),
-        Value::Integer(n) => Err(format!(
+fn count(item: &Item, key: &str, example: u32) -> Result<u32, String> {
+    match item.as_integer() {
+        Some(n) if (1..=i64::from(MAX_RISE_FALL)).contains(&n) => Ok(n as u32),
+        Some(n) => Err(format!(
             "{n} is out of range; use 1 to {MAX_RISE_FALL}, e.g. {key} = {example}"
         )),
-        other => Err(format!(
+        None => Err(format!(
             "expected an integer, found {}; write e.g. {key} = {example}",
-            describe(other)
+            describe(item)
         )),
     }
 }
