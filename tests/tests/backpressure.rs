@@ -25,8 +25,8 @@
 //! parallelism. Every socket has timeouts, every loop a bound in time and count, and every
 //! namespace is removed on drop.
 use std::{
-    io::{self, ErrorKind, Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
+    io::{ErrorKind, Read, Write},
+    net::{Shutdown, TcpStream},
     os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -38,7 +38,9 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use tests::{
-    accept, closed_within, mem_available, receive, set_timeouts, Payload, Spliced, Topology,
+    closed_lines, closed_within, fields, inq, mem_available, meminfo_kib, outq, per_mode, rcvbuf,
+    receive, set_rcvbuf, set_sndbuf, set_sndbuf_force, sndbuf, Forward, Payload, Spliced,
+    TempConfig, Topology,
 };
 
 /// These tests measure memory: one at a time.
@@ -64,8 +66,6 @@ const MIN_GRANT: u64 = 256 << 10;
 const MEM_LIMIT: u64 = 64 * MIB;
 /// How long the stalled peer does not read.
 const STALL: Duration = Duration::from_secs(8);
-/// How long the upstream may wait for the daemon's dial.
-const ACCEPT: Duration = Duration::from_secs(10);
 /// Read/write timeout of every socket.
 const IO: Duration = Duration::from_secs(30);
 /// How long the daemon may take to log a connection's end.
@@ -101,13 +101,13 @@ struct Ours {
 }
 
 impl Ours {
-    fn new(spliced: &Spliced, topo: &Topology, listener: &TcpListener) -> Ours {
-        let lp = spliced.addr().port();
-        let up = listener.local_addr().unwrap().port();
+    fn of(fwd: &Forward) -> Ours {
+        let lp = fwd.spliced.addr().port();
+        let up = fwd.listener.local_addr().unwrap().port();
         Ours {
-            pid: spliced.pid(),
+            pid: fwd.spliced.pid(),
             host_filter: format!("( sport = :{lp} or dport = :{lp} or dport = :{up} )"),
-            netns: topo.netns.clone(),
+            netns: fwd.topo.netns.clone(),
             ns_filter: format!("( sport = :{up} )"),
         }
     }
@@ -129,14 +129,6 @@ struct MemSample {
     our_sockets: i64,
     /// TCP sockets of others (all namespaces): sockstat's global `alloc` less this test's.
     foreign_sockets: i64,
-}
-
-fn meminfo_kib(text: &str, key: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{key} missing"))
 }
 
 fn rss_anon(pid: &str) -> u64 {
@@ -360,65 +352,6 @@ impl Drop for MemWatch {
 
 // ---- sockets ---------------------------------------------------------------------------------
 
-fn getsockopt_int(s: &impl AsRawFd, level: i32, opt: i32) -> u64 {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: an int-sized option into an int.
-    let rc = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0, "getsockopt: {}", io::Error::last_os_error());
-    v as u64
-}
-
-fn setsockopt_int(s: &impl AsRawFd, level: i32, opt: i32, v: i32) {
-    // SAFETY: an int-sized option from an int.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            opt,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt: {}", io::Error::last_os_error());
-}
-
-/// `sk_sndbuf`: what the socket's send queue may hold (in truesize, which exceeds payload).
-fn sndbuf(s: &impl AsRawFd) -> u64 {
-    getsockopt_int(s, libc::SOL_SOCKET, libc::SO_SNDBUF)
-}
-
-/// `sk_rcvbuf`.
-fn rcvbuf(s: &impl AsRawFd) -> u64 {
-    getsockopt_int(s, libc::SOL_SOCKET, libc::SO_RCVBUF)
-}
-
-fn ioctl_int(s: &impl AsRawFd, req: libc::c_ulong) -> u64 {
-    let mut v: libc::c_int = 0;
-    // SAFETY: SIOCINQ/SIOCOUTQ write one int.
-    let rc = unsafe { libc::ioctl(s.as_raw_fd(), req, &mut v) };
-    assert_eq!(rc, 0, "ioctl: {}", io::Error::last_os_error());
-    v as u64
-}
-
-/// Payload bytes in the receive queue, not yet read (SIOCINQ).
-fn inq(s: &impl AsRawFd) -> u64 {
-    ioctl_int(s, libc::FIONREAD)
-}
-
-/// Payload bytes in the send queue, unsent or unacknowledged (SIOCOUTQ).
-fn outq(s: &impl AsRawFd) -> u64 {
-    ioctl_int(s, libc::TIOCOUTQ)
-}
-
 /// The third value of a `min default max` sysctl of net/ipv4.
 fn sysctl_max(name: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}")).unwrap();
@@ -517,11 +450,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn open(spliced: &Spliced, listener: &TcpListener) -> Conn {
-        let client = spliced.connect();
-        let upstream = accept(listener, ACCEPT);
-        set_timeouts(&client, IO);
-        set_timeouts(&upstream, IO);
+    fn open(fwd: &Forward) -> Conn {
+        let (client, upstream) = fwd.pair(IO);
         Conn { client, upstream }
     }
 
@@ -688,50 +618,6 @@ fn wait_writable(fds: &[i32], limit: Duration) {
 /// Reads `s` to EOF on a thread; returns (bytes, SHA-256).
 fn drain(mut s: TcpStream) -> thread::JoinHandle<(u64, [u8; 32])> {
     thread::spawn(move || receive(&mut s).expect("read to EOF"))
-}
-
-/// Asserts the daemon logged its `nth` (from 0) closed connection as complete on `path`, with
-/// `up` bytes client to upstream and `down` back.
-fn assert_logged(spliced: &Spliced, nth: usize, path: &str, up: u64, down: u64) {
-    let log = spliced.wait_log("connection closed", nth + 1, LOG);
-    let line = log
-        .lines()
-        .filter(|l| l.contains("connection closed"))
-        .nth(nth)
-        .unwrap();
-    let want = format!("path={path} bytes_up={up} bytes_down={down} ");
-    assert!(line.contains(&want), "expected {want}: {line}");
-    assert!(line.contains("end=complete"), "not complete: {line}");
-}
-
-/// A namespace with a listener, and a daemon routing to it.
-struct Setup {
-    spliced: Spliced,
-    listener: TcpListener,
-    ours: Ours,
-    _topo: Topology,
-}
-
-impl Setup {
-    /// A daemon with one route `--mode MODE` and `extra` arguments; None if sockmap is
-    /// unavailable and not required.
-    fn route(mode: &str, extra: &[&str]) -> Option<Setup> {
-        let topo = Topology::new();
-        let listener = topo.listen();
-        let port = listener.local_addr().unwrap().port();
-        let spliced = Spliced::route(mode, &topo.upstream(port), extra)?;
-        let ours = Ours::new(&spliced, &topo, &listener);
-        Some(Setup {
-            spliced,
-            listener,
-            ours,
-            _topo: topo,
-        })
-    }
-
-    fn conn(&self) -> Conn {
-        Conn::open(&self.spliced, &self.listener)
-    }
 }
 
 /// The allowance the daemon may have beyond its sockets on `mode` by default.
@@ -934,15 +820,15 @@ enum Dir {
 /// as the kernel takes it; then it reads everything.
 fn stall(mode: &str, dir: Dir) -> Result<(), String> {
     let started = Instant::now();
-    let Some(mut setup) = Setup::route(mode, &[]) else {
+    let Some(mut setup) = Forward::start(mode, &[]) else {
         return Ok(());
     };
     let what = match dir {
         Dir::Upload => format!("{mode} upload stall"),
         Dir::Download => format!("{mode} download stall"),
     };
-    let mem = MemWatch::start(&setup.ours);
-    let mut conn = setup.conn();
+    let mem = MemWatch::start(&Ours::of(&setup));
+    let mut conn = Conn::open(&setup);
     let mut pusher = Pusher::new(1);
     let sender = match dir {
         Dir::Upload => &mut conn.client,
@@ -1005,39 +891,21 @@ fn stall(mode: &str, dir: Dir) -> Result<(), String> {
         Dir::Upload => (got, 0),
         Dir::Download => (0, got),
     };
-    assert_logged(&setup.spliced, 0, mode, up, down);
+    setup.spliced.assert_closed(0, Some(mode), up, down);
     Ok(())
 }
 
-mod upload_stall {
-    #[test]
-    fn sockmap() {
-        super::attempts("sockmap upload stall", || {
-            super::stall("sockmap", super::Dir::Upload)
-        })
-    }
-    #[test]
-    fn splice() {
-        super::attempts("splice upload stall", || {
-            super::stall("splice", super::Dir::Upload)
-        })
-    }
+fn upload_stall(mode: &str) {
+    attempts(&format!("{mode} upload stall"), || stall(mode, Dir::Upload));
 }
+per_mode!(upload_stall, super::upload_stall, [sockmap, splice]);
 
-mod download_stall {
-    #[test]
-    fn sockmap() {
-        super::attempts("sockmap download stall", || {
-            super::stall("sockmap", super::Dir::Download)
-        })
-    }
-    #[test]
-    fn splice() {
-        super::attempts("splice download stall", || {
-            super::stall("splice", super::Dir::Download)
-        })
-    }
+fn download_stall(mode: &str) {
+    attempts(&format!("{mode} download stall"), || {
+        stall(mode, Dir::Download)
+    });
 }
+per_mode!(download_stall, super::download_stall, [sockmap, splice]);
 
 // ---- 3: many connections stalled at once under a small global pool ---------------------------
 
@@ -1078,47 +946,32 @@ fn many_stalled() -> Result<(), String> {
     let started = Instant::now();
     let topo = Topology::new();
     let listener = topo.listen();
-    setsockopt_int(
-        &listener,
-        libc::SOL_SOCKET,
-        libc::SO_RCVBUF,
-        (MANY_ENDPOINT_BUFFER / 2) as i32,
-    );
+    set_rcvbuf(&listener, MANY_ENDPOINT_BUFFER / 2);
     let port = listener.local_addr().unwrap().port();
-    let config = std::env::temp_dir().join(format!(
-        "spliced-backpressure-{}-{}.toml",
-        std::process::id(),
-        topo.n
+    let config = TempConfig::new(&format!(
+        "max_buffered = \"{}MiB\"\nmax_buffered_total = \"{}MiB\"\nsend_buffer = \"{}MiB\"\n\
+         \n[[route]]\nname = \"many\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
+         mode = \"sockmap\"\n",
+        MANY_EACH / MIB,
+        MANY_TOTAL / MIB,
+        MANY_SEND_BUFFER / MIB,
+        topo.upstream(port)
     ));
-    std::fs::write(
-        &config,
-        format!(
-            "max_buffered = \"{}MiB\"\nmax_buffered_total = \"{}MiB\"\nsend_buffer = \"{}MiB\"\n\
-             \n[[route]]\nname = \"many\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\n\
-             mode = \"sockmap\"\n",
-            MANY_EACH / MIB,
-            MANY_TOTAL / MIB,
-            MANY_SEND_BUFFER / MIB,
-            topo.upstream(port)
-        ),
-    )
-    .unwrap();
-    let spliced = Spliced::start_mode("sockmap", &["--config", config.to_str().unwrap()], 1);
-    let _ = std::fs::remove_file(&config);
-    let Some(mut spliced) = spliced else {
+    let spliced = Spliced::start_mode("sockmap", &["--config", config.path()], 1);
+    drop(config);
+    let Some(spliced) = spliced else {
         return Ok(());
     };
-    let ours = Ours::new(&spliced, &topo, &listener);
-    let mem = MemWatch::start(&ours);
+    let mut fwd = Forward {
+        spliced,
+        listener,
+        topo,
+    };
+    let mem = MemWatch::start(&Ours::of(&fwd));
     let mut conns: Vec<Conn> = (0..MANY)
         .map(|_| {
-            let c = Conn::open(&spliced, &listener);
-            setsockopt_int(
-                &c.client,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (MANY_ENDPOINT_BUFFER / 2) as i32,
-            );
+            let c = Conn::open(&fwd);
+            set_sndbuf(&c.client, MANY_ENDPOINT_BUFFER / 2);
             c.client.set_nonblocking(true).unwrap();
             c
         })
@@ -1139,7 +992,7 @@ fn many_stalled() -> Result<(), String> {
         }
     }
     let mem = mem.finish();
-    spliced.assert_running();
+    fwd.spliced.assert_running();
 
     let sent: u64 = pushers.iter().map(|p| p.sent).sum();
     let mut bufs = Buffers::default();
@@ -1226,22 +1079,15 @@ fn many_stalled() -> Result<(), String> {
         t.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    let log = spliced.wait_log("connection closed", MANY, LOG);
-    let mut logged: Vec<String> = log
-        .lines()
-        .filter(|l| l.contains("connection closed"))
+    let log = fwd.spliced.wait_log("connection closed", MANY, LOG);
+    let mut logged: Vec<String> = closed_lines(&log)
+        .into_iter()
         .map(|l| {
             assert!(
                 l.contains("path=sockmap") && l.contains("end=complete"),
                 "not a complete sockmap connection: {l}"
             );
-            l.split("bytes_up=")
-                .nth(1)
-                .unwrap()
-                .split(' ')
-                .next()
-                .unwrap()
-                .to_string()
+            fields(l)["bytes_up"].to_string()
         })
         .collect();
     let mut expected: Vec<String> = pushers.iter().map(|p| p.sent.to_string()).collect();
@@ -1322,11 +1168,11 @@ fn slow_reader_sockmap() {
 
 fn slow_reader(mode: &str) -> Result<(), String> {
     let started = Instant::now();
-    let Some(mut setup) = Setup::route(mode, &[]) else {
+    let Some(mut setup) = Forward::start(mode, &[]) else {
         return Ok(());
     };
-    let mem = MemWatch::start(&setup.ours);
-    let mut conn = setup.conn();
+    let mem = MemWatch::start(&Ours::of(&setup));
+    let mut conn = Conn::open(&setup);
     let read = Arc::new(AtomicU64::new(0));
     let reader = paced_reader(
         conn.upstream.try_clone().unwrap(),
@@ -1387,7 +1233,7 @@ fn slow_reader(mode: &str) -> Result<(), String> {
     assert_eq!(sha, pusher.sha256(), "{what}: SHA-256");
     conn.upstream.shutdown(Shutdown::Write).unwrap();
     closed_within(&mut conn.client, Duration::from_secs(10));
-    assert_logged(&setup.spliced, 0, mode, got, 0);
+    setup.spliced.assert_closed(0, Some(mode), got, 0);
     eprintln!("{what}: test took {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -1405,20 +1251,14 @@ fn fin_while_stalled(len: u64, client_sndbuf: Option<u64>) {
     let mode = "sockmap";
     let _serial = serial();
     let started = Instant::now();
-    let Some(mut setup) = Setup::route(mode, &[]) else {
+    let Some(mut setup) = Forward::start(mode, &[]) else {
         return;
     };
     let what = format!("{mode} FIN while stalled, {}", mib(len));
-    let conn = setup.conn();
+    let conn = Conn::open(&setup);
     if let Some(b) = client_sndbuf {
-        setsockopt_int(
-            &conn.client,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUFFORCE,
-            (b / 2) as i32,
-        );
+        set_sndbuf_force(&conn.client, b / 2);
     }
-    const REPLY: &[u8] = b"reply after the client's FIN";
     let shut = Arc::new(AtomicBool::new(false));
     let writer = {
         let mut c = conn.client.try_clone().unwrap();
@@ -1452,13 +1292,31 @@ fn fin_while_stalled(len: u64, client_sndbuf: Option<u64>) {
         shut_in_time,
         "{what}: the client could not send {len} bytes and SHUT_WR while the upstream did not read"
     );
-    let t = Instant::now();
     let mut upstream = conn.upstream;
-    let (got, sha) = receive(&mut upstream).expect("upstream reads to EOF");
+    let client = || writer.join().expect("client");
+    reply_after_fin(&what, started, &setup.spliced, &mut upstream, len, client);
+}
+
+/// What the upstream replies once it has read the client's FIN.
+const REPLY: &[u8] = b"reply after the client's FIN";
+
+/// The end of the FIN tests, on sockmap: the upstream reads to EOF and replies [`REPLY`] and its
+/// FIN; `client` returns (the SHA-256 the client sent, what it then read to EOF). Asserts the
+/// upstream got `len` bytes with that SHA-256, the client the reply, and the daemon's log line.
+fn reply_after_fin(
+    what: &str,
+    started: Instant,
+    spliced: &Spliced,
+    upstream: &mut TcpStream,
+    len: u64,
+    client: impl FnOnce() -> ([u8; 32], Vec<u8>),
+) {
+    let t = Instant::now();
+    let (got, sha) = receive(upstream).expect("upstream reads to EOF");
     assert_eq!(got, len, "{what}: bytes before the FIN");
     upstream.write_all(REPLY).unwrap();
     upstream.shutdown(Shutdown::Write).unwrap();
-    let (sent_sha, reply) = writer.join().expect("client");
+    let (sent_sha, reply) = client();
     assert_eq!(sha, sent_sha, "{what}: SHA-256");
     assert_eq!(reply, REPLY, "{what}: the reply after the FIN");
     eprintln!(
@@ -1467,7 +1325,7 @@ fn fin_while_stalled(len: u64, client_sndbuf: Option<u64>) {
         t.elapsed().as_secs_f64(),
         started.elapsed().as_secs_f64()
     );
-    assert_logged(&setup.spliced, 0, mode, len, REPLY.len() as u64);
+    spliced.assert_closed(0, Some("sockmap"), len, REPLY.len() as u64);
 }
 
 mod fin_while_stalled {
@@ -1495,11 +1353,11 @@ fn fin_while_held_sockmap() {
     let mode = "sockmap";
     let _serial = serial();
     let started = Instant::now();
-    let Some(mut setup) = Setup::route(mode, &[]) else {
+    let Some(mut setup) = Forward::start(mode, &[]) else {
         return;
     };
     let what = format!("{mode} FIN while held");
-    let mut conn = setup.conn();
+    let mut conn = Conn::open(&setup);
     let mut pusher = Pusher::new(6);
     conn.client.set_nonblocking(true).unwrap();
     // Fill most of the daemon's send queue and allowance at once, then go on 64 KiB at a time,
@@ -1568,23 +1426,19 @@ fn fin_while_held_sockmap() {
         snap.proxy_rcv.r > 0,
         "{what}: nothing held any more, though the upstream has not read"
     );
-    const REPLY: &[u8] = b"reply after the client's FIN";
-    let t = Instant::now();
-    let (got, sha) = receive(&mut conn.upstream).expect("upstream reads to EOF");
-    assert_eq!(got, pusher.sent, "{what}: bytes before the FIN");
-    assert_eq!(sha, pusher.sha256(), "{what}: SHA-256");
-    conn.upstream.write_all(REPLY).unwrap();
-    conn.upstream.shutdown(Shutdown::Write).unwrap();
-    let mut reply = Vec::new();
-    conn.client
-        .read_to_end(&mut reply)
-        .expect("client reads the reply to EOF");
-    assert_eq!(reply, REPLY, "{what}: the reply after the FIN");
-    eprintln!(
-        "{what}: the upstream read {got} bytes and EOF in {:.2} s, the client got the reply and \
-         EOF; test took {:.1} s",
-        t.elapsed().as_secs_f64(),
-        started.elapsed().as_secs_f64()
+    let client = || {
+        let mut reply = Vec::new();
+        conn.client
+            .read_to_end(&mut reply)
+            .expect("client reads the reply to EOF");
+        (pusher.sha256(), reply)
+    };
+    reply_after_fin(
+        &what,
+        started,
+        &setup.spliced,
+        &mut conn.upstream,
+        pusher.sent,
+        client,
     );
-    assert_logged(&setup.spliced, 0, mode, got, REPLY.len() as u64);
 }

@@ -17,15 +17,10 @@
 //! Traffic goes only to loopback and to the test's own namespaces. Every socket has timeouts,
 //! every wait and loop is bounded, every child process is waited for or killed.
 use std::{
-    collections::HashMap,
-    fs,
-    io::{self, Read, Write},
+    io::{self, Read},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    path::PathBuf,
-    process::{Command, Stdio},
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
     thread,
@@ -34,290 +29,16 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use tests::{
-    accept, ebpf_required, half_close_exchange, per_mode, read_exact, set_timeouts, spliced_bin,
-    Payload, Spliced, Topology, BLOCK, MODES,
+    accept, assert_closed_on_connect, assert_no_connection, assert_refused, bytes, closed_lines,
+    closed_within, ebpf_required, exchange, fields, half_close_exchange, per_mode, read_retrying,
+    route_addr, route_args, run, set_linger_zero, set_timeouts, wait_until, Configured, Payload,
+    Spliced, TempConfig, Topology, BLOCK, MODES,
 };
 
 const ACCEPT: Duration = Duration::from_secs(10);
 const LOG_WAIT: Duration = Duration::from_secs(10);
 /// The aya-log record of the verdict program for a FIN.
 const FIN_RECORD: &str = "zero-length skb (FIN) dropped";
-
-// ---------------------------------------------------------------------------------------------
-// Helpers.
-
-/// What a short-lived `spliced` run printed, and its exit code.
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `spliced ARGS` to completion, killing it (and failing) after 10 s: none of the forms
-/// run here may start a daemon.
-fn run(args: &[&str]) -> Run {
-    let mut child = Command::new(spliced_bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start spliced");
-    let read = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = read(Box::new(child.stdout.take().unwrap()));
-    let stderr = read(Box::new(child.stderr.take().unwrap()));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "spliced {args:?} still running after 10 s:\n{}{}",
-                stdout.join().unwrap(),
-                stderr.join().unwrap()
-            );
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    Run {
-        code: status.code(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-    }
-}
-
-/// A configuration file in the temporary directory, removed on drop.
-struct TempConfig {
-    path: PathBuf,
-}
-
-impl TempConfig {
-    fn new(text: &str) -> TempConfig {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let path =
-            std::env::temp_dir().join(format!("spliced-cli-{}-{n}.toml", std::process::id()));
-        fs::write(&path, text).expect("write the configuration file");
-        TempConfig { path }
-    }
-
-    fn path(&self) -> &str {
-        self.path.to_str().expect("a UTF-8 temporary path")
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
-    }
-}
-
-/// `n` bytes of a pattern that differs per `seed`.
-fn bytes(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-/// The client sends `up`, the server receives it; the server replies `down`, the client receives
-/// it. Both stay open. Keep both below the socket buffers: each side writes before the other
-/// reads.
-fn exchange(c: &mut TcpStream, s: &mut TcpStream, up: &[u8], down: &[u8]) {
-    c.write_all(up).expect("client write");
-    assert_eq!(read_exact(s, up.len()), up, "bytes at the upstream");
-    s.write_all(down).expect("upstream write");
-    assert_eq!(read_exact(c, down.len()), down, "bytes at the client");
-}
-
-/// The log's "connection closed" lines.
-fn closed_lines(log: &str) -> Vec<&str> {
-    log.lines()
-        .filter(|l| l.contains("connection closed"))
-        .collect()
-}
-
-/// The `key=value` fields of a "connection closed" line. `end` is the last field and its value
-/// may contain spaces.
-fn fields(line: &str) -> HashMap<&str, &str> {
-    let rest = line
-        .split_once("connection closed")
-        .unwrap_or_else(|| panic!("not a connection closed line: {line}"))
-        .1;
-    let (head, end) = rest
-        .split_once(" end=")
-        .unwrap_or_else(|| panic!("no end= field: {line}"));
-    let mut map: HashMap<&str, &str> = head
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .collect();
-    map.insert("end", end.trim_end());
-    map
-}
-
-/// Reads `s` into `buf`, retrying reads interrupted by a signal. The test process is
-/// multi-threaded and spawns children: a SIGCHLD that arrives while the spawning thread has
-/// signals blocked (glibc's posix_spawn) is not discarded and can interrupt another thread's
-/// read, which fails with EINTR because the socket has a receive timeout.
-fn read_retrying(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
-    for _ in 0..1000 {
-        match s.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => return r,
-        }
-    }
-    panic!("1000 reads in a row were interrupted")
-}
-
-/// Asserts that `s` sees EOF or a reset within `limit` (not an interrupted read: see
-/// [`read_retrying`]); returns how long it took.
-fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
-    let t = Instant::now();
-    let mut buf = [0u8; 1024];
-    loop {
-        let left = limit.checked_sub(t.elapsed()).filter(|d| !d.is_zero());
-        let left = left.unwrap_or_else(|| panic!("not closed within {limit:?}"));
-        s.set_read_timeout(Some(left)).unwrap();
-        match read_retrying(s, &mut buf) {
-            Ok(0) => return t.elapsed(),
-            Ok(_) => continue,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("not closed within {limit:?}")
-            }
-            Err(e) => {
-                assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
-                return t.elapsed();
-            }
-        }
-    }
-}
-
-/// Asserts that a connect to `addr` is refused (nothing listens there).
-fn assert_refused(addr: SocketAddr) {
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-        Ok(s) => panic!("connect to {addr} succeeded (from {:?})", s.local_addr()),
-        Err(e) => assert_eq!(
-            e.kind(),
-            io::ErrorKind::ConnectionRefused,
-            "connect to {addr}: {e}"
-        ),
-    }
-}
-
-/// Sets SO_LINGER to 0: closing the socket then sends a RST.
-fn set_linger_zero(s: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on an open socket with a valid struct and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", io::Error::last_os_error());
-}
-
-/// The TCP ports process `pid` listens on, from its file descriptors and its namespace's
-/// /proc/net/tcp{,6}.
-fn listening_ports(pid: i32) -> Vec<u16> {
-    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|link| {
-            let link = link.to_str()?.to_owned();
-            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-        })
-        .collect();
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // sl local rem st tx:rx tr:when retrnsmt uid timeout inode
-            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
-                let port = f[1].rsplit(':').next().unwrap();
-                ports.push(u16::from_str_radix(port, 16).expect("hex port"));
-            }
-        }
-    }
-    ports
-}
-
-/// Waits (at most 20 s) until the daemon listens on exactly one port, and returns it.
-fn wait_listening_port(spliced: &mut Spliced) -> u16 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        spliced.assert_running();
-        let ports = listening_ports(spliced.pid());
-        assert!(ports.len() <= 1, "more than one listener: {ports:?}");
-        if let Some(&port) = ports.first() {
-            return port;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "spliced does not listen after 20 s:\n{}",
-            spliced.log()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Starts a sockmap route with `env` (see [`Spliced::try_start_env`]); None when sockmap is
-/// unavailable here and not required (the test is skipped, with a message).
-fn start_sockmap_env(
-    upstream: &str,
-    env: &[(&str, Option<&str>)],
-    routes: usize,
-) -> Option<Spliced> {
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream,
-        "--mode",
-        "sockmap",
-    ];
-    match Spliced::try_start_env(&args, env, routes) {
-        Ok(s) => Some(s),
-        Err(e) if e.log.contains("mode sockmap cannot work here") => {
-            assert!(
-                !ebpf_required(),
-                "sockmap is required here but spliced could not use it:\n{}",
-                e.log
-            );
-            eprintln!("SKIPPED: sockmap unavailable on this machine:\n{}", e.log);
-            None
-        }
-        Err(e) => panic!(
-            "spliced {args:?} did not start ({:?}):\n{}",
-            e.status, e.log
-        ),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // 1, 2: spliced check.
@@ -366,22 +87,14 @@ mode = "splice"
     let lines: Vec<&str> = out.stderr.lines().collect();
     let missing = format!("interface \"{host_if}\"");
     assert_eq!(lines.len(), 2, "{}", out.stderr);
-    assert!(
-        lines[0].starts_with(&format!(
-            "error: {}:10:12: route[0].upstream: {missing} (the zone of",
-            config.path()
-        )),
-        "{}",
-        lines[0]
-    );
-    assert!(
-        lines[1].starts_with(&format!(
-            "error: {}:11:13: route[0].interface: {missing} does not exist",
-            config.path()
-        )),
-        "{}",
-        lines[1]
-    );
+    let path = config.path();
+    let expected = [
+        format!("error: {path}:10:12: route[0].upstream: {missing} (the zone of"),
+        format!("error: {path}:11:13: route[0].interface: {missing} does not exist"),
+    ];
+    for (line, prefix) in lines.iter().zip(&expected) {
+        assert!(line.starts_with(prefix), "{line}");
+    }
     drop(busy);
 }
 
@@ -655,9 +368,8 @@ fn bad_command_lines_exit_64_and_name_the_problem() {
 
 fn connection_log_line(mode: &str) {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let Some(spliced) = Spliced::route(mode, &topo.upstream(port), &[]) else {
+    let (listener, upstream) = topo.upstream_listener();
+    let Some(spliced) = Spliced::route(mode, &upstream, &[]) else {
         return;
     };
     let mut c = spliced.connect();
@@ -681,6 +393,7 @@ fn connection_log_line(mode: &str) {
         "a complete connection is info: {line}"
     );
     let f = fields(line);
+    let port = listener.local_addr().unwrap().port();
     let upstream = format!("[fe80::2%{}]:{port}", topo.host_if_index());
     let expected = [
         ("route", "cli"),
@@ -706,10 +419,10 @@ per_mode!(connection_log_line, super::connection_log_line);
 #[test]
 fn rust_log_debug_shows_the_ebpf_fin_record() {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let upstream = topo.upstream(port);
-    let Some(spliced) = start_sockmap_env(&upstream, &[("RUST_LOG", Some("debug"))], 1) else {
+    let (listener, upstream) = topo.upstream_listener();
+    let args = route_args("sockmap", &upstream);
+    let env = [("RUST_LOG", Some("debug"))];
+    let Some(spliced) = Spliced::start_mode_env("sockmap", &args, &env, 1) else {
         return;
     };
     let before = spliced.log().matches(FIN_RECORD).count();
@@ -735,10 +448,9 @@ fn rust_log_debug_shows_the_ebpf_fin_record() {
 #[test]
 fn without_rust_log_the_daemon_logs_at_info() {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let upstream = topo.upstream(port);
-    let Some(spliced) = start_sockmap_env(&upstream, &[("RUST_LOG", None)], 1) else {
+    let (listener, upstream) = topo.upstream_listener();
+    let args = route_args("sockmap", &upstream);
+    let Some(spliced) = Spliced::start_mode_env("sockmap", &args, &[("RUST_LOG", None)], 1) else {
         return;
     };
     let mut c = spliced.connect();
@@ -761,21 +473,12 @@ fn without_rust_log_the_daemon_logs_at_info() {
 #[test]
 fn rust_log_warn_hides_info_lines() {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let upstream = topo.upstream(port);
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--upstream",
-        &upstream,
-        "--mode",
-        "copy",
-    ];
+    let (listener, upstream) = topo.upstream_listener();
+    let args = route_args("copy", &upstream);
     // No "listening on" line at warn: find the port from /proc.
     let mut spliced = Spliced::try_start_env(&args, &[("RUST_LOG", Some("warn"))], 0)
         .unwrap_or_else(|e| panic!("spliced did not start ({:?}):\n{}", e.status, e.log));
-    let addr: SocketAddr = ([127, 0, 0, 1], wait_listening_port(&mut spliced)).into();
+    let addr: SocketAddr = ([127, 0, 0, 1], spliced.wait_listening_port()).into();
     // A complete connection (an info line, hidden)...
     let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("connect to {addr}: {e}\n{}", spliced.log()));
@@ -787,12 +490,7 @@ fn rust_log_warn_hides_info_lines() {
     // gone. (Not a closed listener: a child spawned by another test at that moment could still
     // hold it open.) The daemon resets the client, which may come before connect() returns.
     topo.delete_veth();
-    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
-        Ok(mut c) => {
-            closed_within(&mut c, Duration::from_secs(10));
-        }
-        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "connect: {e}"),
-    }
+    assert_closed_on_connect(addr, Duration::from_secs(10));
     spliced.wait_log("upstream failed", 1, LOG_WAIT);
     let status = spliced.signal_and_wait(libc::SIGTERM, Duration::from_secs(5));
     assert!(status.success(), "{status}");
@@ -819,9 +517,8 @@ fn rust_log_warn_hides_info_lines() {
 
 fn sigterm_without_connections(mode: &str) {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let Some(mut spliced) = Spliced::route(mode, &topo.upstream(port), &[]) else {
+    let (_listener, upstream) = topo.upstream_listener();
+    let Some(mut spliced) = Spliced::route(mode, &upstream, &[]) else {
         return;
     };
     let addr = spliced.addr();
@@ -843,26 +540,18 @@ per_mode!(
 /// stops accepting at once, the connection works during the grace, is closed after it, and the
 /// daemon exits 0 within grace + 3 s.
 fn graceful_stop(mode: &str, signal: i32, name: &str) {
-    let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let config = TempConfig::new(&format!(
-        "grace_period = \"1s\"\nmode = \"{mode}\"\n\n[[route]]\nname = \"graceful\"\n\
-         listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-        topo.upstream(port)
-    ));
-    let Some(mut spliced) = Spliced::start_mode(mode, &["--config", config.path()], 1) else {
+    let f = Configured::new();
+    let Some(mut spliced) = f.start_route(mode, "grace_period = \"1s\"", "graceful", "") else {
         return;
     };
     let addr = spliced.addr();
     let mut c = spliced.connect();
-    let mut s = accept(&listener, ACCEPT);
+    let mut s = accept(&f.listener, ACCEPT);
     exchange(&mut c, &mut s, b"before", b"ok before");
     thread::sleep(Duration::from_millis(100)); // idle
 
     let t0 = Instant::now();
-    // SAFETY: kill on our own child.
-    assert_eq!(unsafe { libc::kill(spliced.pid(), signal) }, 0);
+    spliced.signal(signal);
     let log = spliced.wait_log("stopped accepting", 1, Duration::from_secs(2));
     assert!(
         t0.elapsed() < Duration::from_millis(900),
@@ -935,22 +624,14 @@ fn sigint_with_a_live_connection() {
 
 /// With a long grace period, the daemon exits as soon as its last connection ends.
 fn stop_ends_with_the_last_connection(mode: &str) {
-    let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let config = TempConfig::new(&format!(
-        "grace_period = \"30s\"\nmode = \"{mode}\"\n\n[[route]]\nname = \"r\"\n\
-         listen = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
-        topo.upstream(port)
-    ));
-    let Some(mut spliced) = Spliced::start_mode(mode, &["--config", config.path()], 1) else {
+    let f = Configured::new();
+    let Some(mut spliced) = f.start_route(mode, "grace_period = \"30s\"", "r", "") else {
         return;
     };
     let mut c = spliced.connect();
-    let mut s = accept(&listener, ACCEPT);
+    let mut s = accept(&f.listener, ACCEPT);
     exchange(&mut c, &mut s, b"hello", b"hi");
-    // SAFETY: kill on our own child.
-    assert_eq!(unsafe { libc::kill(spliced.pid(), libc::SIGTERM) }, 0);
+    spliced.signal(libc::SIGTERM);
     spliced.wait_log("stopped accepting", 1, Duration::from_secs(2));
     let t = Instant::now();
     half_close_exchange(&mut c, &mut s, b"last words", b"bye");
@@ -974,9 +655,7 @@ per_mode!(
 #[test]
 fn startup_log_names_the_data_path() {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let upstream = topo.upstream(port);
+    let (listener, upstream) = topo.upstream_listener();
     let probe = "data path sockmap: verdict program loaded, probe passed";
     let mut have_sockmap = false;
     for mode in MODES {
@@ -1047,35 +726,17 @@ fn two_routes_forward_to_their_own_upstreams() {
     ));
     let spliced = Spliced::try_start(&["--config", config.path()], 2)
         .unwrap_or_else(|e| panic!("spliced did not start ({:?}):\n{}", e.status, e.log));
+    let (addr_a, addr_b) = (route_addr(&spliced, "a"), route_addr(&spliced, "b"));
     let log = spliced.log();
-    let route_addr = |name: &str| -> SocketAddr {
-        let line = log
-            .lines()
-            .find(|l| l.contains(&format!("route {name}: listening on ")))
-            .unwrap_or_else(|| panic!("no listening line for route {name}:\n{log}"));
-        line.split("listening on ")
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    let (addr_a, addr_b) = (route_addr("a"), route_addr("b"));
     assert_ne!(addr_a, addr_b);
     assert!(log.contains("data path copy"), "route b's own mode:\n{log}");
-    for (addr, mine, other, seed) in [(addr_a, &la, &lb, 1u8), (addr_b, &lb, &la, 2)] {
+    for (addr, mine, other, seed) in [(addr_a, &la, &lb, 1u64), (addr_b, &lb, &la, 2)] {
         let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
         set_timeouts(&c, Duration::from_secs(10));
         let mut s = accept(mine, ACCEPT);
-        let (up, down) = (bytes(1000 + seed as usize, seed), bytes(2000, seed + 10));
+        let (up, down) = (bytes(1000 + seed, seed), bytes(2000, seed + 10));
         half_close_exchange(&mut c, &mut s, &up, &down);
-        other.set_nonblocking(true).unwrap();
-        match other.accept() {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            r => panic!("the other route's upstream got a connection: {r:?}"),
-        }
+        assert_no_connection(other, "the other route's upstream got a connection");
     }
     let log = spliced.wait_log("connection closed", 2, LOG_WAIT);
     let mut by_route: Vec<(String, String)> = closed_lines(&log)
@@ -1103,9 +764,8 @@ const HOSTILE: usize = 100;
 
 fn hostile_clients_do_not_disturb(mode: &str) {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let port = listener.local_addr().unwrap().port();
-    let Some(mut spliced) = Spliced::route(mode, &topo.upstream(port), &[]) else {
+    let (listener, upstream) = topo.upstream_listener();
+    let Some(mut spliced) = Spliced::route(mode, &upstream, &[]) else {
         return;
     };
     let addr = spliced.addr();
@@ -1180,14 +840,12 @@ fn hostile_clients_do_not_disturb(mode: &str) {
     });
 
     // Wait until the transfer runs, then the storm.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while received.load(Ordering::SeqCst) < 1 << 20 {
-        assert!(
-            Instant::now() < deadline,
-            "the bulk transfer does not start"
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(5),
+        || (received.load(Ordering::SeqCst) >= 1 << 20).then_some(()),
+        || "the bulk transfer does not start".into(),
+    );
     let connect = || {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("hostile connect");
         set_timeouts(&s, Duration::from_secs(5));

@@ -20,145 +20,22 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::PathBuf,
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
+use sha2::{Digest, Sha256};
 use tests::{
-    accept, closed_within, per_mode, read_exact, set_timeouts, spliced_bin, Payload, Spliced,
-    Topology,
+    accept, assert_closed_on_connect, assert_no_connection, assert_refused, carry, closed_within,
+    connect_to, free_port, http_request, hup, listening_ports, metric, metrics_addr, per_mode,
+    read_exact, receive_into, route_addr, set_timeouts, spliced_bin, status, wait_metric,
+    wait_until, Configured, Payload, Process, Spliced, TempDir, Topology,
 };
 
 const ACCEPT: Duration = Duration::from_secs(10);
 const LOG_WAIT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------------------------
-// Helpers.
-
-/// A temporary directory with the daemon's configuration file and control socket; removed on
-/// drop.
-struct Dir {
-    path: PathBuf,
-}
-
-impl Dir {
-    fn new() -> Dir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("spliced-daemon-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        Dir { path }
-    }
-
-    fn socket(&self) -> String {
-        self.path.join("control.sock").to_str().unwrap().to_owned()
-    }
-
-    fn config(&self) -> String {
-        self.path.join("spliced.toml").to_str().unwrap().to_owned()
-    }
-
-    /// Writes the configuration: `top` keys, the control socket, then one route per entry of
-    /// `routes` (name, upstream, extra route keys), all listening on 127.0.0.1:0.
-    fn write(&self, mode: &str, top: &str, routes: &[(&str, &str, &str)]) -> String {
-        let mut text = format!(
-            "mode = \"{mode}\"\ncontrol_socket = \"{}\"\n{top}\n",
-            self.socket()
-        );
-        for (name, upstream, extra) in routes {
-            text += &format!(
-                "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n"
-            );
-        }
-        fs::write(self.config(), text).unwrap();
-        self.config()
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
-
-/// The metrics address the daemon logged.
-fn metrics_addr(spliced: &Spliced) -> SocketAddr {
-    let log = spliced.wait_log("Prometheus text on http://", 1, LOG_WAIT);
-    let line = log
-        .lines()
-        .find(|l| l.contains("Prometheus text on"))
-        .unwrap();
-    let rest = line.split("http://").nth(1).unwrap();
-    rest.split('/').next().unwrap().parse().unwrap()
-}
-
-/// GET /metrics; returns the body after checking the status and content type.
-fn scrape(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    set_timeouts(&s, Duration::from_secs(10));
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).expect("read the metrics");
-    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(
-        head.contains("Content-Type: text/plain; version=0.0.4"),
-        "{head}"
-    );
-    body.to_owned()
-}
-
-/// The value of the sample `series` (`name{labels}`) in a scrape.
-fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
-/// Scrapes until `series` has `value` (at most 10 s); returns the last scrape.
-fn wait_metric(addr: SocketAddr, series: &str, value: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(addr);
-        if metric(&text, series) == value {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} is not {value} after 10 s:\n{text}"
-        );
-        thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// Runs `spliced status ARGS` (as `user`, when given, through runuser); returns (exit code,
-/// stdout, stderr).
-fn status(args: &[&str], user: Option<&str>) -> (Option<i32>, String, String) {
-    let bin = spliced_bin();
-    let mut cmd = match user {
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--"]).arg(&bin);
-            c
-        }
-        None => Command::new(&bin),
-    };
-    let out = cmd
-        .arg("status")
-        .args(args)
-        .output()
-        .expect("run spliced status");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+/// The top-level key that turns the metrics endpoint on, at a port of its own.
+const METRICS: &str = "metrics = \"127.0.0.1:0\"";
 
 /// The status rows (fields split on whitespace) of connections from `client`.
 fn status_row(socket: &str, client: SocketAddr) -> Option<Vec<String>> {
@@ -181,35 +58,21 @@ fn seconds(field: &str) -> f64 {
 // Per-route max_connections.
 
 fn route_max_connections(mode: &str) {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write(
-        mode,
-        "metrics = \"127.0.0.1:0\"",
-        &[("limited", &upstream, "max_connections = 2")],
-    );
-    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 1) else {
+    let f = Configured::new();
+    let Some(spliced) = f.start_route(mode, METRICS, "limited", "max_connections = 2") else {
         return;
     };
     let metrics = metrics_addr(&spliced);
     let mut held = Vec::new();
     for i in 0..2u8 {
         let mut c = spliced.connect();
-        let mut s = accept(&listener, ACCEPT);
-        c.write_all(&[i]).unwrap();
-        assert_eq!(read_exact(&mut s, 1), [i]);
+        let mut s = accept(&f.listener, ACCEPT);
+        carry(&mut c, &mut s, &[i]);
         held.push((c, s));
     }
     // The third is reset at once, not queued, and the upstream never sees it.
     // (The reset may come before connect() returns.)
-    match TcpStream::connect_timeout(&spliced.addr(), Duration::from_secs(5)) {
-        Ok(mut third) => {
-            closed_within(&mut third, Duration::from_secs(5));
-        }
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-    }
+    assert_closed_on_connect(spliced.addr(), Duration::from_secs(5));
     spliced.wait_log(
         "route connection limit (route max_connections) reached",
         1,
@@ -228,16 +91,13 @@ fn route_max_connections(mode: &str) {
         metric(&text, "spliced_connections_total{route=\"limited\"}"),
         3
     );
-    listener.set_nonblocking(true).unwrap();
-    assert!(listener.accept().is_err(), "the refused client was dialed");
-    listener.set_nonblocking(false).unwrap();
+    assert_no_connection(&f.listener, "the refused client was dialed");
     // A freed slot is usable again.
     drop(held.pop());
     wait_metric(metrics, "spliced_connections_active{route=\"limited\"}", 1);
     let mut c = spliced.connect();
-    let mut s = accept(&listener, ACCEPT);
-    c.write_all(b"again").unwrap();
-    assert_eq!(read_exact(&mut s, 5), b"again");
+    let mut s = accept(&f.listener, ACCEPT);
+    carry(&mut c, &mut s, b"again");
 }
 per_mode!(
     route_max_connections_refuses_the_excess,
@@ -248,28 +108,19 @@ per_mode!(
 // idle_timeout.
 
 fn idle_timeout(mode: &str) {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write(
-        mode,
-        "metrics = \"127.0.0.1:0\"",
-        &[("idle", &upstream, "idle_timeout = \"1s\"")],
-    );
-    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 1) else {
+    let f = Configured::new();
+    let Some(spliced) = f.start_route(mode, METRICS, "idle", "idle_timeout = \"1s\"") else {
         return;
     };
     let metrics = metrics_addr(&spliced);
     // A connection that carried a little and then went quiet.
     let t = Instant::now();
     let mut quiet = spliced.connect();
-    let mut quiet_s = accept(&listener, ACCEPT);
-    quiet.write_all(b"hello").unwrap();
-    assert_eq!(read_exact(&mut quiet_s, 5), b"hello");
+    let mut quiet_s = accept(&f.listener, ACCEPT);
+    carry(&mut quiet, &mut quiet_s, b"hello");
     // A connection that trickles a byte each way every 200 ms for 3 s: three idle timeouts.
     let mut busy = spliced.connect();
-    let mut busy_s = accept(&listener, ACCEPT);
+    let mut busy_s = accept(&f.listener, ACCEPT);
     // The quiet one is reset after about a second (not before), both sides.
     let quiet_closed = thread::spawn(move || {
         closed_within(&mut quiet, Duration::from_secs(15));
@@ -277,10 +128,8 @@ fn idle_timeout(mode: &str) {
         Instant::now()
     });
     for i in 0..15u8 {
-        busy.write_all(&[i]).unwrap();
-        assert_eq!(read_exact(&mut busy_s, 1), [i]);
-        busy_s.write_all(&[i]).unwrap();
-        assert_eq!(read_exact(&mut busy, 1), [i]);
+        carry(&mut busy, &mut busy_s, &[i]);
+        carry(&mut busy_s, &mut busy, &[i]);
         thread::sleep(Duration::from_millis(200));
     }
     let closed_at = quiet_closed
@@ -292,10 +141,8 @@ fn idle_timeout(mode: &str) {
         "closed after {after:?}, before the idle timeout"
     );
     // The busy one, open for 3 s, still carries bytes both ways.
-    busy.write_all(b"still").unwrap();
-    assert_eq!(read_exact(&mut busy_s, 5), b"still");
-    busy_s.write_all(b"alive").unwrap();
-    assert_eq!(read_exact(&mut busy, 5), b"alive");
+    carry(&mut busy, &mut busy_s, b"still");
+    carry(&mut busy_s, &mut busy, b"alive");
     let log = spliced.wait_log("end=idle timeout", 1, LOG_WAIT);
     assert_eq!(log.matches("end=idle timeout").count(), 1, "{log}");
     let text = wait_metric(
@@ -317,20 +164,17 @@ per_mode!(
 // spliced status.
 
 fn status_lists_connections(mode: &str) {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write(mode, "", &[("web", &upstream, "")]);
-    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 1) else {
+    let f = Configured::new();
+    let Some(spliced) = f.start_route(mode, "", "web", "") else {
         return;
     };
-    let socket = dir.socket();
+    let config = f.dir.config();
+    let socket = f.dir.socket();
     let meta = fs::metadata(&socket).expect("the control socket exists");
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "root only");
 
     let mut c = spliced.connect();
-    let mut s = accept(&listener, ACCEPT);
+    let mut s = accept(&f.listener, ACCEPT);
     let (up, down) = (300_000usize, 1_200_000usize);
     let writer = {
         let mut c = c.try_clone().unwrap();
@@ -351,8 +195,8 @@ fn status_lists_connections(mode: &str) {
     assert_eq!(row[0], "web");
     assert_eq!(
         row[2],
-        topo.upstream(listener.local_addr().unwrap().port())
-            .replace(&topo.host_if, &topo.host_if_index().to_string()),
+        f.upstream
+            .replace(&f.topo.host_if, &f.topo.host_if_index().to_string()),
         "{row:?}"
     );
     assert_eq!(row[3], mode);
@@ -362,8 +206,7 @@ fn status_lists_connections(mode: &str) {
     assert!((0.5..60.0).contains(&age), "{row:?}");
     assert!(idle >= 0.4 && idle <= age, "{row:?}");
     // Traffic makes it active again.
-    c.write_all(b"x").unwrap();
-    assert_eq!(read_exact(&mut s, 1), b"x");
+    carry(&mut c, &mut s, b"x");
     let row = status_row(&socket, client).unwrap();
     assert!(seconds(&row[7]) < 0.4, "idle after a byte: {row:?}");
     // --config finds the same socket.
@@ -372,11 +215,12 @@ fn status_lists_connections(mode: &str) {
     assert!(out.starts_with("1 live connection(s)\nROUTE"), "{out}");
     // A closed connection leaves the table.
     drop((c, s));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while status_row(&socket, client).is_some() {
-        assert!(Instant::now() < deadline, "still listed after 10 s");
-        thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || status_row(&socket, client).is_none().then_some(()),
+        || "still listed after 10 s".into(),
+    );
 }
 per_mode!(
     status_lists_live_connections,
@@ -385,24 +229,20 @@ per_mode!(
 
 #[test]
 fn status_is_root_only_and_explains_a_missing_daemon() {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write("copy", "", &[("web", &upstream, "")]);
-    let _spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    let f = Configured::new();
+    let _spliced = f.start_route("copy", "", "web", "").unwrap();
     // The directory is private to the test's root too: let nobody reach the socket's
     // permission check itself.
-    fs::set_permissions(&dir.path, fs::Permissions::from_mode(0o755)).unwrap();
-    let (code, _, err) = status(&["--socket", &dir.socket()], Some("nobody"));
+    fs::set_permissions(&f.dir.path, fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, _, err) = status(&["--socket", &f.dir.socket()], Some("nobody"));
     assert_eq!(code, Some(69), "{err}");
     assert!(err.contains("Permission denied"), "{err}");
     assert!(err.contains("only root may ask"), "{err}");
-    let (code, out, err) = status(&["--socket", &dir.socket()], None);
+    let (code, out, err) = status(&["--socket", &f.dir.socket()], None);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(out.lines().next(), Some("0 live connection(s)"));
     // No daemon there.
-    let missing = dir.path.join("nothing.sock");
+    let missing = f.dir.path.join("nothing.sock");
     let (code, _, err) = status(&["--socket", missing.to_str().unwrap()], None);
     assert_eq!(code, Some(69));
     assert!(err.starts_with("error: cannot reach spliced at "), "{err}");
@@ -411,50 +251,43 @@ fn status_is_root_only_and_explains_a_missing_daemon() {
 
 #[test]
 fn control_socket_removed_on_exit() {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write("copy", "", &[("web", &upstream, "")]);
-    let mut spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
-    assert!(fs::metadata(dir.socket()).is_ok());
+    let f = Configured::new();
+    let mut spliced = f.start_route("copy", "", "web", "").unwrap();
+    let config = f.dir.config();
+    assert!(fs::metadata(f.dir.socket()).is_ok());
     // A second daemon on the same socket keeps running without one and says so.
-    let config2 = dir.path.join("second.toml");
+    let config2 = f.dir.path.join("second.toml");
     fs::copy(&config, &config2).unwrap();
     let second = Spliced::start_mode("copy", &["--config", config2.to_str().unwrap()], 1).unwrap();
     second.wait_log("another spliced answers there", 1, LOG_WAIT);
     drop(second);
     assert!(
-        fs::metadata(dir.socket()).is_ok(),
+        fs::metadata(f.dir.socket()).is_ok(),
         "the first daemon's socket stays"
     );
     let status = spliced.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
     assert!(status.success());
-    assert!(fs::metadata(dir.socket()).is_err(), "socket left behind");
+    assert!(fs::metadata(f.dir.socket()).is_err(), "socket left behind");
 }
 
 // ---------------------------------------------------------------------------------------------
 // Metrics.
 
 fn metrics_count(mode: &str) {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let f = Configured::new();
     // A second route whose upstream refuses: nothing listens on port 1 in the namespace.
-    let config = dir.write(
+    let Some(spliced) = f.start(
         mode,
-        "metrics = \"127.0.0.1:0\"",
-        &[("web", &upstream, ""), ("dead", &topo.upstream(1), "")],
-    );
-    let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 2) else {
+        METRICS,
+        &[("web", &f.upstream, ""), ("dead", &f.topo.upstream(1), "")],
+        2,
+    ) else {
         return;
     };
     let metrics = metrics_addr(&spliced);
     let (up, down) = (3 << 20, 5 << 20);
-    let mut c = TcpStream::connect_timeout(&spliced.listening[0], Duration::from_secs(5)).unwrap();
-    set_timeouts(&c, Duration::from_secs(60));
-    let mut s = accept(&listener, ACCEPT);
+    let mut c = connect_to(spliced.listening[0]);
+    let mut s = accept(&f.listener, ACCEPT);
     let sender = {
         let mut c = c.try_clone().unwrap();
         thread::spawn(move || {
@@ -510,23 +343,14 @@ fn metrics_count(mode: &str) {
     }
     // A refused upstream is a failure with reason connect.
     // The daemon resets the client, which may come before connect() returns.
-    match TcpStream::connect_timeout(&spliced.listening[1], Duration::from_secs(5)) {
-        Ok(mut c) => {
-            closed_within(&mut c, Duration::from_secs(10));
-        }
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-    }
+    assert_closed_on_connect(spliced.listening[1], Duration::from_secs(10));
     wait_metric(
         metrics,
         "spliced_connections_failed_total{route=\"dead\",reason=\"connect\"}",
         1,
     );
     // Anything but GET /metrics gets an error status.
-    let mut s = TcpStream::connect_timeout(&metrics, Duration::from_secs(5)).unwrap();
-    set_timeouts(&s, Duration::from_secs(10));
-    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
+    let reply = http_request(metrics, b"GET / HTTP/1.1\r\n\r\n");
     assert!(reply.starts_with("HTTP/1.1 404"), "{reply}");
 }
 per_mode!(
@@ -536,34 +360,12 @@ per_mode!(
 
 #[test]
 fn metrics_are_off_by_default() {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write("copy", "", &[("web", &upstream, "")]);
-    let spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    let f = Configured::new();
+    let spliced = f.start_route("copy", "", "web", "").unwrap();
     spliced.wait_log("control socket", 1, LOG_WAIT);
     assert!(!spliced.log().contains("metrics"), "{}", spliced.log());
     // The process's only TCP listener is the route's.
-    let inodes: Vec<String> = fs::read_dir(format!("/proc/{}/fd", spliced.pid()))
-        .unwrap()
-        .flatten()
-        .filter_map(|e| fs::read_link(e.path()).ok())
-        .filter_map(|l| {
-            let l = l.to_str()?.to_owned();
-            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
-        })
-        .collect();
-    let mut ports = Vec::new();
-    for table in ["tcp", "tcp6"] {
-        let text = fs::read_to_string(format!("/proc/{}/net/{table}", spliced.pid())).unwrap();
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() > 9 && f[3] == "0A" && inodes.iter().any(|i| i == f[9]) {
-                ports.push(u16::from_str_radix(f[1].rsplit(':').next().unwrap(), 16).unwrap());
-            }
-        }
-    }
+    let ports = listening_ports(spliced.pid());
     assert_eq!(
         ports,
         [spliced.addr().port()],
@@ -574,39 +376,16 @@ fn metrics_are_off_by_default() {
 // ---------------------------------------------------------------------------------------------
 // SIGHUP reload.
 
-/// The address route `name` last logged it listens on.
-fn route_addr(spliced: &Spliced, name: &str) -> SocketAddr {
-    let needle = format!("route {name}: listening on ");
-    let log = spliced.wait_log(&needle, 1, LOG_WAIT);
-    let line = log.lines().rev().find(|l| l.contains(&needle)).unwrap();
-    let rest = line.split(&needle).nth(1).unwrap();
-    rest.split(',').next().unwrap().parse().unwrap()
-}
-
-/// Sends SIGHUP and waits for the `count`-th log line containing `outcome`.
-fn hup(spliced: &Spliced, outcome: &str, count: usize) -> String {
-    // SAFETY: kill on the test's own child.
-    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
-    spliced.wait_log(outcome, count, LOG_WAIT)
-}
-
-fn connect_to(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
-    set_timeouts(&s, Duration::from_secs(60));
-    s
-}
-
 fn reload_routes(mode: &str) {
     let topo = Topology::new();
-    let dir = Dir::new();
+    let dir = TempDir::new();
     let one = topo.listen();
     let two = topo.listen();
     let up_one = topo.upstream(one.local_addr().unwrap().port());
     let up_two = topo.upstream(two.local_addr().unwrap().port());
     let config = dir.write(
         mode,
-        "metrics = \"127.0.0.1:0\"",
+        METRICS,
         &[("moved", &up_one, ""), ("gone", &up_one, "")],
     );
     let Some(spliced) = Spliced::start_mode(mode, &["--config", &config], 2) else {
@@ -632,7 +411,7 @@ fn reload_routes(mode: &str) {
     // "moved" now goes to the second upstream, "gone" is removed, "new" is added.
     dir.write(
         mode,
-        "metrics = \"127.0.0.1:0\"",
+        METRICS,
         &[
             ("moved", &up_two, ""),
             ("new", &up_one, "max_connections = 1"),
@@ -645,11 +424,11 @@ fn reload_routes(mode: &str) {
     );
     assert!(!log.contains("reload: metrics changed"), "{log}");
     // The established transfer finishes intact, on the old upstream.
-    let mut hash = sha2_of(&head);
-    let n = receive_into(&mut s, &mut hash);
+    let mut hash = Sha256::new_with_prefix(&head);
+    let n = receive_into(&mut s, &mut hash).expect("read the upload");
     assert_eq!(n + head.len() as u64, len, "bytes after the reload");
     assert_eq!(
-        finish(hash),
+        <[u8; 32]>::from(hash.finalize()),
         sender.join().unwrap(),
         "SHA-256 across the reload"
     );
@@ -667,25 +446,15 @@ fn reload_routes(mode: &str) {
     // New connections on "moved" reach the second upstream.
     let mut c = connect_to(moved);
     let mut s = accept(&two, ACCEPT);
-    c.write_all(b"to two").unwrap();
-    assert_eq!(read_exact(&mut s, 6), b"to two");
+    carry(&mut c, &mut s, b"to two");
     // "gone" no longer accepts.
-    match TcpStream::connect_timeout(&gone, Duration::from_secs(2)) {
-        Ok(_) => panic!("the removed route still accepts on {gone}"),
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
-    }
+    assert_refused(gone);
     // "new" works, with its own limit.
     let new = route_addr(&spliced, "new");
     let mut n1 = connect_to(new);
     let mut s1 = accept(&one, ACCEPT);
-    n1.write_all(b"new").unwrap();
-    assert_eq!(read_exact(&mut s1, 3), b"new");
-    match TcpStream::connect_timeout(&new, Duration::from_secs(5)) {
-        Ok(mut extra) => {
-            closed_within(&mut extra, Duration::from_secs(5));
-        }
-        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
-    }
+    carry(&mut n1, &mut s1, b"new");
+    assert_closed_on_connect(new, Duration::from_secs(5));
     wait_metric(
         metrics_addr(&spliced),
         "spliced_connections_failed_total{route=\"new\",reason=\"route_max_connections\"}",
@@ -694,51 +463,19 @@ fn reload_routes(mode: &str) {
 }
 per_mode!(reload_starts_stops_and_changes_routes, super::reload_routes);
 
-fn sha2_of(bytes: &[u8]) -> sha2::Sha256 {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    h.update(bytes);
-    h
-}
-
-/// Reads `r` to EOF into `hash`; returns the byte count.
-fn receive_into(r: &mut TcpStream, hash: &mut sha2::Sha256) -> u64 {
-    use sha2::Digest;
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut total = 0;
-    loop {
-        let n = match r.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => r.expect("read the upload"),
-        };
-        if n == 0 {
-            return total;
-        }
-        hash.update(&buf[..n]);
-        total += n as u64;
-    }
-}
-
-fn finish(hash: sha2::Sha256) -> [u8; 32] {
-    use sha2::Digest;
-    hash.finalize().into()
-}
-
 #[test]
 fn reload_with_errors_keeps_the_running_configuration() {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let config = dir.write("copy", "", &[("web", &upstream, "")]);
-    let spliced = Spliced::start_mode("copy", &["--config", &config], 1).unwrap();
+    let f = Configured::new();
+    let spliced = f.start_route("copy", "", "web", "").unwrap();
+    let config = f.dir.config();
     let web = spliced.addr();
 
     // Two mistakes: both are logged with file:line:column, nothing changes.
     let broken = format!(
         "mode = \"copy\"\ncontrol_socket = \"{}\"\nmax_conections = 5\n[[route]]\nname = \"web\"\n\
          listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nidle_timeout = \"0s\"\n",
-        dir.socket()
+        f.dir.socket(),
+        upstream = f.upstream
     );
     fs::write(&config, broken).unwrap();
     let log = hup(&spliced, "still running the previous configuration", 1);
@@ -763,7 +500,8 @@ fn reload_with_errors_keeps_the_running_configuration() {
         "mode = \"copy\"\ncontrol_socket = \"{}\"\n[[route]]\nname = \"web\"\n\
          listen = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n[[route]]\nname = \"busy\"\n\
          listen = \"{taken_addr}\"\nupstream = \"{upstream}\"\n",
-        dir.socket()
+        f.dir.socket(),
+        upstream = f.upstream
     );
     fs::write(&config, text).unwrap();
     let log = hup(&spliced, "still running the previous configuration", 2);
@@ -776,123 +514,25 @@ fn reload_with_errors_keeps_the_running_configuration() {
     assert!(!log.contains("route busy: listening"), "{log}");
     // The running route still forwards, and the daemon is alive.
     let mut c = connect_to(web);
-    let mut s = accept(&listener, ACCEPT);
-    c.write_all(b"still here").unwrap();
-    assert_eq!(read_exact(&mut s, 10), b"still here");
+    let mut s = accept(&f.listener, ACCEPT);
+    carry(&mut c, &mut s, b"still here");
     assert!(!spliced.log().contains("reload: configuration applied"));
 }
 
 #[test]
 fn sighup_without_a_config_file_changes_nothing() {
     let topo = Topology::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let (listener, upstream) = topo.upstream_listener();
     let mut spliced = Spliced::route("copy", &upstream, &[]).unwrap();
     hup(&spliced, "SIGHUP: nothing to reload (no --config file)", 1);
     spliced.assert_running();
     let mut c = spliced.connect();
     let mut s = accept(&listener, ACCEPT);
-    c.write_all(b"ok").unwrap();
-    assert_eq!(read_exact(&mut s, 2), b"ok");
+    carry(&mut c, &mut s, b"ok");
 }
 
 // ---------------------------------------------------------------------------------------------
 // systemd: socket activation and readiness notifications.
-
-/// A process with its stderr captured; SIGTERM then SIGKILL on drop.
-struct Child {
-    child: std::process::Child,
-    log: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Child {
-    fn spawn(cmd: &mut Command) -> Child {
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = log.clone();
-        thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        Child { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn wait_log(&self, needle: &str) -> String {
-        let deadline = Instant::now() + LOG_WAIT;
-        loop {
-            let log = self.log();
-            if log.contains(needle) {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the log within {LOG_WAIT:?}:\n{log}"
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill on our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-    }
-
-    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no exit within {limit:?}:\n{}",
-                self.log()
-            );
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGTERM);
-            for _ in 0..100 {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if thread::panicking() {
-            eprintln!("--- log ---\n{}", self.log());
-        }
-    }
-}
-
-/// A free port on 127.0.0.1 (bound and released; nothing else here binds explicit ports).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The next datagram on the notify socket (at most 10 s).
 fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
@@ -902,24 +542,22 @@ fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
 }
 
 fn socket_activation(mode: &str) {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
-    let notify_path = dir.path.join("notify.sock");
+    let f = Configured::new();
+    let notify_path = f.dir.path.join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
     notify
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     // The route's own listen address is on no interface here: binding it would fail, so a
     // working route proves the inherited socket is used.
-    let config = dir.write(mode, "", &[("web", &upstream, "")]);
+    let config = f.dir.write(mode, "", &[("web", &f.upstream, "")]);
     let text = fs::read_to_string(&config)
         .unwrap()
         .replace("127.0.0.1:0", "192.0.2.1:8080");
     fs::write(&config, text).unwrap();
     let (web_port, spare_port) = (free_port(), free_port());
-    let mut daemon = Child::spawn(
+    let mut daemon = Process::spawn(
+        "systemd-socket-activate",
         Command::new("systemd-socket-activate")
             .arg(format!("--listen=127.0.0.1:{web_port}"))
             .arg(format!("--listen=127.0.0.1:{spare_port}"))
@@ -931,22 +569,18 @@ fn socket_activation(mode: &str) {
     );
     let web: SocketAddr = ([127, 0, 0, 1], web_port).into();
     // systemd-socket-activate starts the service on the first connection.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut c = loop {
-        match TcpStream::connect_timeout(&web, Duration::from_secs(5)) {
-            Ok(c) => break c,
-            Err(e) => {
-                assert!(Instant::now() < deadline, "connect to {web}: {e}");
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
+    let mut c = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || TcpStream::connect_timeout(&web, Duration::from_secs(5)).ok(),
+        || format!("connect to {web}: {:?}", TcpStream::connect(web)),
+    );
     set_timeouts(&c, Duration::from_secs(30));
     assert_eq!(
         next_notification(&notify),
         "READY=1\nSTATUS=forwarding 1 route(s)"
     );
-    let log = daemon.wait_log("socket-activated");
+    let log = daemon.wait_log("socket-activated", 1, LOG_WAIT);
     assert!(
         log.contains(&format!(
             "route web: socket-activated: systemd passed 127.0.0.1:{web_port} as \"web\""
@@ -959,17 +593,16 @@ fn socket_activation(mode: &str) {
         )),
         "{log}"
     );
-    let mut s = accept(&listener, ACCEPT);
-    c.write_all(b"activated").unwrap();
-    assert_eq!(read_exact(&mut s, 9), b"activated");
-    s.write_all(b"reply").unwrap();
-    assert_eq!(read_exact(&mut c, 5), b"reply");
+    let mut s = accept(&f.listener, ACCEPT);
+    carry(&mut c, &mut s, b"activated");
+    carry(&mut s, &mut c, b"reply");
 
     // A reload adds route "spare": it takes the second inherited socket. systemd hears
     // RELOADING (with the monotonic time) and READY again.
     let text = fs::read_to_string(&config).unwrap()
         + &format!(
-            "[[route]]\nname = \"spare\"\nlisten = \"192.0.2.1:8081\"\nupstream = \"{upstream}\"\n"
+            "[[route]]\nname = \"spare\"\nlisten = \"192.0.2.1:8081\"\nupstream = \"{upstream}\"\n",
+            upstream = f.upstream
         );
     fs::write(&config, text).unwrap();
     daemon.signal(libc::SIGHUP);
@@ -983,9 +616,8 @@ fn socket_activation(mode: &str) {
         "READY=1\nSTATUS=configuration reloaded"
     );
     let mut c2 = connect_to(([127, 0, 0, 1], spare_port).into());
-    let mut s2 = accept(&listener, ACCEPT);
-    c2.write_all(b"spare").unwrap();
-    assert_eq!(read_exact(&mut s2, 5), b"spare");
+    let mut s2 = accept(&f.listener, ACCEPT);
+    carry(&mut c2, &mut s2, b"spare");
     // A failed reload is READY again too, with the reason.
     fs::write(&config, "bogus = 1\n").unwrap();
     daemon.signal(libc::SIGHUP);
@@ -995,8 +627,7 @@ fn socket_activation(mode: &str) {
         "READY=1\nSTATUS=reload failed; running the previous configuration"
     );
     // The connection from before both reloads still works.
-    c.write_all(b"after").unwrap();
-    assert_eq!(read_exact(&mut s, 5), b"after");
+    carry(&mut c, &mut s, b"after");
     drop((c, s, c2, s2));
 
     daemon.signal(libc::SIGTERM);
@@ -1012,12 +643,13 @@ per_mode!(
 #[test]
 fn socket_activation_refuses_a_non_listening_descriptor() {
     let topo = Topology::new();
-    let dir = Dir::new();
+    let dir = TempDir::new();
     let upstream = topo.upstream(9);
     let config = dir.write("copy", "", &[("web", &upstream, "")]);
     // A datagram socket is no TCP listener.
     let port = free_port();
-    let mut daemon = Child::spawn(
+    let mut daemon = Process::spawn(
+        "systemd-socket-activate",
         Command::new("systemd-socket-activate")
             .arg("--datagram")
             .arg(format!("--listen=127.0.0.1:{port}"))
@@ -1027,24 +659,23 @@ fn socket_activation_refuses_a_non_listening_descriptor() {
             .args(["--config", &config]),
     );
     // A datagram starts the service.
-    let deadline = Instant::now() + Duration::from_secs(10);
     let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let status = loop {
-        let _ = udp.send_to(b"x", ("127.0.0.1", port));
-        if let Some(status) = daemon.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still running:\n{}",
-            daemon.log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    let log = daemon.shared_log();
+    let status = wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(50),
+        || {
+            let _ = udp.send_to(b"x", ("127.0.0.1", port));
+            daemon.try_wait()
+        },
+        || format!("still running:\n{}", log.lock().unwrap()),
+    );
     assert_eq!(status.code(), Some(1), "{}", daemon.log());
     daemon.wait_log(
         "socket activation: descriptor 3 (name \"web\"): not a TCP socket; spliced takes \
          ListenStream= sockets",
+        1,
+        LOG_WAIT,
     );
 }
 
@@ -1085,7 +716,7 @@ fn unit_file_verifies() {
         );
     }
     assert!(!bounding.contains("CAP_SYS_ADMIN"), "{bounding}");
-    let dir = Dir::new();
+    let dir = TempDir::new();
     let copy = dir.path.join("spliced.service");
     fs::write(
         &copy,
@@ -1139,35 +770,27 @@ fn thread_creds(pid: i32) -> Vec<(String, Vec<u32>, u64, u64, u64)> {
 }
 
 fn privilege_drop(mode: &str) {
-    let topo = Topology::new();
-    let dir = Dir::new();
-    let listener = topo.listen();
-    let upstream = topo.upstream(listener.local_addr().unwrap().port());
+    let f = Configured::new();
     // The socket's directory does not exist yet: spliced creates it and hands it over.
-    let socket = dir.path.join("run/control.sock");
+    let socket = f.dir.path.join("run/control.sock");
     // A small max_buffered makes sockmap hold and hand back (SO_RCVBUFFORCE) under a slow reader.
-    let config = dir.write(
+    let config = f.dir.write(
         mode,
         "metrics = \"127.0.0.1:0\"\nuser = \"nobody\"",
         &[(
             "web",
-            &upstream,
+            &f.upstream,
             "max_buffered = \"64KiB\"\nidle_timeout = \"60s\"",
         )],
     );
     let text = fs::read_to_string(&config)
         .unwrap()
-        .replace(&dir.socket(), socket.to_str().unwrap());
+        .replace(&f.dir.socket(), socket.to_str().unwrap());
     fs::write(&config, &text).unwrap();
     // The sockmap data path logs at debug how many bytes it held and handed back.
     let env = [("RUST_LOG", Some("info,spliced::forward::sockmap=debug"))];
-    let mut spliced = match Spliced::try_start_env(&["--config", &config], &env, 1) {
-        Ok(s) => s,
-        Err(e) if e.log.contains("mode sockmap cannot work here") && !tests::ebpf_required() => {
-            eprintln!("SKIPPED: sockmap unavailable on this machine:\n{}", e.log);
-            return;
-        }
-        Err(e) => panic!("spliced did not start ({:?}):\n{}", e.status, e.log),
+    let Some(mut spliced) = Spliced::start_mode_env(mode, &["--config", &config], &env, 1) else {
+        return;
     };
     let log = spliced.wait_log("running as user nobody (uid 65534, gid 65534)", 1, LOG_WAIT);
     // CAP_BPF stays only where the kernel checks it for every bpf() command (before 6.5), and
@@ -1202,7 +825,7 @@ fn privilege_drop(mode: &str) {
     // 32 MiB each way; the client starts reading only after a second, so the download stalls.
     let len = 32 << 20;
     let mut c = spliced.connect();
-    let s = accept(&listener, ACCEPT);
+    let s = accept(&f.listener, ACCEPT);
     let up = {
         let mut c = c.try_clone().unwrap();
         thread::spawn(move || {
@@ -1257,14 +880,14 @@ fn privilege_drop(mode: &str) {
         .expect("a free port below 1024");
     let text = fs::read_to_string(&config).unwrap()
         + &format!(
-            "[[route]]\nname = \"later\"\nlisten = \"127.0.0.1:{low}\"\nupstream = \"{upstream}\"\n"
+            "[[route]]\nname = \"later\"\nlisten = \"127.0.0.1:{low}\"\nupstream = \"{upstream}\"\n",
+            upstream = f.upstream
         );
     fs::write(&config, text).unwrap();
     hup(&spliced, "reload: configuration applied", 1);
     let mut c = connect_to(route_addr(&spliced, "later"));
-    let mut s = accept(&listener, ACCEPT);
-    c.write_all(b"later").unwrap();
-    assert_eq!(read_exact(&mut s, 5), b"later");
+    let mut s = accept(&f.listener, ACCEPT);
+    carry(&mut c, &mut s, b"later");
     drop((c, s));
     let status = spliced.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
     assert!(status.success(), "{status}");

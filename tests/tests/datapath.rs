@@ -12,17 +12,17 @@
 //!
 //! Every socket has timeouts and every loop is bounded, so a broken data path fails, not hangs.
 use std::{
-    io::{ErrorKind, Read, Write},
+    io::{Read, Write},
     net::{Shutdown, TcpListener, TcpStream},
-    os::fd::AsRawFd,
     sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
 use tests::{
-    accept, closed_within, half_close_exchange, per_mode, read_exact, receive, set_timeouts,
-    Payload, Spliced, Topology,
+    accept, assert_closed_on_connect, bytes, closed_lines, closed_within, exchange,
+    half_close_exchange, per_mode, read_exact, receive, reset, set_timeouts, Forward, Payload,
+    Spliced, Topology,
 };
 
 /// Size of each direction of the bulk transfers (tests named `_256mib`); the VM suite scales it
@@ -40,75 +40,6 @@ const IO: Duration = Duration::from_secs(10);
 const LOG: Duration = Duration::from_secs(10);
 /// How soon the client must see the end of a connection whose upstream reset or refused.
 const PROMPT: Duration = Duration::from_secs(2);
-
-/// A namespace with a listener and a daemon routing to it (by `[fe80::2%if]:port`).
-struct Setup {
-    spliced: Spliced,
-    listener: TcpListener,
-    _topo: Topology,
-}
-
-impl Setup {
-    /// None when `mode` is sockmap and the kernel cannot run it (and that is allowed).
-    fn new(mode: &str) -> Option<Setup> {
-        let topo = Topology::new();
-        let listener = topo.listen();
-        let port = listener.local_addr().unwrap().port();
-        let spliced = Spliced::route(mode, &topo.upstream(port), &[])?;
-        Some(Setup {
-            spliced,
-            listener,
-            _topo: topo,
-        })
-    }
-
-    /// A client connected to the daemon, with short timeouts.
-    fn connect(&self) -> TcpStream {
-        let c = self.spliced.connect();
-        set_timeouts(&c, IO);
-        c
-    }
-
-    /// The next connection the daemon dials, with short timeouts.
-    fn accept(&self) -> TcpStream {
-        let s = accept(&self.listener, ACCEPT);
-        set_timeouts(&s, IO);
-        s
-    }
-
-    /// A client and its upstream connection.
-    fn pair(&self) -> (TcpStream, TcpStream) {
-        let c = self.connect();
-        (c, self.accept())
-    }
-
-    /// Asserts the daemon logs the (only) connection as complete with these byte counts.
-    fn assert_closed(&self, up: u64, down: u64) {
-        assert_closed(&self.spliced, up, down);
-    }
-}
-
-/// Asserts `spliced` logs its first connection as complete, `up` bytes client to upstream and
-/// `down` back.
-fn assert_closed(spliced: &Spliced, up: u64, down: u64) {
-    let log = spliced.wait_log("connection closed", 1, LOG);
-    let line = log
-        .lines()
-        .find(|l| l.contains("connection closed"))
-        .unwrap();
-    assert!(
-        line.contains(&format!("bytes_up={up} bytes_down={down} ")),
-        "expected bytes_up={up} bytes_down={down}: {line}"
-    );
-    assert!(line.contains("end=complete"), "not complete: {line}");
-}
-
-/// `len` deterministic bytes.
-fn bytes(len: u64, seed: u64) -> Vec<u8> {
-    let mut v = Vec::new();
-    Payload::new(len, seed).send(&mut v).unwrap();
-    v
-}
 
 /// When one end of a bulk transfer sends its FIN.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -143,7 +74,9 @@ fn bulk_end(s: &mut TcpStream, len: u64, seed: u64, fin: Fin) -> ((u64, [u8; 32]
 /// Moves `up` bytes client to upstream and `down` bytes back, at the same time, each end sending
 /// its FIN as given, and compares counts and SHA-256 at both ends.
 fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, Fin)) {
-    let Some(s) = Setup::new(mode) else { return };
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
     let started = Instant::now();
     let mut client = s.spliced.connect();
     let (client_end, server_end) = thread::scope(|t| {
@@ -160,7 +93,7 @@ fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, 
     assert_eq!(hash_down, sent_down, "SHA-256 upstream -> client differs");
     assert!(took < BULK_LIMIT, "{mode}: transfer took {took:?}");
     eprintln!("{mode}: {up} bytes up and {down} down in {took:?}");
-    s.assert_closed(up, down);
+    s.spliced.assert_closed(0, None, up, down);
     let early_fin = (up == 0 && client_fin == Fin::AfterSending)
         || (down == 0 && server_fin == Fin::AfterSending);
     // Full-size transfers only: scaled down (the QEMU guests, 8 MiB under TCG) the daemon can
@@ -175,10 +108,7 @@ fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, 
         // Started on the copy path, in the kernel after the first 256 KiB. (A connection
         // half-closed before that stays on the copy path: trap 4.)
         let log = s.spliced.log();
-        let line = log
-            .lines()
-            .find(|l| l.contains("connection closed"))
-            .unwrap();
+        let line = closed_lines(&log)[0];
         assert!(line.contains("path=sockmap"), "not promoted: {line}");
     }
 }
@@ -214,11 +144,14 @@ per_mode!(
 
 /// The client sends and SHUT_WRs; the server reads to EOF, only then replies and closes.
 fn half_close(mode: &str) {
-    let Some(s) = Setup::new(mode) else { return };
-    let (mut c, mut srv) = s.pair();
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
+    let (mut c, mut srv) = s.pair(IO);
     let (req, reply) = (bytes(16 << 10, 3), bytes(32 << 10, 4));
     half_close_exchange(&mut c, &mut srv, &req, &reply);
-    s.assert_closed(req.len() as u64, reply.len() as u64);
+    s.spliced
+        .assert_closed(0, None, req.len() as u64, reply.len() as u64);
 }
 per_mode!(half_close, super::half_close, and_auto);
 
@@ -237,27 +170,37 @@ fn reply_and_close(c: &mut TcpStream, srv: &mut TcpStream, req: &[u8], reply: &[
 /// The upstream sends a banner the client reads before sending anything.
 fn server_first(mode: &str) {
     const BANNER: &[u8] = b"220 spliced-test ESMTP ready\r\n";
-    let Some(s) = Setup::new(mode) else { return };
-    let (mut c, mut srv) = s.pair();
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
+    let (mut c, mut srv) = s.pair(IO);
     srv.write_all(BANNER).unwrap();
     assert_eq!(read_exact(&mut c, BANNER.len()), BANNER, "banner");
     let (req, reply) = (b"EHLO client\r\n", b"250 hello client\r\n");
     c.write_all(req).unwrap();
     reply_and_close(&mut c, &mut srv, req, reply);
-    s.assert_closed(req.len() as u64, (BANNER.len() + reply.len()) as u64);
+    s.spliced.assert_closed(
+        0,
+        None,
+        req.len() as u64,
+        (BANNER.len() + reply.len()) as u64,
+    );
 }
 per_mode!(server_speaks_first, super::server_first, and_auto);
 
 /// The client writes its request at once after connect, before the upstream accepts.
 fn client_first(mode: &str) {
-    let Some(s) = Setup::new(mode) else { return };
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
     let req = b"GET / HTTP/1.1\r\nHost: test\r\n\r\n";
-    let mut c = s.connect();
+    let mut c = s.connect(IO);
     c.write_all(req).unwrap();
-    let mut srv = s.accept();
+    let mut srv = s.accept(IO);
     let reply = bytes(4096, 5);
     reply_and_close(&mut c, &mut srv, req, &reply);
-    s.assert_closed(req.len() as u64, reply.len() as u64);
+    s.spliced
+        .assert_closed(0, None, req.len() as u64, reply.len() as u64);
 }
 per_mode!(client_speaks_first, super::client_first, and_auto);
 
@@ -265,42 +208,36 @@ per_mode!(client_speaks_first, super::client_first, and_auto);
 /// past 100 ms is moved to sockmap at a quiet moment, and what it carried on both paths counts.
 #[test]
 fn auto_promotes_by_age() {
-    let Some(s) = Setup::new("auto") else { return };
+    let Some(s) = Forward::start("auto", &[]) else {
+        return;
+    };
     if !s.spliced.log().contains("data path sockmap") {
         assert!(!tests::ebpf_required(), "auto did not choose sockmap");
         return;
     }
-    let (mut c, mut srv) = s.pair();
+    let (mut c, mut srv) = s.pair(IO);
     let (req, reply) = (b"short", b"reply");
-    c.write_all(req).unwrap();
-    assert_eq!(read_exact(&mut srv, req.len()), req);
-    srv.write_all(reply).unwrap();
-    assert_eq!(read_exact(&mut c, reply.len()), reply);
+    exchange(&mut c, &mut srv, req, reply);
     thread::sleep(Duration::from_millis(400));
     let (req2, reply2) = (bytes(100_000, 7), bytes(200_000, 8));
     half_close_exchange(&mut c, &mut srv, &req2, &reply2);
     let log = s.spliced.wait_log("connection closed", 1, LOG);
-    let line = log
-        .lines()
-        .find(|l| l.contains("connection closed"))
-        .unwrap();
+    let line = closed_lines(&log)[0];
     assert!(
         line.contains("path=sockmap"),
         "not promoted after 400 ms: {line}"
     );
-    s.assert_closed(
+    s.spliced.assert_closed(
+        0,
+        None,
         (req.len() + req2.len()) as u64,
         (reply.len() + reply2.len()) as u64,
     );
     // And a connection over in a moment stays on the copy path.
-    let (mut c, mut srv) = s.pair();
+    let (mut c, mut srv) = s.pair(IO);
     half_close_exchange(&mut c, &mut srv, b"quick", b"done");
     let log = s.spliced.wait_log("connection closed", 2, LOG);
-    let line = log
-        .lines()
-        .filter(|l| l.contains("connection closed"))
-        .nth(1)
-        .unwrap();
+    let line = closed_lines(&log)[1];
     assert!(
         line.contains("path=copy") && line.contains("bytes_up=5 bytes_down=4 "),
         "{line}"
@@ -312,38 +249,49 @@ fn reply_to(req: &[u8]) -> Vec<u8> {
     [b"reply to ".as_slice(), req].concat()
 }
 
+/// Runs `client(i)` for each `i` below `n`, on `threads` threads at once.
+fn in_parallel(n: usize, threads: usize, client: impl Fn(usize) + Sync) {
+    let next = AtomicUsize::new(0);
+    thread::scope(|t| {
+        for _ in 0..threads {
+            t.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                client(i);
+            });
+        }
+    });
+}
+
 /// Connections in the instant half-close case, and the clients making them at once.
 const INSTANT: usize = 300;
 const INSTANT_CLIENTS: usize = 4;
 
 /// Connect, a short request, SHUT_WR at once, the reply to EOF: 300 times, 4 at a time.
 fn instant_half_close(mode: &str) {
-    let Some(s) = Setup::new(mode) else { return };
-    let next = AtomicUsize::new(0);
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
     thread::scope(|t| {
         t.spawn(|| {
             for _ in 0..INSTANT {
-                let mut srv = s.accept();
+                let mut srv = s.accept(IO);
                 let mut req = Vec::new();
                 srv.read_to_end(&mut req).unwrap();
                 srv.write_all(&reply_to(&req)).unwrap();
             }
         });
-        for _ in 0..INSTANT_CLIENTS {
-            t.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= INSTANT {
-                    break;
-                }
-                let req = format!("request {i}").into_bytes();
-                let mut c = s.connect();
-                c.write_all(&req).unwrap();
-                c.shutdown(Shutdown::Write).unwrap();
-                let mut got = Vec::new();
-                c.read_to_end(&mut got).unwrap();
-                assert_eq!(got, reply_to(&req), "exchange {i}");
-            });
-        }
+        in_parallel(INSTANT, INSTANT_CLIENTS, |i| {
+            let req = format!("request {i}").into_bytes();
+            let mut c = s.connect(IO);
+            c.write_all(&req).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            assert_eq!(got, reply_to(&req), "exchange {i}");
+        });
     });
     let log = s.spliced.wait_log("end=complete", INSTANT, LOG);
     let count = |path: &str| log.lines().filter(|l| l.contains(path)).count();
@@ -368,14 +316,15 @@ const SHORT_LEN: usize = 100;
 /// zero-length skb into that backlog broke the socket (EPIPE) and reset about 1 connection in
 /// 1,000 (sockmap.md, trap 1).
 fn upstream_closes_first(mode: &str) {
-    let Some(s) = Setup::new(mode) else { return };
-    let next = AtomicUsize::new(0);
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
     thread::scope(|t| {
         t.spawn(|| {
             // Each connection served on its own thread, as a real server would: the reply and
             // FIN race the client's bytes through the daemon.
             for _ in 0..SHORT {
-                let mut srv = s.accept();
+                let mut srv = s.accept(IO);
                 t.spawn(move || {
                     srv.set_nodelay(true).unwrap();
                     srv.write_all(b"g").unwrap();
@@ -385,27 +334,21 @@ fn upstream_closes_first(mode: &str) {
                 });
             }
         });
-        for _ in 0..SHORT_CLIENTS {
-            t.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= SHORT {
-                    break;
-                }
-                let req = bytes(SHORT_LEN as u64, i as u64);
-                let mut c = s.connect();
-                c.set_nodelay(true).unwrap();
-                c.write_all(&req).unwrap();
-                let mut got = Vec::new();
-                if let Err(e) = c.read_to_end(&mut got) {
-                    panic!("connection {i}: {e} after {} bytes", got.len());
-                }
-                assert_eq!(got.len(), SHORT_LEN + 1, "connection {i}: reply length");
-                assert!(
-                    got[0] == b'g' && got[1..] == req,
-                    "connection {i}: reply differs"
-                );
-            });
-        }
+        in_parallel(SHORT, SHORT_CLIENTS, |i| {
+            let req = bytes(SHORT_LEN as u64, i as u64);
+            let mut c = s.connect(IO);
+            c.set_nodelay(true).unwrap();
+            c.write_all(&req).unwrap();
+            let mut got = Vec::new();
+            if let Err(e) = c.read_to_end(&mut got) {
+                panic!("connection {i}: {e} after {} bytes", got.len());
+            }
+            assert_eq!(got.len(), SHORT_LEN + 1, "connection {i}: reply length");
+            assert!(
+                got[0] == b'g' && got[1..] == req,
+                "connection {i}: reply differs"
+            );
+        });
     });
     let log = s.spliced.wait_log("connection closed", SHORT, LOG);
     let bad: Vec<&str> = log
@@ -430,13 +373,15 @@ fn mirror(req: &[u8]) -> Vec<u8> {
 
 /// 200 connections open at once, each moving a distinct payload both ways.
 fn concurrent(mode: &str) {
-    let Some(s) = Setup::new(mode) else { return };
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
     // All connected before any byte moves: 200 live connections at the same time.
-    let clients: Vec<TcpStream> = (0..CONCURRENT).map(|_| s.connect()).collect();
+    let clients: Vec<TcpStream> = (0..CONCURRENT).map(|_| s.connect(IO)).collect();
     thread::scope(|t| {
         t.spawn(|| {
             for _ in 0..CONCURRENT {
-                let mut srv = s.accept();
+                let mut srv = s.accept(IO);
                 t.spawn(move || {
                     let mut req = Vec::new();
                     srv.read_to_end(&mut req).unwrap();
@@ -460,33 +405,13 @@ fn concurrent(mode: &str) {
 }
 per_mode!(concurrent_200, super::concurrent, and_auto);
 
-/// Closes `s` with SO_LINGER 0: an RST instead of a FIN.
-fn reset(s: TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt on an open socket with a correctly sized linger struct.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
-}
-
 /// After bytes flowed both ways the upstream resets; the client sees the end within 2 s.
 fn upstream_reset(mode: &str) {
-    let Some(s) = Setup::new(mode) else { return };
-    let (mut c, mut srv) = s.pair();
-    c.write_all(b"hello").unwrap();
-    assert_eq!(read_exact(&mut srv, 5), b"hello");
-    srv.write_all(b"world").unwrap();
-    assert_eq!(read_exact(&mut c, 5), b"world");
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
+    let (mut c, mut srv) = s.pair(IO);
+    exchange(&mut c, &mut srv, b"hello", b"world");
     reset(srv);
     let took = closed_within(&mut c, PROMPT);
     eprintln!("{mode}: client saw the upstream's reset after {took:?}");
@@ -509,13 +434,7 @@ fn upstream_refused(mode: &str) {
     };
     let started = Instant::now();
     // Not Spliced::connect: the reset can come before connect_timeout has polled the socket.
-    match TcpStream::connect_timeout(&spliced.addr(), IO) {
-        Ok(mut c) => {
-            closed_within(&mut c, PROMPT);
-        }
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("connect to spliced: {e}"),
-    }
+    assert_closed_on_connect(spliced.addr(), PROMPT);
     let took = started.elapsed();
     assert!(took < PROMPT, "client closed only after {took:?}");
     eprintln!("{mode}: client closed {took:?} after a refused dial");
@@ -525,7 +444,7 @@ per_mode!(upstream_refused, super::upstream_refused, and_auto);
 
 /// A half-close exchange through `spliced` to `listener`, tagged so each one is distinct.
 /// Returns the bytes moved (up, down).
-fn exchange(spliced: &Spliced, listener: &TcpListener, tag: &str) -> (u64, u64) {
+fn tagged_exchange(spliced: &Spliced, listener: &TcpListener, tag: &str) -> (u64, u64) {
     let mut c = spliced.connect();
     set_timeouts(&c, IO);
     let mut srv = accept(listener, ACCEPT);
@@ -547,8 +466,8 @@ fn zone_by_name() {
     let listener = topo.listen();
     let port = listener.local_addr().unwrap().port();
     let spliced = auto(&format!("[fe80::2%{}]:{port}", topo.host_if));
-    let (up, down) = exchange(&spliced, &listener, "zone by name");
-    assert_closed(&spliced, up, down);
+    let (up, down) = tagged_exchange(&spliced, &listener, "zone by name");
+    spliced.assert_closed(0, None, up, down);
 }
 
 #[test]
@@ -557,8 +476,8 @@ fn zone_by_index() {
     let listener = topo.listen();
     let port = listener.local_addr().unwrap().port();
     let spliced = auto(&format!("[fe80::2%{}]:{port}", topo.host_if_index()));
-    let (up, down) = exchange(&spliced, &listener, "zone by index");
-    assert_closed(&spliced, up, down);
+    let (up, down) = tagged_exchange(&spliced, &listener, "zone by index");
+    spliced.assert_closed(0, None, up, down);
 }
 
 #[test]
@@ -566,8 +485,8 @@ fn hostname_upstream() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let spliced = auto(&format!("localhost:{port}"));
-    let (up, down) = exchange(&spliced, &listener, "localhost");
-    assert_closed(&spliced, up, down);
+    let (up, down) = tagged_exchange(&spliced, &listener, "localhost");
+    spliced.assert_closed(0, None, up, down);
 }
 
 #[test]
@@ -576,8 +495,8 @@ fn ipv4_upstream() {
     let listener = topo.listen();
     let port = listener.local_addr().unwrap().port();
     let spliced = auto(&format!("{}:{port}", topo.ipv4().1));
-    let (up, down) = exchange(&spliced, &listener, "ipv4");
-    assert_closed(&spliced, up, down);
+    let (up, down) = tagged_exchange(&spliced, &listener, "ipv4");
+    spliced.assert_closed(0, None, up, down);
 }
 
 /// The veth is deleted and re-created (same name, new index) under a running daemon: the next
@@ -589,8 +508,8 @@ fn veth_recreated() {
     let listener = topo.listen();
     let port = listener.local_addr().unwrap().port();
     let spliced = auto(&topo.upstream(port));
-    let (up, down) = exchange(&spliced, &listener, "before");
-    assert_closed(&spliced, up, down);
+    let (up, down) = tagged_exchange(&spliced, &listener, "before");
+    spliced.assert_closed(0, None, up, down);
     let old_index = topo.host_if_index();
     topo.delete_veth();
     topo.add_veth();
@@ -599,6 +518,6 @@ fn veth_recreated() {
         old_index,
         "the re-created veth kept its index"
     );
-    exchange(&spliced, &listener, "after");
+    tagged_exchange(&spliced, &listener, "after");
     spliced.wait_log("end=complete", 2, LOG);
 }

@@ -8,45 +8,28 @@ use std::{
     process::Command,
 };
 
-fn sh(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A temporary directory, removed on drop.
-struct Temp(PathBuf);
-
-impl Drop for Temp {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use tests::{stdout_of, TempDir};
 
 #[test]
 fn deb_holds_binary_unit_config_and_man_page() {
-    let dir = Temp(std::env::temp_dir().join(format!("spliced-deb-{}", std::process::id())));
-    let _ = fs::remove_dir_all(&dir.0);
+    let dir = TempDir::new();
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let printed = sh(Command::new(cargo)
-        .current_dir(&root)
-        .args(["xtask", "deb", "--output"])
-        .arg(&dir.0));
+    let printed = stdout_of(
+        Command::new(cargo)
+            .current_dir(&root)
+            .args(["xtask", "deb", "--output"])
+            .arg(&dir.path),
+    );
     let deb = PathBuf::from(printed.lines().last().expect("the .deb's path").trim());
-    assert!(deb.starts_with(&dir.0), "{deb:?}");
+    assert!(deb.starts_with(&dir.path), "{deb:?}");
     let name = deb.file_name().unwrap().to_str().unwrap().to_owned();
     assert!(
         name.starts_with("spliced_") && name.ends_with(".deb"),
         "{name}"
     );
 
-    let info = sh(Command::new("dpkg-deb").arg("--info").arg(&deb));
+    let info = stdout_of(Command::new("dpkg-deb").arg("--info").arg(&deb));
     for field in [
         "Package: spliced",
         "Depends: libc6, adduser",
@@ -54,7 +37,7 @@ fn deb_holds_binary_unit_config_and_man_page() {
     ] {
         assert!(info.contains(field), "{field:?} missing:\n{info}");
     }
-    let contents = sh(Command::new("dpkg-deb").arg("--contents").arg(&deb));
+    let contents = stdout_of(Command::new("dpkg-deb").arg("--contents").arg(&deb));
     for (mode, path) in [
         ("-rwxr-xr-x root/root", "./usr/bin/spliced"),
         (
@@ -73,11 +56,13 @@ fn deb_holds_binary_unit_config_and_man_page() {
         );
     }
 
-    let x = dir.0.join("x");
-    sh(Command::new("dpkg-deb")
-        .arg("--raw-extract")
-        .arg(&deb)
-        .arg(&x));
+    let x = dir.path.join("x");
+    stdout_of(
+        Command::new("dpkg-deb")
+            .arg("--raw-extract")
+            .arg(&deb)
+            .arg(&x),
+    );
     assert_eq!(
         fs::read_to_string(x.join("DEBIAN/conffiles")).unwrap(),
         "/etc/spliced/spliced.toml\n"
@@ -85,25 +70,25 @@ fn deb_holds_binary_unit_config_and_man_page() {
     let postinst = fs::read_to_string(x.join("DEBIAN/postinst")).unwrap();
     assert!(postinst.contains("adduser --system --group"), "{postinst}");
     let bin = x.join("usr/bin/spliced");
-    let version = sh(Command::new(&bin).arg("--version"));
+    let version = stdout_of(Command::new(&bin).arg("--version"));
     assert!(version.starts_with("spliced "), "{version}");
 
     // The example configuration is valid (with a user that exists here: the package's postinst
     // creates "spliced", this test does not).
     let example = fs::read_to_string(x.join("etc/spliced/spliced.toml")).unwrap();
     assert!(example.contains("user = \"spliced\""), "{example}");
-    let checked = dir.0.join("example.toml");
+    let checked = dir.path.join("example.toml");
     fs::write(
         &checked,
         example.replace("user = \"spliced\"", "user = \"nobody\""),
     )
     .unwrap();
-    let out = sh(Command::new(&bin).args(["check", "--config"]).arg(&checked));
+    let out = stdout_of(Command::new(&bin).args(["check", "--config"]).arg(&checked));
     assert!(out.ends_with(": ok, 1 route(s)\n"), "{out}");
 
     // The unit, with the extracted binary in place of /usr/bin/spliced, passes systemd's parser.
     let unit = fs::read_to_string(x.join("lib/systemd/system/spliced.service")).unwrap();
-    let unit_copy = dir.0.join("spliced.service");
+    let unit_copy = dir.path.join("spliced.service");
     fs::write(
         &unit_copy,
         unit.replace("/usr/bin/spliced", bin.to_str().unwrap()),
@@ -117,9 +102,11 @@ fn deb_holds_binary_unit_config_and_man_page() {
     assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
 
     // The man page: generated from the clap definitions, every form and subcommand in it.
-    let roff = sh(Command::new("gzip")
-        .args(["-dc"])
-        .arg(x.join("usr/share/man/man8/spliced.8.gz")));
+    let roff = stdout_of(
+        Command::new("gzip")
+            .args(["-dc"])
+            .arg(x.join("usr/share/man/man8/spliced.8.gz")),
+    );
     for needle in [
         ".TH spliced 8",
         "\\-\\-listen <ADDR> \\-\\-upstream <ADDR>",
@@ -137,7 +124,7 @@ fn deb_holds_binary_unit_config_and_man_page() {
         );
     }
     // groff renders it without a warning.
-    let page = dir.0.join("spliced.8");
+    let page = dir.path.join("spliced.8");
     fs::write(&page, &roff).unwrap();
     let out = Command::new("groff")
         .args(["-man", "-Tutf8", "-ww", "-z"])
