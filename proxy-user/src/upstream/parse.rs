@@ -183,7 +183,10 @@ fn server(
             },
             "weight" => weight(value).map(|w| spec.weight = w),
             "backup" => match value.as_bool() {
-                Some(b) => Ok(spec.backup = b),
+                Some(b) => {
+                    spec.backup = b;
+                    Ok(())
+                }
                 None => Err(format!(
                     "expected true or false, found {}; write e.g. backup = true",
                     describe(value)
