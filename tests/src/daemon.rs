@@ -60,8 +60,29 @@ impl Spliced {
                 None => cmd.env_remove(name),
             };
         }
+        Spliced::launch(&mut cmd, routes)
+    }
+
+    /// `spliced ARGS` inside network namespace `netns` (`ip netns exec` execs it, so the child
+    /// is spliced itself), `RUST_LOG` as [`Spliced::try_start`] sets it.
+    pub fn try_start_in_netns(
+        netns: &str,
+        args: &[&str],
+        routes: usize,
+    ) -> Result<Spliced, NotStarted> {
+        let log = std::env::var("SPLICED_TEST_LOG").unwrap_or("info".into());
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(spliced_bin())
+            .args(args)
+            .env("RUST_LOG", log);
+        Spliced::launch(&mut cmd, routes)
+    }
+
+    /// Spawns `cmd` and waits (at most 20 s) until it has logged `routes` listeners.
+    fn launch(cmd: &mut Command, routes: usize) -> Result<Spliced, NotStarted> {
         let mut spliced = Spliced {
-            process: Process::spawn("spliced", &mut cmd),
+            process: Process::spawn("spliced", cmd),
             listening: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);

@@ -18,6 +18,7 @@
 //!   ends.
 //! - [`TempDir`], [`TempConfig`] (`temp`): configuration files and a control socket;
 //!   `metrics`: the Prometheus endpoint ([`scrape`], [`wait_metric`]).
+//! - `xdp_net`: two namespaces joined by a veth and hand-made frames, for the XDP front.
 //! - [`per_mode!`]: one `#[test]` per data path; [`wait_until`]: a bounded poll.
 //!
 //! Every wait is bounded: sockets get read/write timeouts, polls have a deadline.
@@ -29,6 +30,7 @@ mod payload;
 mod process;
 mod sockets;
 mod temp;
+pub mod xdp_net;
 
 pub use daemon::*;
 pub use forward::*;

@@ -1,12 +1,10 @@
-//! Namespaces, veths and hand-made packets for the XDP front's kernel tests.
+//! Namespaces, veths and hand-made packets for the XDP front's tests.
 //!
 //! Two namespaces of the test's own, `spl-<pid>-<9000+2n>` (the server, spliced's side) and
 //! `spl-<pid>-<9001+2n>` (clients), joined by a veth pair `vs`/`vc`. Addresses only from the
 //! documentation ranges: 198.51.100.0/25, 203.0.113.0/25 and
 //! 2001:db8:15::/64. Tagged frames are made by hand (AF_PACKET): the kernels here may have no
 //! 8021q, and the XDP program sees the frame before any VLAN device would.
-#![allow(dead_code)]
-
 use std::{
     fs::File,
     io,
@@ -20,19 +18,7 @@ use std::{
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-/// Runs `args`, panicking with stderr on failure; returns stdout.
-pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::sh;
 
 /// Whether this run must have XDP (CI or `cargo xtask test`): then a missing privilege fails
 /// the test instead of skipping it.
@@ -132,19 +118,39 @@ impl Net {
         .expect("namespace thread panicked")
     }
 
-    /// `nstat` counters of namespace `ns` (absolute, history untouched).
+    /// Counters of namespace `ns` by their `nstat` names (`TcpPassiveOpens`,
+    /// `TcpExtListenDrops`, `Ip6ReasmReqds`), read where nstat reads them: /proc/net/snmp,
+    /// netstat and snmp6 (nstat itself is not in the VM guests).
     pub fn counters(ns: &str, names: &[&str]) -> Vec<u64> {
-        let out = sh(&["ip", "netns", "exec", ns, "nstat", "-asz"]);
+        let all = Net::run_in(ns, || {
+            let read = |f: &str| {
+                std::fs::read_to_string(format!("/proc/thread-self/net/{f}"))
+                    .unwrap_or_else(|e| panic!("/proc/thread-self/net/{f}: {e}"))
+            };
+            let mut all = std::collections::HashMap::new();
+            for file in ["snmp", "netstat"] {
+                let text = read(file);
+                let lines: Vec<&str> = text.lines().collect();
+                for pair in lines.chunks(2) {
+                    let [head, values] = pair else { continue };
+                    let mut head = head.split_whitespace();
+                    let prefix = head.next().unwrap_or("").trim_end_matches(':');
+                    for (name, v) in head.zip(values.split_whitespace().skip(1)) {
+                        all.insert(format!("{prefix}{name}"), v.parse::<i64>().unwrap_or(0));
+                    }
+                }
+            }
+            for line in read("snmp6").lines() {
+                let mut f = line.split_whitespace();
+                if let (Some(name), Some(v)) = (f.next(), f.next()) {
+                    all.insert(name.to_owned(), v.parse().unwrap_or(0));
+                }
+            }
+            all
+        });
         names
             .iter()
-            .map(|name| {
-                out.lines()
-                    .find_map(|l| {
-                        let mut f = l.split_whitespace();
-                        (f.next() == Some(name)).then(|| f.next()?.parse().ok())?
-                    })
-                    .unwrap_or_else(|| panic!("nstat has no {name}"))
-            })
+            .map(|n| *all.get(*n).unwrap_or_else(|| panic!("no counter {n}")) as u64)
             .collect()
     }
 
@@ -161,6 +167,12 @@ impl Net {
             *m = u8::from_str_radix(part, 16).expect("hex MAC");
         }
         mac
+    }
+}
+
+impl Default for Net {
+    fn default() -> Net {
+        Net::new()
     }
 }
 

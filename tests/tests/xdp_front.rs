@@ -1,8 +1,6 @@
 //! The XDP front on the real kernel: two namespaces joined by a veth, the program attached to
 //! the server's end, real SYNs (from connect(2), a raw socket or AF_PACKET) from allowed and
 //! denied sources. Root; in CI (or `cargo xtask test`) these fail instead of skipping.
-mod xdp_support;
-
 use std::{
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener},
     sync::{
@@ -14,7 +12,7 @@ use std::{
 };
 
 use spliced::xdp::{AttachMode, Reason, RouteRules, SourceRules, XdpError, XdpFront};
-use xdp_support::*;
+use tests::xdp_net::*;
 
 fn rules(allow: &[&str], deny: &[&str], syn_rate: Option<u32>) -> SourceRules {
     let parse = |l: &[&str]| {
