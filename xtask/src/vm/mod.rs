@@ -85,6 +85,8 @@ pub const VM_TESTS: &[(&str, &[&str])] = &[
             "sigterm_with_a_live_connection",
         ],
     ),
+    // The XDP front's ACL over veth, native and generic (issue 15).
+    ("xdp_front", &["acl_"]),
 ];
 
 /// The musl target the guest binaries are built for (static, no libc needed in the guest).
