@@ -15,6 +15,7 @@ mod bench;
 mod build;
 mod deb;
 mod demo;
+mod fuzz;
 mod run;
 mod setup;
 mod test;
@@ -67,6 +68,14 @@ enum Command {
     },
     /// Show spliced forwarding to a link-local HTTP server in a namespace, until Ctrl-C.
     Demo,
+    /// Run the cargo-fuzz targets in fuzz/ from their checked-in corpora (nightly).
+    Fuzz {
+        /// The targets to run (default: every target in fuzz/Cargo.toml).
+        targets: Vec<String>,
+        /// How long to run each target.
+        #[arg(long, default_value_t = fuzz::CI_SECONDS)]
+        seconds: u64,
+    },
     /// Benchmark spliced against direct, socat, HAProxy and systemd-socket-proxyd.
     Bench(bench::Args),
 }
@@ -108,6 +117,7 @@ fn main() -> ExitCode {
         } => test::vm(kernels, filters),
         Command::Deb { output } => deb::command(output),
         Command::Demo => demo::command(),
+        Command::Fuzz { targets, seconds } => fuzz::command(targets, seconds),
         Command::Bench(args) => bench::command(args),
     };
     match result {

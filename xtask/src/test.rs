@@ -16,7 +16,7 @@ use crate::util::{
     cargo, is_root, output, path_with_cargo_bin, reexec_as_root, run, workspace_root,
 };
 
-/// Runs setup, fmt, clippy (host and eBPF), the build, `cargo test` and the VM suite on the oldest
+/// Runs setup, fmt, clippy (host and eBPF), the fuzz targets, the build, `cargo test` and the VM suite on the oldest
 /// and the newest kernel; `args` go to `cargo test` (a filter, or `-- --nocapture`). When all of that passed, a quick bench run checks that the
 /// bench works and writes a well-formed table. Checks that do not depend on each other all run, so one run
 /// shows every problem; the summary names the steps that failed.
@@ -61,6 +61,8 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
             ])
             .args(["-Z", "build-std=core", "--", "-D", "warnings"]))
     });
+    // Every parser of untrusted bytes, 45 s per target from the checked-in corpora.
+    steps.run("fuzz", crate::fuzz::ci);
     let mut bin = None;
     steps.run("build", || {
         bin = Some(crate::build::build_spliced(false)?);

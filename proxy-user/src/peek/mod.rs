@@ -4,6 +4,7 @@
 //! Everything here is pure and bounded: [`inspect`] takes the bytes read so far and says
 //! whether they settle the question; [`read_head`] reads until they do. The bytes read are
 //! returned so the caller writes them to the upstream before anything else.
+mod decide;
 pub mod http;
 mod name;
 mod rules;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+pub use decide::{decide, Decision, Outcome};
 pub use name::{normalize, validate, NameError, NamePattern};
 pub use rules::{first_match, Match};
 

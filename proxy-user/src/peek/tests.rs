@@ -321,7 +321,7 @@ fn first_match_wins_and_all_conditions_hold() {
 
 #[test]
 fn replies_are_well_formed() {
-    let alert = tls::unrecognized_name_alert();
+    let alert = tls::UNRECOGNIZED_NAME_ALERT;
     assert_eq!(alert, [21, 3, 3, 0, 2, 2, 112]);
     let response = http::misdirected_response();
     let mut headers = [httparse::EMPTY_HEADER; 8];
@@ -373,4 +373,65 @@ async fn read_head_outcomes() {
         bytes.len() == 10 && matches!(verdict, Verdict::Closed),
         "{verdict}"
     );
+}
+
+#[test]
+fn decisions() {
+    let pat = |s: &str| NamePattern::parse(s).unwrap();
+    let rules = [Match {
+        sni: vec![pat("a.example.com")],
+        ..Match::default()
+    }];
+    let tls = |name: &str| {
+        Verdict::Peeked(Peeked {
+            name: Some(name.into()),
+            ..Peeked::new(Protocol::Tls)
+        })
+    };
+    assert_eq!(
+        decide(&tls("a.example.com"), &rules, false),
+        (Decision::Matched(0), Outcome::Matched)
+    );
+    assert_eq!(
+        decide(&tls("b.example.com"), &rules, true),
+        (Decision::Default, Outcome::Default)
+    );
+    let (refuse, outcome) = decide(&tls("b.example.com"), &rules, false);
+    assert_eq!(
+        refuse,
+        Decision::Refuse {
+            reply: Some(&tls::UNRECOGNIZED_NAME_ALERT[..])
+        }
+    );
+    assert_eq!(outcome, Outcome::NoMatch);
+    let http = Verdict::Peeked(Peeked::new(Protocol::Http));
+    assert_eq!(
+        decide(&http, &rules, false).0,
+        Decision::Refuse {
+            reply: Some(http::misdirected_response())
+        }
+    );
+    let other = Verdict::Peeked(Peeked::new(Protocol::Other));
+    assert_eq!(
+        decide(&other, &rules, false).0,
+        Decision::Refuse { reply: None }
+    );
+    assert_eq!(
+        decide(&Verdict::Silent, &rules, true),
+        (Decision::Default, Outcome::SilentDefault)
+    );
+    assert_eq!(
+        decide(&Verdict::Silent, &rules, false),
+        (Decision::Close, Outcome::Silent)
+    );
+    assert_eq!(
+        decide(&Verdict::Stalled, &rules, true),
+        (Decision::Close, Outcome::Timeout)
+    );
+    let broken = Verdict::Malformed(Malformed::ClientHello);
+    assert_eq!(
+        decide(&broken, &rules, true),
+        (Decision::Close, Outcome::Malformed)
+    );
+    assert!(Outcome::ALL.iter().enumerate().all(|(i, o)| o.index() == i));
 }

@@ -118,8 +118,6 @@ fn parse_client_hello(message: &[u8]) -> Progress {
 }
 
 /// A fatal `unrecognized_name` alert (RFC 6066 section 3), sent before closing a TLS client no
-/// route matched, so it reports a name problem rather than a broken connection.
-pub fn unrecognized_name_alert() -> [u8; 7] {
-    // Record: alert (21), legacy version 3.3, length 2; alert: fatal (2), unrecognized_name (112).
-    [21, 3, 3, 0, 2, 2, 112]
-}
+/// route matched, so it reports a name problem rather than a broken connection. Record: alert
+/// (21), legacy version 3.3, length 2; alert: fatal (2), unrecognized_name (112).
+pub const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [21, 3, 3, 0, 2, 2, 112];

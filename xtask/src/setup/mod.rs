@@ -2,6 +2,7 @@
 //! When everything is there it only looks (well under 2 s).
 mod apt;
 mod bpf_linker;
+mod cargo_fuzz;
 mod toolchain;
 
 use anyhow::Result;
@@ -30,6 +31,12 @@ pub fn run() -> Result<()> {
     bpf_linker::ensure(&nightly)?;
     apt::ensure()?;
     Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` and the fuzz step of `cargo xtask test` (nightly is
+/// installed by [`run`]).
+pub fn cargo_fuzz() -> Result<()> {
+    cargo_fuzz::ensure()
 }
 
 /// What `cargo xtask integration-test vm` adds: everything [`run`] installs, QEMU,
