@@ -7,6 +7,7 @@ mod forward;
 mod metrics;
 pub mod peek;
 pub mod privdrop;
+pub mod proxy_header;
 mod registry;
 mod server;
 mod sockmap;
