@@ -120,7 +120,7 @@ impl fmt::Display for Mode {
 }
 
 /// One listener and where its connections go.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Route {
     pub name: String,
     pub listen: Endpoint,

@@ -1,24 +1,32 @@
 //! spliced: a TCP forwarder that splices connections inside the kernel with sockmap.
+//!
+//! Modules, from the top down (each imports only ones below it):
+//! - [`daemon`]: listeners, accept loops, connections, reload and shutdown;
+//! - [`forward`]: the three data paths and the choice between them; [`registry`]: live
+//!   connections and per-route counters, read by [`status`] (`spliced status`) and `metrics`;
+//! - `ebpf`: the verdict program, its maps, the start-up probe; [`config`]: the TOML file;
+//!   [`privdrop`], [`systemd`]: the process's environment;
+//! - [`addr`], `sockopt`: addresses and socket options.
 pub mod addr;
 pub mod cli;
 pub mod config;
-pub mod control;
-mod forward;
+pub mod daemon;
+mod ebpf;
+pub mod forward;
 mod metrics;
 pub mod peek;
 pub mod privdrop;
 pub mod proxy_header;
-mod registry;
-mod server;
-mod sockmap;
+pub mod registry;
 mod sockopt;
+pub mod status;
 pub mod systemd;
 pub mod upstream;
-mod watch;
 pub mod xdp;
 
 pub use config::{Config, Mode, Route};
-pub use server::{Daemon, DataPath, StartError, Stats};
+pub use daemon::{Daemon, StartError};
+pub use forward::DataPath;
 
 /// The embedded eBPF object; empty when built without the eBPF toolchain.
 pub static EBPF_OBJECT: &[u8] =

@@ -1,11 +1,17 @@
 //! The `spliced` binary: parses the command line, sets up logging, runs the daemon until
 //! SIGINT or SIGTERM.
-use std::process::ExitCode;
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
+use anyhow::{anyhow, Context as _, Result};
 use clap::Parser as _;
 use spliced::{
     cli::{Cli, Command},
     config::{Config, ConfigError, DEFAULT_CONTROL_SOCKET, EX_USAGE},
+    systemd::Inherited,
     Daemon,
 };
 use tracing::{error, info, warn};
@@ -16,45 +22,53 @@ fn main() -> ExitCode {
         Err(e) => return clap_error(&e),
     };
     init_logging();
-    // Kept for SIGHUP.
-    let config_path = cli.config.clone();
-    let config = match cli.command {
-        Some(Command::Check { ref config }) => {
-            return match Config::load(config) {
-                Ok(c) => {
-                    println!("{}: ok, {} route(s)", config.display(), c.routes.len());
-                    ExitCode::SUCCESS
-                }
-                Err(errors) => usage_errors(&errors),
-            };
+    match &cli.command {
+        Some(Command::Check { config }) => check(config),
+        Some(Command::Status { socket, config }) => status(socket.as_deref(), config.as_deref()),
+        None => serve(cli),
+    }
+}
+
+/// `spliced check FILE`.
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(c) => {
+            println!("{}: ok, {} route(s)", path.display(), c.routes.len());
+            ExitCode::SUCCESS
         }
-        Some(Command::Status {
-            ref socket,
-            ref config,
-        }) => {
-            let path = match (socket, config) {
-                (Some(socket), _) => socket.clone(),
-                (None, Some(file)) => match Config::load(file) {
-                    Ok(c) => c.control_socket,
-                    Err(errors) => return usage_errors(&errors),
-                },
-                (None, None) => DEFAULT_CONTROL_SOCKET.into(),
-            };
-            return match spliced::control::query(&path) {
-                Ok(table) => {
-                    print!("{table}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(EX_UNAVAILABLE)
-                }
-            };
-        }
-        None => match cli.into_config() {
-            Ok(c) => c,
+        Err(errors) => usage_errors(&errors),
+    }
+}
+
+/// `spliced status [--socket PATH | --config FILE]`.
+fn status(socket: Option<&Path>, config: Option<&Path>) -> ExitCode {
+    let path = match (socket, config) {
+        (Some(socket), _) => socket.to_owned(),
+        (None, Some(file)) => match Config::load(file) {
+            Ok(c) => c.control_socket,
             Err(errors) => return usage_errors(&errors),
         },
+        (None, None) => DEFAULT_CONTROL_SOCKET.into(),
+    };
+    match spliced::status::query(&path) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+fn serve(cli: Cli) -> ExitCode {
+    // Kept for SIGHUP.
+    let config_path = cli.config.clone();
+    let config = match cli.into_config() {
+        Ok(c) => c,
+        Err(errors) => return usage_errors(&errors),
     };
     // Before any thread exists: this reads and removes the LISTEN_* variables.
     let inherited = match spliced::systemd::listen_fds() {
@@ -67,71 +81,62 @@ fn main() -> ExitCode {
     raise_fd_limit();
     // Idle blocking-pool threads go after a second: a privilege drop waits for the ones that
     // were started with root's credentials (see privdrop).
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_keep_alive(std::time::Duration::from_secs(1))
+        .thread_keep_alive(Duration::from_secs(1))
         .build()
-    {
-        Ok(r) => r,
+        .context("cannot start the runtime");
+    let result = runtime.and_then(|r| r.block_on(run(config, config_path, inherited)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            error!("{e:#}");
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(async move {
-        let mut grace = config.grace_period;
-        // Before anything is bound: a SIGTERM right after the "listening on" line must stop
-        // the daemon gracefully, not kill it.
-        let mut signals = match Signals::new() {
-            Ok(s) => s,
-            Err(e) => {
-                error!("cannot install the signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        let routes = config.routes.len();
-        let user = config.user.clone();
-        let mut daemon = match Daemon::start_with(config, inherited).await {
-            Ok(d) => d,
-            Err(e) => {
-                error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        if let Some(name) = user {
-            if let Err(e) = drop_privileges(&daemon, &name) {
-                error!("cannot switch to user {name:?}: {e}; stopping");
-                daemon.shutdown(std::time::Duration::ZERO).await;
-                return ExitCode::FAILURE;
-            }
+    }
+}
+
+async fn run(config: Config, path: Option<PathBuf>, inherited: Vec<Inherited>) -> Result<()> {
+    let mut grace = config.grace_period;
+    // Before anything is bound: a SIGTERM right after the "listening on" line must stop the
+    // daemon gracefully, not kill it.
+    let mut signals = Signals::new().context("cannot install the signal handlers")?;
+    let routes = config.routes.len();
+    let user = config.user.clone();
+    // The error's text is complete (it names the route and the cause): no context added.
+    let mut daemon = Daemon::start_with(config, inherited)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(name) = user {
+        if let Err(e) = drop_privileges(&daemon, &name) {
+            daemon.shutdown(Duration::ZERO).await;
+            return Err(anyhow!("cannot switch to user {name:?}: {e:#}; stopping"));
         }
-        notify(&format!("READY=1\nSTATUS=forwarding {routes} route(s)"));
-        loop {
-            match signals.next().await {
-                Signal::Stop(name) => {
-                    info!("{name}: stopping");
-                    notify("STOPPING=1");
-                    break;
-                }
-                Signal::Reload => match &config_path {
-                    None => info!("SIGHUP: nothing to reload (no --config file)"),
-                    Some(path) => {
-                        notify(&spliced::systemd::reloading_message());
-                        let status = match reload(&mut daemon, path).await {
-                            Some(g) => {
-                                grace = g;
-                                "configuration reloaded"
-                            }
-                            None => "reload failed; running the previous configuration",
-                        };
-                        notify(&format!("READY=1\nSTATUS={status}"));
+    }
+    notify(&format!("READY=1\nSTATUS=forwarding {routes} route(s)"));
+    loop {
+        match (signals.next().await, &path) {
+            (Signal::Stop(name), _) => {
+                info!("{name}: stopping");
+                notify("STOPPING=1");
+                break;
+            }
+            (Signal::Reload, None) => info!("SIGHUP: nothing to reload (no --config file)"),
+            (Signal::Reload, Some(path)) => {
+                notify(&spliced::systemd::reloading_message());
+                let status = match reload(&mut daemon, path).await {
+                    Some(g) => {
+                        grace = g;
+                        "configuration reloaded"
                     }
-                },
+                    None => "reload failed; running the previous configuration",
+                };
+                notify(&format!("READY=1\nSTATUS={status}"));
             }
         }
-        daemon.shutdown(grace).await;
-        ExitCode::SUCCESS
-    })
+    }
+    daemon.shutdown(grace).await;
+    Ok(())
 }
 
 /// sysexits.h `EX_UNAVAILABLE`: `status` found no daemon to ask.
@@ -170,9 +175,9 @@ fn init_logging() {
 /// SIGHUP: re-reads the configuration file and applies it; an invalid file (or one whose new
 /// listeners cannot be bound) is logged error by error and the running configuration stays.
 /// Returns the new grace period when the reload was applied.
-async fn reload(daemon: &mut Daemon, path: &std::path::Path) -> Option<std::time::Duration> {
+async fn reload(daemon: &mut Daemon, path: &Path) -> Option<Duration> {
     info!("SIGHUP: reloading {}", path.display());
-    let fail = |errors: &[String]| {
+    fn fail(errors: &[impl std::fmt::Display]) {
         for e in errors {
             error!("reload: {e}");
         }
@@ -180,11 +185,11 @@ async fn reload(daemon: &mut Daemon, path: &std::path::Path) -> Option<std::time
             "reload: {} error(s); still running the previous configuration",
             errors.len()
         );
-    };
+    }
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(errors) => {
-            fail(&errors.into_iter().map(|e| e.0).collect::<Vec<_>>());
+            fail(&errors);
             return None;
         }
     };
@@ -205,17 +210,18 @@ async fn reload(daemon: &mut Daemon, path: &std::path::Path) -> Option<std::time
 }
 
 /// Switches to `name` once everything privileged is done (see `spliced::privdrop`).
-fn drop_privileges(daemon: &Daemon, name: &str) -> Result<(), String> {
-    let user = spliced::privdrop::lookup(name)?;
+fn drop_privileges(daemon: &Daemon, name: &str) -> Result<()> {
+    let user = spliced::privdrop::lookup(name).map_err(|e| anyhow!(e))?;
     daemon
         .hand_over_to(user.uid, user.gid)
-        .map_err(|e| format!("cannot hand the control socket over: {e}"))?;
+        .context("cannot hand the control socket over")?;
     let mut keep = spliced::privdrop::KEEP;
     if daemon.has_sockmap() && spliced::privdrop::bpf_needs_cap() {
         // This kernel checks CAP_BPF for every bpf() command (before 6.5).
         keep |= 1 << spliced::privdrop::CAP_BPF;
     }
-    spliced::privdrop::drop_to(&user, keep, &tokio::runtime::Handle::current())?;
+    spliced::privdrop::drop_to(&user, keep, &tokio::runtime::Handle::current())
+        .map_err(|e| anyhow!(e))?;
     info!(
         "running as user {name} (uid {}, gid {}), keeping only {}",
         user.uid,

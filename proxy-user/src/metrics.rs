@@ -4,7 +4,7 @@
 //! Per route: connections accepted, live and failed by reason; bytes each way of closed
 //! connections (the verdict program's counts for sockmap, the userspace paths' own otherwise);
 //! closed connections per data path; the data path new connections use.
-use std::{fmt::Write as _, net::SocketAddr, sync::Arc, time::Duration};
+use std::{fmt::Write as _, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     addr::Endpoint,
+    forward::DataPath,
     registry::{Failure, Registry},
-    server::{DataPath, Shared},
 };
 
 /// A scrape must send its request head within this time, in at most [`MAX_REQUEST`] bytes.
@@ -26,15 +26,15 @@ const MAX_REQUEST: usize = 8192;
 /// Binds `addr` and serves until `stop`. Returns the bound address (port 0 picks one).
 pub(crate) async fn start(
     addr: &Endpoint,
-    shared: Arc<Shared>,
+    registry: Arc<Registry>,
     stop: CancellationToken,
-) -> Result<(SocketAddr, JoinHandle<()>), String> {
-    let resolved = addr.resolve().await.map_err(|e| e.0)?;
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    let resolved = addr.resolve().await.map_err(io::Error::other)?;
     let first = *resolved
         .first()
-        .ok_or("the address resolved to nothing".to_owned())?;
-    let listener = TcpListener::bind(first).await.map_err(|e| e.to_string())?;
-    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+        .ok_or_else(|| io::Error::other("the address resolved to nothing"))?;
+    let listener = TcpListener::bind(first).await?;
+    let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
             let stream = tokio::select! {
@@ -47,16 +47,16 @@ pub(crate) async fn start(
                 },
                 () = stop.cancelled() => return,
             };
-            let shared = shared.clone();
+            let registry = registry.clone();
             tokio::spawn(async move {
-                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &shared)).await;
+                let _ = tokio::time::timeout(REQUEST_TIMEOUT, answer(stream, &registry)).await;
             });
         }
     });
     Ok((bound, task))
 }
 
-async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
+async fn answer(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
     let mut request = Vec::new();
     let mut buf = [0u8; 1024];
     while !request.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -70,7 +70,7 @@ async fn answer(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut parts = line.split(|&b| b == b' ');
     let (method, target) = (parts.next(), parts.next());
     let (status, body) = match (method, target) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(&shared.registry)),
+        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(registry)),
         (Some(b"GET"), _) => ("404 Not Found", "metrics are at /metrics\n".to_owned()),
         _ => ("405 Method Not Allowed", "use GET /metrics\n".to_owned()),
     };

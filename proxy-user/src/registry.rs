@@ -25,7 +25,7 @@ use std::{
 
 use proxy_common::SockStats;
 
-use crate::{server::DataPath, sockmap::Sockmap, sockopt};
+use crate::{ebpf::Sockmap, forward::DataPath, sockopt};
 
 /// Why a connection failed, as the metrics label it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -102,20 +102,15 @@ pub struct RouteCounters {
     pub bytes_down: AtomicU64,
     /// Closed connections per data path: sockmap, splice, copy.
     by_path: [AtomicU64; 3],
-    /// The data path new connections of the route use: its index in `PATHS` plus one; 0 before
+    /// The data path new connections of the route use: its index in `DataPath::ALL` plus one; 0 before
     /// the route started.
     path: AtomicU64,
 }
 
+/// The path's index in [`DataPath::ALL`].
 fn path_index(path: DataPath) -> usize {
-    match path {
-        DataPath::Sockmap => 0,
-        DataPath::Splice => 1,
-        DataPath::Copy => 2,
-    }
+    path as usize
 }
-
-const PATHS: [DataPath; 3] = [DataPath::Sockmap, DataPath::Splice, DataPath::Copy];
 
 impl RouteCounters {
     /// Counts a failure.
@@ -149,7 +144,7 @@ impl RouteCounters {
     /// The data path new connections use.
     pub fn path(&self) -> Option<DataPath> {
         let index = self.path.load(Ordering::Relaxed).checked_sub(1)?;
-        PATHS.get(index as usize).copied()
+        DataPath::ALL.get(index as usize).copied()
     }
 }
 
@@ -284,6 +279,8 @@ pub struct Registry {
     next: AtomicU64,
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
     routes: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
+    /// The verdict program's maps, for sockmap connections' byte counts.
+    sockmap: Option<Arc<Sockmap>>,
 }
 
 /// A live connection's place in the registry; leaving it removes the entry.
@@ -300,6 +297,19 @@ impl Drop for Entry<'_> {
 }
 
 impl Registry {
+    /// An empty registry that reads sockmap connections' counters from `sockmap`.
+    pub fn new(sockmap: Option<Arc<Sockmap>>) -> Registry {
+        Registry {
+            sockmap,
+            ..Registry::default()
+        }
+    }
+
+    /// The loaded verdict program, if any.
+    pub fn sockmap(&self) -> Option<&Sockmap> {
+        self.sockmap.as_deref()
+    }
+
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
         self.conns.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -334,9 +344,9 @@ impl Registry {
     }
 
     /// Every live connection, oldest first. The kernel is asked outside the registry's lock.
-    pub fn samples(&self, sockmap: Option<&Sockmap>) -> Vec<Sample> {
+    pub fn samples(&self) -> Vec<Sample> {
         let conns: Vec<Arc<Conn>> = self.lock_conns().values().cloned().collect();
-        conns.iter().map(|c| c.sample(sockmap)).collect()
+        conns.iter().map(|c| c.sample(self.sockmap())).collect()
     }
 }
 
@@ -360,14 +370,14 @@ mod tests {
         let registry = Registry::default();
         let a = registry.add("r", "127.0.0.1:1".parse().unwrap());
         let b = registry.add("r", "127.0.0.1:2".parse().unwrap());
-        assert_eq!(registry.samples(None).len(), 2);
+        assert_eq!(registry.samples().len(), 2);
         drop(a);
-        let left = registry.samples(None);
+        let left = registry.samples();
         assert_eq!(left.len(), 1);
         assert_eq!(left[0].client.port(), 2);
         assert!(left[0].upstream.is_none() && left[0].path.is_none());
         drop(b);
-        assert!(registry.samples(None).is_empty());
+        assert!(registry.samples().is_empty());
     }
 
     #[test]
@@ -388,7 +398,7 @@ mod tests {
         // The loopback delivery is synchronous, but allow the softirq a moment.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let s = &registry.samples(None)[0];
+            let s = &registry.samples()[0];
             if s.bytes_up == 5 {
                 assert_eq!(s.path, Some(DataPath::Copy));
                 assert!(s.idle <= s.age);

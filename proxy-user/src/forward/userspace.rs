@@ -255,69 +255,47 @@ async fn pump(
     }
 }
 
-/// Which userspace path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Splice,
-    Copy,
+/// Forwards through splice(2) until both directions have ended, one side failed, or `cancel`
+/// fires.
+pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
+    match (Pipe::new(), Pipe::new()) {
+        (Ok(a), Ok(b)) => run(client, upstream, (a, b), cancel).await,
+        (Err(e), _) | (_, Err(e)) => finish(&client, &upstream, 0, 0, End::Ours(e)),
+    }
 }
 
-/// Forwards until both directions have ended, one side failed, or `cancel` fires.
-pub async fn run(
-    kind: Kind,
+/// Forwards through userspace buffers, like [`splice`].
+pub async fn copy(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
+    run(client, upstream, (Buffer::new(), Buffer::new()), cancel).await
+}
+
+async fn run(
     client: TcpStream,
     upstream: TcpStream,
+    (mut up_store, mut down_store): (impl Mover, impl Mover),
     cancel: &CancellationToken,
 ) -> Outcome {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-    let end = match kind {
-        Kind::Copy => {
-            drive(
-                &client,
-                &upstream,
-                Buffer::new(),
-                Buffer::new(),
-                &up,
-                &down,
-                cancel,
-            )
-            .await
-        }
-        Kind::Splice => match (Pipe::new(), Pipe::new()) {
-            (Ok(a), Ok(b)) => drive(&client, &upstream, a, b, &up, &down, cancel).await,
-            (Err(e), _) | (_, Err(e)) => End::Ours(e),
-        },
-    };
-    if !matches!(end, End::Complete) {
-        // Make both peers see a reset rather than a clean end they could mistake for success.
-        let _ = sockopt::set_linger_zero(&client);
-        let _ = sockopt::set_linger_zero(&upstream);
-    }
-    Outcome {
-        up: up.load(Ordering::Relaxed),
-        down: down.load(Ordering::Relaxed),
-        end,
-    }
-}
-
-async fn drive(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    mut up_store: impl Mover,
-    mut down_store: impl Mover,
-    up: &AtomicU64,
-    down: &AtomicU64,
-    cancel: &CancellationToken,
-) -> End {
-    drive_rest(
-        client,
-        upstream,
+    let end = drive_rest(
+        &client,
+        &upstream,
         (&mut up_store, false),
         (&mut down_store, false),
-        (up, down),
+        (&up, &down),
         cancel,
     )
-    .await
+    .await;
+    finish(&client, &upstream, up.into_inner(), down.into_inner(), end)
+}
+
+/// The outcome; a connection that did not complete is reset on both sides, so neither peer
+/// mistakes it for a clean end.
+fn finish(client: &TcpStream, upstream: &TcpStream, up: u64, down: u64, end: End) -> Outcome {
+    if !matches!(end, End::Complete) {
+        let _ = sockopt::set_linger_zero(client);
+        let _ = sockopt::set_linger_zero(upstream);
+    }
+    Outcome { up, down, end }
 }
 
 /// Runs the directions not yet `done` to their ends.
@@ -445,13 +423,11 @@ pub async fn copy_then_promote(
         }
         Err(end) => end,
     };
-    if !matches!(end, End::Complete) {
-        let _ = sockopt::set_linger_zero(&client);
-        let _ = sockopt::set_linger_zero(&upstream);
-    }
-    Started::Done(Outcome {
-        up: up.into_inner(),
-        down: down.into_inner(),
+    Started::Done(finish(
+        &client,
+        &upstream,
+        up.into_inner(),
+        down.into_inner(),
         end,
-    })
+    ))
 }

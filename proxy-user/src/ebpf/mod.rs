@@ -7,11 +7,8 @@
 //! there, 6.1 and later pass), and refuses kernels with known unfixed sockmap bugs by version
 //! ([`KernelVersion::known_bug`]): those show only under load or at a FIN, not in a probe.
 use std::{
-    io::{Read, Write},
-    net::{Shutdown, TcpListener, TcpStream},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::RawFd,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use aya::{
@@ -24,7 +21,14 @@ use proxy_common::{
     VERDICT_PROG,
 };
 
-use crate::{sockopt, watch::Watcher};
+use crate::sockopt;
+
+mod kernel;
+mod probe;
+mod watch;
+
+pub use kernel::KernelVersion;
+pub use watch::{Watch, Watcher};
 
 /// Why the sockmap data path cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -236,194 +240,6 @@ impl Sockmap {
     pub fn watcher(&self) -> &Watcher {
         &self.watcher
     }
-
-    /// Proves the data path works on this kernel, end to end: two loopback TCP connections are
-    /// spliced, a byte written *before* the insert must arrive (the early-bytes flush of trap 3
-    /// depends on a 2023 kernel fix), a byte each way after it, and a byte past the limit must
-    /// be held on its source socket and readable there (backpressure, trap 8).
-    pub fn probe(&self) -> Result<(), Unavailable> {
-        let err =
-            |what: &str, e: std::io::Error| Unavailable(format!("sockmap probe: {what}: {e}"));
-        let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| err("bind", e))?;
-        let addr = listener.local_addr().map_err(|e| err("local_addr", e))?;
-        let mut a = TcpStream::connect(addr).map_err(|e| err("connect", e))?;
-        let (b, _) = listener.accept().map_err(|e| err("accept", e))?;
-        let c = TcpStream::connect(addr).map_err(|e| err("connect", e))?;
-        let (mut d, _) = listener.accept().map_err(|e| err("accept", e))?;
-        for s in [&a, &d] {
-            s.set_read_timeout(Some(Duration::from_secs(2)))
-                .map_err(|e| err("timeout", e))?;
-        }
-        a.write_all(b"e").map_err(|e| err("write", e))?;
-        let pair = Pair {
-            client: b.as_raw_fd(),
-            client_cookie: sockopt::cookie(&b).map_err(|e| err("SO_COOKIE", e))?,
-            upstream: c.as_raw_fd(),
-            upstream_cookie: sockopt::cookie(&c).map_err(|e| err("SO_COOKIE", e))?,
-        };
-        // Give the early byte time to land in b's receive queue before the insert.
-        std::thread::sleep(Duration::from_millis(20));
-        let activation = self
-            .insert(&pair, None)
-            .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
-        let result = (|| {
-            if activation != Activation::Both {
-                return Err(Unavailable(
-                    "sockmap probe: a fresh loopback connection could not be activated".into(),
-                ));
-            }
-            for fd in [pair.client, pair.upstream] {
-                flush_early_bytes(fd).map_err(|e| {
-                    Unavailable(format!(
-                        "sockmap probe: this kernel does not hand bytes queued before the insert \
-                         to the verdict program (recv on a sockmap socket returned them: {e}); \
-                         spliced needs that to flush them (trap 3), which came with the 2023 \
-                         tcp_bpf fixes (\"TCP data stall on recv before accept\"), not in 5.10"
-                    ))
-                })?;
-            }
-            let mut got = [0u8; 2];
-            d.read_exact(&mut got[..1])
-                .map_err(|e| err("a byte sent before the insert did not arrive", e))?;
-            a.write_all(b"x").map_err(|e| err("write", e))?;
-            d.read_exact(&mut got[1..])
-                .map_err(|e| err("no redirect client->upstream", e))?;
-            if &got != b"ex" {
-                return Err(Unavailable(format!(
-                    "sockmap probe: got {got:?}, sent \"ex\""
-                )));
-            }
-            d.write_all(b"y").map_err(|e| err("write", e))?;
-            a.read_exact(&mut got[..1])
-                .map_err(|e| err("no redirect upstream->client", e))?;
-            if got[0] != b'y' {
-                return Err(Unavailable(
-                    "sockmap probe: wrong byte upstream->client".into(),
-                ));
-            }
-            // Backpressure: past its limit the verdict holds bytes on the source socket, where
-            // `recv` must find them (the userspace half of trap 8's handling).
-            let redirected = self.stats(pair.client_cookie).bytes;
-            let hold = SockLimit {
-                limit: redirected,
-                report_at: redirected,
-                generation: 2,
-                consumed: 0,
-            };
-            self.set_limit(pair.client_cookie, hold)
-                .map_err(|e| Unavailable(format!("sockmap probe: set limit: {e}")))?;
-            a.write_all(b"h").map_err(|e| err("write", e))?;
-            let mut held = [0u8; 1];
-            let mut found = false;
-            for _ in 0..200 {
-                match sockopt::recv_nonblocking(pair.client, &mut held) {
-                    Ok(Some(1)) => {
-                        found = true;
-                        break;
-                    }
-                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-                    Err(e) => return Err(err("recv of a held byte", e)),
-                }
-            }
-            let stats = self.stats(pair.client_cookie);
-            if !found || held[0] != b'h' || stats.passed != 1 || stats.held != 1 {
-                return Err(Unavailable(format!(
-                    "sockmap probe: a byte held past the limit was not readable on the source \
-                     (found {found}, passed {}, held {})",
-                    stats.passed, stats.held
-                )));
-            }
-            Ok(())
-        })();
-        self.remove(&pair);
-        let _ = a.shutdown(Shutdown::Both);
-        result
-    }
-}
-
-/// A kernel's version, for the bugs a probe cannot see (they show under load or at a FIN).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct KernelVersion(pub u32, pub u32, pub u32);
-
-impl std::fmt::Display for KernelVersion {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}.{}", self.0, self.1, self.2)
-    }
-}
-
-/// Kernel series with sockmap bugs that corrupt or stall a spliced connection, and the first
-/// stable release of each with the fix (None: the series ended without it). The 6.0 switch of
-/// the verdict path to `tcp_read_skb` lost FINs, mis-tracked `copied_seq` and missed wake-ups
-/// (sockmap.md, point 10); John Fastabend's series "bpf, sockmap: Fix bugs in sockmap
-/// tcp_read_skb" fixed it in 6.4 and was backported to 6.1.31 and 6.3.5.
-const TCP_READ_SKB_BUGS: &[(u32, u32, Option<u32>)] = &[
-    (6, 0, None),
-    (6, 1, Some(31)),
-    (6, 2, None),
-    (6, 3, Some(5)),
-];
-
-impl KernelVersion {
-    /// The running kernel's version, from uname(2).
-    pub fn running() -> Option<KernelVersion> {
-        // SAFETY: utsname is plain data (arrays of c_char); all zeroes is a valid value.
-        let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid, writable utsname.
-        if unsafe { libc::uname(&mut uts) } != 0 {
-            return None;
-        }
-        let field = |f: &[libc::c_char]| {
-            // SAFETY: uname NUL-terminates each field within its array.
-            unsafe { std::ffi::CStr::from_ptr(f.as_ptr()) }
-                .to_string_lossy()
-                .into_owned()
-        };
-        Self::parse(&field(&uts.release), &field(&uts.version))
-    }
-
-    /// From `uname -r` (`6.1.31`, `6.12.117+deb12-cloud-amd64`) and `uname -v`. Debian's
-    /// releases keep the patch level at 0 (`6.1.0-56-cloud-amd64`); the real one is in the
-    /// version string (`#1 SMP PREEMPT_DYNAMIC Debian 6.1.158-1 (2025-11-09)`).
-    pub fn parse(release: &str, version: &str) -> Option<KernelVersion> {
-        let numbers = |s: &str| -> Option<KernelVersion> {
-            let mut it = s
-                .split(|c: char| !c.is_ascii_digit())
-                .map(|p| p.parse::<u32>().ok());
-            let (major, minor) = (it.next()??, it.next()??);
-            let patch = it.next().flatten().unwrap_or(0);
-            Some(KernelVersion(major, minor, patch))
-        };
-        let mut v = numbers(release)?;
-        if v.2 == 0 {
-            let debian = version
-                .split_once("Debian ")
-                .and_then(|(_, rest)| numbers(rest.split_whitespace().next()?));
-            if let Some(d) = debian.filter(|d| (d.0, d.1) == (v.0, v.1)) {
-                v.2 = d.2;
-            }
-        }
-        Some(v)
-    }
-
-    /// The known sockmap bug this kernel has, if any. A patch level unknown to us (a distribution
-    /// kernel that reports x.y.0) counts as unfixed: splice is slower, never wrong.
-    pub fn known_bug(self) -> Option<String> {
-        let KernelVersion(major, minor, patch) = self;
-        let (_, _, fixed) = TCP_READ_SKB_BUGS
-            .iter()
-            .find(|(ma, mi, _)| (*ma, *mi) == (major, minor))?;
-        match fixed {
-            Some(first) if patch >= *first => None,
-            Some(first) => Some(format!(
-                "the verdict path's tcp_read_skb loses FINs and mis-counts copied bytes \
-                 (fixed in {major}.{minor}.{first}; 6.4 and later are not affected)"
-            )),
-            None => Some(format!(
-                "the verdict path's tcp_read_skb loses FINs and mis-counts copied bytes \
-                 ({major}.{minor} never got the fix; 6.1.31, 6.3.5 and 6.4 or later have it)"
-            )),
-        }
-    }
 }
 
 /// Trap 3: bytes that reached a socket before it was activated stay in its receive queue until
@@ -539,67 +355,4 @@ fn spawn_log_reader(
             guard.clear_ready();
         }
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::KernelVersion as V;
-
-    #[test]
-    fn kernel_versions() {
-        assert_eq!(V::parse("6.18.0", "#1 SMP"), Some(V(6, 18, 0)));
-        assert_eq!(V::parse("6.1.31-generic", ""), Some(V(6, 1, 31)));
-        assert_eq!(
-            V::parse("6.12.117+deb12-cloud-amd64", "#1 SMP Debian 6.12.117-1"),
-            Some(V(6, 12, 117))
-        );
-        assert_eq!(
-            V::parse(
-                "6.1.0-56-cloud-amd64",
-                "#1 SMP PREEMPT_DYNAMIC Debian 6.1.158-1 (2025-11-09)"
-            ),
-            Some(V(6, 1, 158))
-        );
-        assert_eq!(
-            V::parse(
-                "5.10.0-46-cloud-amd64",
-                "#1 SMP Debian 5.10.262-1 (2026-07-31)"
-            ),
-            Some(V(5, 10, 262))
-        );
-        // A Debian string for another series is not ours.
-        assert_eq!(
-            V::parse("6.1.0-5-amd64", "#1 SMP Debian 6.0.12-1"),
-            Some(V(6, 1, 0))
-        );
-        assert_eq!(V::parse("7.2", ""), Some(V(7, 2, 0)));
-        assert_eq!(V::parse("linux", ""), None);
-    }
-
-    #[test]
-    fn tcp_read_skb_bugs_by_version() {
-        for bad in [
-            V(6, 0, 19),
-            V(6, 1, 0),
-            V(6, 1, 30),
-            V(6, 2, 16),
-            V(6, 3, 4),
-        ] {
-            let why = bad.known_bug().unwrap_or_else(|| panic!("{bad} passed"));
-            assert!(why.contains("tcp_read_skb"), "{why}");
-        }
-        for good in [
-            V(5, 10, 0),
-            V(5, 15, 100),
-            V(6, 1, 31),
-            V(6, 1, 158),
-            V(6, 3, 5),
-            V(6, 4, 0),
-            V(6, 12, 117),
-            V(6, 18, 0),
-            V(7, 2, 13),
-        ] {
-            assert_eq!(good.known_bug(), None, "{good}");
-        }
-    }
 }

@@ -18,7 +18,7 @@ use tokio::{io::AsyncWriteExt, net::UnixListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::{registry::Sample, server::Shared};
+use crate::registry::{Registry, Sample};
 
 /// How long a status client may take to read the reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,7 +38,7 @@ pub(crate) struct ControlSocket {
 /// a control socket, with a warning). Never fatal: status is a convenience, forwarding is not.
 pub(crate) fn start(
     path: &Path,
-    shared: Arc<Shared>,
+    registry: Arc<Registry>,
     stop: CancellationToken,
 ) -> Option<ControlSocket> {
     match bind(path) {
@@ -46,7 +46,7 @@ pub(crate) fn start(
             let id = std::fs::metadata(path)
                 .map(|m| (m.dev(), m.ino()))
                 .unwrap_or_default();
-            let task = tokio::spawn(serve(listener, shared, stop));
+            let task = tokio::spawn(serve(listener, registry, stop));
             Some(ControlSocket {
                 path: path.to_owned(),
                 id,
@@ -123,7 +123,7 @@ fn bind(path: &Path) -> io::Result<(UnixListener, Option<PathBuf>)> {
     Ok((listener, created_dir))
 }
 
-async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationToken) {
+async fn serve(listener: UnixListener, registry: Arc<Registry>, stop: CancellationToken) {
     // SAFETY: geteuid cannot fail.
     let own_uid = unsafe { libc::geteuid() };
     loop {
@@ -142,7 +142,7 @@ async fn serve(listener: UnixListener, shared: Arc<Shared>, stop: CancellationTo
             .peer_cred()
             .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let reply = if allowed {
-            render(&shared.registry.samples(shared.sockmap.as_ref()))
+            render(&registry.samples())
         } else {
             "error: only root may ask spliced for its status\n".to_owned()
         };
@@ -233,7 +233,7 @@ pub fn query(path: &Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::DataPath;
+    use crate::forward::DataPath;
 
     #[test]
     fn table_is_aligned() {

@@ -1,0 +1,351 @@
+//! The daemon: loads the data path, binds the routes' listeners, accepts, reloads, and stops
+//! with a grace period.
+//!
+//! - [`state`]: what the accept loops and connection tasks share;
+//! - [`listen`]: listeners (bound, or handed over by systemd) and the accept loop;
+//! - [`connection`]: one connection, from the dial to its log line;
+//! - [`reload`]: SIGHUP, as a pure plan and the step that applies it.
+use std::{
+    collections::HashSet,
+    io,
+    net::SocketAddr,
+    sync::{atomic::AtomicU64, Arc},
+    time::Duration,
+};
+
+use tokio::{sync::watch, task::JoinHandle};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Mode, Route},
+    ebpf::{Sockmap, Unavailable},
+    forward::{Budget, DataPath, Plan, Pool},
+    metrics,
+    registry::Registry,
+    status::{self, ControlSocket},
+    systemd::Inherited,
+};
+
+mod connection;
+mod listen;
+mod reload;
+mod state;
+
+pub use listen::ListenError;
+pub use reload::ReloadSummary;
+use state::{RouteState, Shared, Slot};
+
+/// Why the daemon could not start, or a reload could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A route asks for sockmap and the kernel cannot run it.
+    #[error(
+        "route {route}: mode sockmap cannot work here: {source}; use mode auto, splice or copy"
+    )]
+    Sockmap {
+        route: String,
+        #[source]
+        source: Unavailable,
+    },
+    /// A reload adds a sockmap route to a daemon that did not load the program at start.
+    #[error(
+        "route {route}: mode sockmap needs the eBPF program, which this daemon did not load (no \
+         route used it at start, or the kernel refused it); restart spliced, or use mode auto, \
+         splice or copy"
+    )]
+    NotLoaded { route: String },
+    /// A route's listen address could not be bound.
+    #[error("route {route}: cannot listen on {listen}: {source}")]
+    Listen {
+        route: String,
+        listen: String,
+        #[source]
+        source: ListenError,
+    },
+    /// The socket systemd passed for a route is unusable.
+    #[error("route {route}: the socket systemd passed as {name:?}: {source}")]
+    Inherited {
+        route: String,
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The metrics endpoint could not be bound.
+    #[error("metrics: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A running spliced.
+pub struct Daemon {
+    slots: Vec<Slot>,
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    connections: TaskTracker,
+    control: Option<ControlSocket>,
+    metrics: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Stops the control socket and the metrics endpoint, once the connections are gone.
+    stop_service: CancellationToken,
+    /// The configuration running now.
+    config: Config,
+    /// Listening sockets systemd handed over, by name: a route of that name takes a duplicate
+    /// instead of binding (so a route removed and added again by reloads gets it back).
+    inherited: Vec<Inherited>,
+}
+
+impl Daemon {
+    /// Loads and probes the eBPF data path if a route may use it, binds every route's listener
+    /// and starts accepting. Must be called inside a tokio runtime.
+    pub async fn start(config: Config) -> Result<Daemon, StartError> {
+        Daemon::start_with(config, Vec::new()).await
+    }
+
+    /// [`Daemon::start`] with listening sockets handed over by systemd (socket activation): the
+    /// route named like a socket accepts on it instead of binding its `listen` address.
+    pub async fn start_with(
+        config: Config,
+        inherited: Vec<Inherited>,
+    ) -> Result<Daemon, StartError> {
+        let inherited = match_inherited(inherited, &config.routes);
+        let sockmap = data_path(&config).await?.map(Arc::new);
+        let shared = Arc::new(Shared {
+            registry: Arc::new(Registry::new(sockmap.clone())),
+            sockmap,
+            send_buffer: config.send_buffer,
+            max_connections: AtomicU64::new(config.max_connections as u64),
+            live: AtomicU64::new(0),
+            close_all: CancellationToken::new(),
+        });
+        let mut daemon = Daemon {
+            slots: Vec::new(),
+            pool: Arc::new(Pool::new(config.max_buffered_total)),
+            shared,
+            connections: TaskTracker::new(),
+            control: None,
+            metrics: None,
+            stop_service: CancellationToken::new(),
+            config: Config::new(Vec::new()),
+            inherited,
+        };
+        let mut listeners = Vec::new();
+        for route in &config.routes {
+            daemon.plan_for(route)?;
+            listeners.push(listen::listener(route, &daemon.inherited).await?);
+        }
+        daemon.start_services(&config).await?;
+        for (route, listener) in config.routes.iter().zip(listeners) {
+            let slot = daemon.open(route.clone(), listener);
+            daemon.slots.push(slot);
+        }
+        daemon.config = config;
+        Ok(daemon)
+    }
+
+    /// The metrics endpoint and the control socket.
+    async fn start_services(&mut self, config: &Config) -> Result<(), StartError> {
+        let registry = &self.shared.registry;
+        if let Some(addr) = &config.metrics {
+            let (addr, task) = metrics::start(addr, registry.clone(), self.stop_service.clone())
+                .await
+                .map_err(|source| StartError::Metrics {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+            info!("metrics: Prometheus text on http://{addr}/metrics");
+            self.metrics = Some((addr, task));
+        }
+        let path = &config.control_socket;
+        self.control = status::start(path, registry.clone(), self.stop_service.clone());
+        if self.control.is_some() {
+            info!(
+                "control socket {}: `spliced status` answers here",
+                path.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// How a route's connections are carried: what its mode asks for, `auto` resolved by
+    /// whether the eBPF program is loaded.
+    fn plan_for(&self, route: &Route) -> Result<Plan, StartError> {
+        let have_sockmap = self.shared.sockmap.is_some();
+        Ok(match route.mode {
+            Mode::Auto if have_sockmap => Plan::CopyThenSockmap,
+            Mode::Auto => Plan::Splice,
+            Mode::Sockmap if have_sockmap => Plan::Sockmap,
+            Mode::Sockmap => {
+                return Err(StartError::NotLoaded {
+                    route: route.name.clone(),
+                })
+            }
+            Mode::Splice => Plan::Splice,
+            Mode::Copy => Plan::Copy,
+        })
+    }
+
+    /// The state of a route whose [`Daemon::plan_for`] was checked (a sockmap route without
+    /// the program would get splice).
+    fn state(&self, route: Route) -> Arc<RouteState> {
+        let plan = self.plan_for(&route).unwrap_or(Plan::Splice);
+        let counters = self.shared.registry.route(&route.name);
+        counters.set_path(plan.path());
+        Arc::new(RouteState {
+            budget: Budget {
+                per_direction: route.max_buffered,
+                pool: self.pool.clone(),
+            },
+            route,
+            plan,
+            counters,
+        })
+    }
+
+    /// Starts accepting on `listener` for `route`.
+    fn open(&self, route: Route, (listener, local_addr): listen::Bound) -> Slot {
+        let state = self.state(route);
+        info!(
+            "route {}: listening on {local_addr}, upstream {}, data path {}",
+            state.route.name,
+            state.route.upstream,
+            state.plan.path()
+        );
+        let (tx, rx) = watch::channel(state);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(listen::accept_loop(
+            listener,
+            rx,
+            self.shared.clone(),
+            self.connections.clone(),
+            stop.clone(),
+        ));
+        Slot {
+            local_addr,
+            route: tx,
+            stop,
+            task,
+        }
+    }
+
+    /// Prepares for running as `uid`/`gid` (see [`crate::privdrop`]): the control socket
+    /// becomes theirs, so the daemon can still remove it at exit.
+    pub fn hand_over_to(&self, uid: u32, gid: u32) -> io::Result<()> {
+        match &self.control {
+            Some(c) => c.chown(uid, gid),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the eBPF program is loaded (some route may use sockmap).
+    pub fn has_sockmap(&self) -> bool {
+        self.shared.sockmap.is_some()
+    }
+
+    /// The address the metrics endpoint listens on, if it is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(a, _)| *a)
+    }
+
+    /// The bound address of route `name` (useful with port 0).
+    pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
+        self.slot(route).map(|s| s.local_addr)
+    }
+
+    /// The data path route `name` uses for new connections (what `auto` chose).
+    pub fn data_path(&self, route: &str) -> Option<DataPath> {
+        self.slot(route).map(|s| s.state().plan.path())
+    }
+
+    fn slot(&self, name: &str) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.state().route.name == name)
+    }
+
+    /// Stops accepting, lets live connections run for `grace`, then resets the ones left.
+    /// The eBPF program and maps are released when the last connection is gone.
+    pub async fn shutdown(self, grace: Duration) {
+        for slot in self.slots {
+            slot.close().await;
+        }
+        self.connections.close();
+        let live = self.connections.len();
+        if live > 0 {
+            info!("stopped accepting; waiting up to {grace:?} for {live} live connection(s)");
+        }
+        if tokio::time::timeout(grace, self.connections.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                "grace period of {grace:?} over: resetting {} connection(s)",
+                self.connections.len()
+            );
+            self.shared.close_all.cancel();
+            self.connections.wait().await;
+        }
+        self.stop_service.cancel();
+        if let Some((_, task)) = self.metrics {
+            let _ = task.await;
+        }
+        if let Some(control) = self.control {
+            control.stop().await;
+        }
+        info!("stopped");
+    }
+}
+
+/// Keeps the first socket of each name systemd passed, warning about duplicates and about names
+/// no route has (kept for a reload that adds such a route).
+fn match_inherited(mut inherited: Vec<Inherited>, routes: &[Route]) -> Vec<Inherited> {
+    let mut seen = HashSet::new();
+    inherited.retain(|i| {
+        let first = seen.insert(i.name.clone());
+        if !first {
+            warn!(
+                "socket activation: a second socket is named {:?}; only the first is used",
+                i.name
+            );
+        }
+        first
+    });
+    for i in &inherited {
+        if !routes.iter().any(|r| r.name == i.name) {
+            warn!(
+                "socket activation: socket {:?} ({}) matches no route name; kept for a reload \
+                 that adds a route of that name",
+                i.name,
+                i.listener
+                    .local_addr()
+                    .map_or("?".to_owned(), |a| a.to_string())
+            );
+        }
+    }
+    inherited
+}
+
+/// Loads and probes the verdict program when a route may use it. `None`: no route may, or it
+/// failed and every such route is `auto` (which then uses splice).
+async fn data_path(config: &Config) -> Result<Option<Sockmap>, StartError> {
+    let wants = |r: &&Route| matches!(r.mode, Mode::Auto | Mode::Sockmap);
+    if !config.routes.iter().any(|r| wants(&r)) {
+        return Ok(None);
+    }
+    match Sockmap::load_and_probe().await {
+        Ok(s) => {
+            info!("data path sockmap: verdict program loaded, probe passed (load, attach, insert, early-bytes flush, a byte each way, a held byte read back)");
+            Ok(Some(s))
+        }
+        Err(why) => {
+            if let Some(r) = config.routes.iter().find(|r| r.mode == Mode::Sockmap) {
+                return Err(StartError::Sockmap {
+                    route: r.name.clone(),
+                    source: why,
+                });
+            }
+            warn!("sockmap unavailable, auto routes use splice(2): {why}");
+            Ok(None)
+        }
+    }
+}
