@@ -131,8 +131,9 @@ impl Cli {
                 ..
             }) => return Config::load(&config),
             Some(Command::Status { .. }) => {
-                return Err(vec![ConfigError(
-                    "status takes no configuration; give --config FILE".into(),
+                return Err(vec![ConfigError::option(
+                    "",
+                    "status takes no configuration; give --config FILE",
                 )])
             }
             None => {}
@@ -141,8 +142,9 @@ impl Cli {
             return Config::load(&path);
         }
         let (Some(listen), Some(upstream)) = (self.listen, self.upstream) else {
-            return Err(vec![ConfigError(
-                "nothing to run; give --listen ADDR --upstream ADDR, or --config FILE".into(),
+            return Err(vec![ConfigError::option(
+                "",
+                "nothing to run; give --listen ADDR --upstream ADDR, or --config FILE",
             )]);
         };
         let listen = endpoint("--listen", Endpoint::parse_listen(&listen));
@@ -163,8 +165,8 @@ impl Cli {
 
 /// Checks a parsed address (and that its zone interface exists), naming the option in errors.
 fn endpoint(option: &str, parsed: Result<Endpoint, AddrError>) -> Result<Endpoint, ConfigError> {
-    let e = parsed.map_err(|e| ConfigError(format!("{option}: {}", e.0)))?;
-    check_zone(&e).map_err(|msg| ConfigError(format!("{option}: {msg}")))?;
+    let e = parsed.map_err(|e| ConfigError::option(option, e.to_string()))?;
+    check_zone(&e).map_err(|p| ConfigError::option(option, p.0))?;
     Ok(e)
 }
 
@@ -188,7 +190,7 @@ mod tests {
             .into_config()
             .expect_err("should be refused")
             .into_iter()
-            .map(|e| e.0)
+            .map(|e| e.to_string())
             .collect()
     }
 
@@ -397,7 +399,7 @@ mod tests {
             .into_config()
             .unwrap_err()
             .into_iter()
-            .map(|e| e.0)
+            .map(|e| e.to_string())
             .collect();
         assert_eq!(
             errs,

@@ -1,0 +1,327 @@
+//! The checks: every key of the file, every route, and what routes must not share.
+use toml_edit::{Item, TableLike, Value};
+
+use super::{
+    document::{entries, kind, Entry, Errors, Span},
+    value::{self, format_size, unknown_key, Problem},
+    Config, Mode, Route, DEFAULT_MAX_BUFFERED,
+};
+use crate::addr::{Endpoint, Host};
+
+pub(super) const TOP_KEYS: [&str; 10] = [
+    "mode",
+    "grace_period",
+    "send_buffer",
+    "max_connections",
+    "max_buffered",
+    "max_buffered_total",
+    "control_socket",
+    "metrics",
+    "user",
+    "route",
+];
+const ROUTE_KEYS: [&str; 9] = [
+    "name",
+    "listen",
+    "upstream",
+    "mode",
+    "interface",
+    "connect_timeout",
+    "max_buffered",
+    "max_connections",
+    "idle_timeout",
+];
+
+const NO_ROUTES: &str =
+    "no routes; add at least one [[route]] table with name, listen and upstream";
+
+/// The top-level defaults routes inherit.
+#[derive(Clone, Copy)]
+struct Defaults {
+    mode: Mode,
+    max_buffered: u64,
+}
+
+/// Checks every key, recording each problem in `errors`; the result is only valid if none were
+/// recorded.
+pub(super) fn check(root: &dyn TableLike, errors: &mut Errors) -> Config {
+    let mut config = Config::new(Vec::new());
+    let mut defaults = Defaults {
+        mode: Mode::Auto,
+        max_buffered: DEFAULT_MAX_BUFFERED,
+    };
+    let top = entries(root);
+    let mut total_span = None;
+    for entry in top.iter().filter(|e| e.key != "route") {
+        let result = top_key(entry, &mut config, &mut defaults);
+        if entry.key == "max_buffered_total" && result.is_ok() {
+            total_span = Some(entry.value_span());
+        }
+        report(errors, entry, &TOP_KEYS, entry.key, result);
+    }
+    match top.iter().find(|e| e.key == "route") {
+        None => errors.add(Some(0), "route", NO_ROUTES),
+        Some(routes) => check_routes(routes, defaults, &mut config, errors),
+    }
+    check_total(&config, &top, total_span, errors);
+    config
+}
+
+/// Records a key's problem: at its value when the key is a known one, else at the key.
+fn report(errors: &mut Errors, entry: &Entry, known: &[&str], key: &str, r: Result<(), Problem>) {
+    if let Err(Problem(message)) = r {
+        let span = if known.contains(&entry.key) {
+            entry.value_span()
+        } else {
+            entry.key_span.clone()
+        };
+        errors.at(&span, key, message);
+    }
+}
+
+/// One top-level key other than `route`.
+fn top_key(entry: &Entry, config: &mut Config, defaults: &mut Defaults) -> Result<(), Problem> {
+    let item = entry.item;
+    match entry.key {
+        "mode" => defaults.mode = value::mode(item)?,
+        "grace_period" => config.grace_period = value::duration(item)?,
+        "send_buffer" => config.send_buffer = value::send_buffer(item)?,
+        "max_connections" => config.max_connections = value::max_connections(item)?,
+        "max_buffered" => defaults.max_buffered = value::max_buffered(item)?,
+        "max_buffered_total" => config.max_buffered_total = value::max_buffered_total(item)?,
+        "control_socket" => config.control_socket = value::control_socket(item)?,
+        "metrics" => config.metrics = Some(value::metrics(item)?),
+        "user" => config.user = Some(value::user(item)?),
+        key => return Err(unknown_key(key, &TOP_KEYS, "top-level")),
+    }
+    Ok(())
+}
+
+/// The `route` key: `[[route]]` tables, or an array of inline tables.
+fn check_routes(routes: &Entry, defaults: Defaults, config: &mut Config, errors: &mut Errors) {
+    let span = routes.value_span();
+    let tables: Vec<(Result<&dyn TableLike, &'static str>, Span)> = match routes.item {
+        Item::ArrayOfTables(list) => list
+            .iter()
+            .map(|t| (Ok(t as &dyn TableLike), t.span().unwrap_or(span.clone())))
+            .collect(),
+        Item::Value(Value::Array(list)) => list
+            .iter()
+            .map(|v| {
+                let table = match v {
+                    Value::InlineTable(t) => Ok(t as &dyn TableLike),
+                    other => Err(kind(&Item::Value(other.clone()))),
+                };
+                (table, v.span().unwrap_or(span.clone()))
+            })
+            .collect(),
+        Item::Table(_) | Item::Value(Value::InlineTable(_)) => {
+            let message =
+                "[route] is a single table; write [[route]] (two brackets) before each route";
+            return errors.at(&span, "route", message);
+        }
+        other => {
+            let message = format!(
+                "expected [[route]] tables, found {}; write each route as a [[route]] table \
+                 with name, listen and upstream",
+                kind(other)
+            );
+            return errors.at(&span, "route", message);
+        }
+    };
+    if tables.is_empty() {
+        return errors.at(&span, "route", NO_ROUTES);
+    }
+    let mut seen: Vec<Checked> = Vec::new();
+    for (i, (table, table_span)) in tables.into_iter().enumerate() {
+        let mut checked = match table {
+            Ok(table) => check_route(i, table, &table_span, defaults, errors),
+            Err(kind) => {
+                let message = format!(
+                    "expected a table, found {kind}; write each route as a [[route]] table"
+                );
+                errors.at(&table_span, &format!("route[{i}]"), message);
+                continue;
+            }
+        };
+        check_unique(&checked, &seen, errors);
+        config.routes.extend(checked.route.take());
+        seen.push(checked);
+    }
+}
+
+/// `max_buffered_total` must hold at least one connection of every route.
+fn check_total(config: &Config, top: &[Entry], total_span: Option<Span>, errors: &mut Errors) {
+    let Some(largest) = config.routes.iter().map(|r| r.max_buffered).max() else {
+        return;
+    };
+    if largest <= config.max_buffered_total {
+        return;
+    }
+    let message = format!(
+        "{} is less than the largest max_buffered ({}); raise max_buffered_total to at least {} \
+         or lower max_buffered",
+        format_size(config.max_buffered_total),
+        format_size(largest),
+        format_size(largest)
+    );
+    match total_span {
+        Some(span) => errors.at(&span, "max_buffered_total", message),
+        // The default total: point at the max_buffered that is too large.
+        None => match top.iter().find(|e| e.key == "max_buffered") {
+            Some(e) => errors.at(&e.value_span(), "max_buffered", message),
+            None => errors.add(Some(0), "max_buffered_total", message),
+        },
+    }
+}
+
+/// What was understood of one `[[route]]`: the name and listen address on their own, so that
+/// uniqueness is checked even when another key of the route is wrong.
+struct Checked {
+    index: usize,
+    name: Option<(String, Span)>,
+    listen: Option<(Endpoint, Span)>,
+    /// The whole route, if every key was valid.
+    route: Option<Route>,
+}
+
+fn check_route(
+    index: usize,
+    table: &dyn TableLike,
+    table_span: &Span,
+    defaults: Defaults,
+    errors: &mut Errors,
+) -> Checked {
+    let mut checked = Checked {
+        index,
+        name: None,
+        listen: None,
+        route: None,
+    };
+    let key_of = |field: &str| format!("route[{index}].{field}");
+    // Name, listen and upstream are set below or the route is not kept.
+    let unset = Endpoint {
+        host: Host::Ip(std::net::Ipv4Addr::UNSPECIFIED.into()),
+        zone: None,
+        port: 0,
+    };
+    let mut route = Route::new("", unset.clone(), unset);
+    route.mode = defaults.mode;
+    route.max_buffered = defaults.max_buffered;
+    let mut ok = true;
+    for entry in entries(table) {
+        let result = route_key(&entry, &mut route, &mut checked);
+        ok &= result.is_ok();
+        report(errors, &entry, &ROUTE_KEYS, &key_of(entry.key), result);
+    }
+    for (field, example) in [
+        ("name", "name = \"web\""),
+        ("listen", "listen = \"127.0.0.1:8080\""),
+        ("upstream", "upstream = \"10.0.0.2:80\""),
+    ] {
+        if !table.contains_key(field) {
+            ok = false;
+            errors.at(
+                table_span,
+                &key_of(field),
+                format!("missing (required); add e.g. {example} to this [[route]]"),
+            );
+        }
+    }
+    if let (true, Some((name, _)), Some((listen, _))) = (ok, &checked.name, &checked.listen) {
+        route.name = name.clone();
+        route.listen = listen.clone();
+        checked.route = Some(route);
+    }
+    checked
+}
+
+/// One key of a `[[route]]` table.
+fn route_key(entry: &Entry, route: &mut Route, checked: &mut Checked) -> Result<(), Problem> {
+    let item = entry.item;
+    let span = entry.value_span();
+    match entry.key {
+        "name" => checked.name = Some((value::route_name(item)?, span)),
+        "listen" => checked.listen = Some((value::listen(item)?, span)),
+        "upstream" => route.upstream = value::upstream(item)?,
+        "mode" => route.mode = value::mode(item)?,
+        "interface" => route.interface = Some(value::interface(item)?),
+        "connect_timeout" => route.connect_timeout = value::connect_timeout(item)?,
+        "max_buffered" => route.max_buffered = value::max_buffered(item)?,
+        "max_connections" => route.max_connections = Some(value::max_connections(item)?),
+        "idle_timeout" => route.idle_timeout = Some(value::idle_timeout(item)?),
+        key => return Err(unknown_key(key, &ROUTE_KEYS, "[[route]]")),
+    }
+    Ok(())
+}
+
+/// Reports a route whose name or listen address an earlier route already has.
+fn check_unique(route: &Checked, earlier: &[Checked], errors: &mut Errors) {
+    let i = route.index;
+    if let Some((name, span)) = &route.name {
+        let same = earlier
+            .iter()
+            .find(|e| e.name.as_ref().is_some_and(|(n, _)| n == name));
+        if let Some(e) = same {
+            errors.at(
+                span,
+                &format!("route[{i}].name"),
+                format!(
+                    "{name:?} is already the name of route[{}]; route names must be unique",
+                    e.index
+                ),
+            );
+        }
+    }
+    let Some((listen, span)) = &route.listen else {
+        return;
+    };
+    for e in earlier {
+        let Some((other, _)) = &e.listen else {
+            continue;
+        };
+        let Some(how) = listen_conflict(listen, other) else {
+            continue;
+        };
+        let owner = match &e.name {
+            Some((n, _)) => format!("route[{}] ({n:?})", e.index),
+            None => format!("route[{}]", e.index),
+        };
+        let message = match how {
+            Conflict::Same => format!(
+                "{listen} is already the listen address of {owner}; give each route its own \
+                 address or port"
+            ),
+            Conflict::Wildcard => format!(
+                "{listen} overlaps {other} of {owner}: a wildcard address (0.0.0.0 or [::]) \
+                 takes the port on every address; give each route its own port"
+            ),
+        };
+        errors.at(span, &format!("route[{i}].listen"), message);
+        break;
+    }
+}
+
+pub(super) enum Conflict {
+    Same,
+    Wildcard,
+}
+
+/// Whether two listen addresses cannot both be bound. Port 0 picks a fresh port each time, so
+/// it never conflicts. `[::]` also takes IPv4 addresses: the daemon leaves IPV6_V6ONLY at the
+/// kernel's default (`net.ipv6.bindv6only = 0`).
+pub(super) fn listen_conflict(a: &Endpoint, b: &Endpoint) -> Option<Conflict> {
+    if a.port != b.port || a.port == 0 {
+        return None;
+    }
+    if a == b {
+        return Some(Conflict::Same);
+    }
+    let (Host::Ip(x), Host::Ip(y)) = (&a.host, &b.host) else {
+        return None;
+    };
+    let covers = |wild: &std::net::IpAddr, other: &std::net::IpAddr| {
+        wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    (covers(x, y) || covers(y, x)).then_some(Conflict::Wildcard)
+}

@@ -1,0 +1,299 @@
+//! Configuration: the TOML file, its defaults, and its validation.
+//!
+//! # File format
+//!
+//! ```toml
+//! # all top-level keys optional
+//! mode = "auto"            # auto | sockmap | splice | copy: default for routes
+//! grace_period = "30s"     # how long live connections may run after SIGINT/SIGTERM
+//! send_buffer = "16MiB"    # SO_SNDBUF of the proxy's sockets; "0" leaves kernel autotuning
+//! max_connections = 10000  # live connections across all routes
+//! max_buffered = "16MiB"   # default for routes: bytes held in the kernel per direction
+//! max_buffered_total = "512MiB"  # all connections together (sockmap backpressure)
+//! control_socket = "/run/spliced/control.sock"  # `spliced status` asks here (root only)
+//! metrics = "127.0.0.1:9180"  # Prometheus text on http://ADDR/metrics; off when absent
+//! user = "spliced"         # after start-up, run as this user (see crate::privdrop)
+//!
+//! [[route]]
+//! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
+//! listen = "127.0.0.1:8080"                        # required: an IP literal and a port
+//! upstream = "[fe80::216:3eff:fe12:3456%lxdbr0]:2368"  # required: IP literal or host name
+//! mode = "sockmap"                                 # optional, overrides top-level mode
+//! interface = "lxdbr0"                             # optional: SO_BINDTODEVICE for the dial
+//! connect_timeout = "5s"                           # optional, default 5s
+//! max_buffered = "16MiB"                           # optional, overrides the top-level one
+//! max_connections = 100                            # optional: live connections of this route
+//! idle_timeout = "10m"                             # optional: close after this long without data
+//! ```
+//!
+//! - Durations are a whole number and a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
+//!   `connect_timeout` must be more than 0 and at most 1h; `idle_timeout` more than 0 and at
+//!   most 168h; `grace_period` may be `"0s"`.
+//! - Sizes are a number of bytes (`4096` or `"4096"`) or a string with a binary unit:
+//!   `"512KiB"`, `"16MiB"`, `"1GiB"`. `send_buffer` is at most 1GiB; 0 leaves the kernel's
+//!   buffer autotuning on.
+//! - Addresses are written as in [`crate::addr`]. A link-local IPv6 upstream needs its
+//!   interface as a zone: `[fe80::1%lxdbr0]:2368`.
+//! - Interfaces named in `interface` or in a zone must exist when the file is checked.
+//!
+//! Defaults: `mode = "auto"`, `grace_period = "30s"`, `send_buffer = "16MiB"`,
+//! `max_connections = 10000`, `connect_timeout = "5s"`, `max_buffered = "16MiB"` (64KiB to
+//! 1GiB), `max_buffered_total = "512MiB"` (at least every route's `max_buffered`, at most 64GiB).
+//!
+//! [`Config::from_toml`] reports every problem it finds, not just the first, each as
+//! `FILE:LINE:COLUMN: KEY: what is wrong; what would be valid`, where KEY is a top-level key
+//! (`grace_period`) or a route key (`route[1].upstream`, counting routes from 0).
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::addr::{self, Endpoint};
+
+mod check;
+mod document;
+mod value;
+
+pub use value::Problem;
+
+/// The exit status for a bad command line or configuration (sysexits.h `EX_USAGE`).
+pub const EX_USAGE: i32 = 64;
+
+/// The longest `connect_timeout`: a dial that takes longer is dead, and a client waiting that
+/// long has gone.
+pub const MAX_CONNECT_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The largest `send_buffer`. The kernel doubles the value and caps it at `net.core.wmem_max`
+/// anyway; more than this is a typo.
+pub const MAX_SEND_BUFFER: usize = 1 << 30;
+
+/// The largest `max_connections`. Each connection holds at least two file descriptors, and
+/// the kernel's `fs.nr_open` defaults to about a million; this only catches typos (and stays
+/// far below tokio's semaphore limit).
+pub const MAX_CONNECTIONS: usize = 100_000_000;
+
+/// Default `max_buffered`: bytes one direction of a sockmap connection may have redirected
+/// beyond what the peer has taken (sockmap.md, trap 8). 16 MiB, not 4: at 4 MiB a bulk upload
+/// at line rate over veth held and handed back all the time (upload 7.9 against 9.5 Gbit/s
+/// unbounded, interleaved iperf3 runs); at 16 MiB no throughput difference was measurable.
+pub const DEFAULT_MAX_BUFFERED: u64 = 16 << 20;
+/// Default `max_buffered_total`: the bound across all connections.
+pub const DEFAULT_MAX_BUFFERED_TOTAL: u64 = 512 << 20;
+/// Bounds of `max_buffered`: below 64 KiB a connection holds at every skb; above 1 GiB the bound
+/// protects nothing.
+pub const MIN_MAX_BUFFERED: u64 = 64 << 10;
+pub const MAX_MAX_BUFFERED: u64 = 1 << 30;
+/// The largest `max_buffered_total`.
+pub const MAX_MAX_BUFFERED_TOTAL: u64 = 64 << 30;
+/// The longest `idle_timeout`: a week. Longer is a typo; leave the key out for no timeout.
+pub const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(168 * 3600);
+/// Where the daemon answers `spliced status` unless `control_socket` says otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/spliced/control.sock";
+
+/// Which data path carries a route's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// sockmap when the kernel supports it, splice otherwise.
+    Auto,
+    /// The eBPF sockmap redirect: bytes never reach userspace.
+    Sockmap,
+    /// splice(2) through a pipe.
+    Splice,
+    /// Plain read/write copies (the reference path).
+    Copy,
+}
+
+impl Mode {
+    /// Every mode, in the order the documentation lists them.
+    pub const ALL: [Mode; 4] = [Mode::Auto, Mode::Sockmap, Mode::Splice, Mode::Copy];
+
+    /// The name used in the configuration file and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Auto => "auto",
+            Mode::Sockmap => "sockmap",
+            Mode::Splice => "splice",
+            Mode::Copy => "copy",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One listener and where its connections go.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub listen: Endpoint,
+    pub upstream: Endpoint,
+    /// The effective mode: the route's own, or else the file's top-level one.
+    pub mode: Mode,
+    /// Bind the upstream dial to this interface (SO_BINDTODEVICE).
+    pub interface: Option<String>,
+    pub connect_timeout: Duration,
+    /// Bytes one direction may have redirected beyond what the peer has taken (sockmap path).
+    pub max_buffered: u64,
+    /// Live connections of this route; more are refused at once. `None`: only the global bound.
+    pub max_connections: Option<usize>,
+    /// A connection that carried no data either way for this long is closed (both sides
+    /// reset). `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The whole daemon configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub routes: Vec<Route>,
+    /// How long live connections may run after SIGINT/SIGTERM before they are closed.
+    pub grace_period: Duration,
+    /// SO_SNDBUF for the proxy's sockets; `None` leaves the kernel's autotuning on.
+    pub send_buffer: Option<usize>,
+    /// Live connections across all routes; more are refused.
+    pub max_connections: usize,
+    /// Bound on `max_buffered` reservations across all connections.
+    pub max_buffered_total: u64,
+    /// The Unix socket `spliced status` connects to.
+    pub control_socket: std::path::PathBuf,
+    /// Where to serve Prometheus metrics; `None`: not served.
+    pub metrics: Option<Endpoint>,
+    /// The user to switch to once the program is loaded and the sockets are bound; `None`:
+    /// stay as started.
+    pub user: Option<String>,
+}
+
+/// One configuration problem: where it is, which key, what is wrong and how to fix it.
+/// Displayed as `FILE:LINE:COLUMN: KEY: message` (parts that do not apply are left out).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The configuration file; `None` for command-line options.
+    pub file: Option<PathBuf>,
+    /// 1-based line and column (in characters); `None` for problems of the whole file.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// A top-level key (`grace_period`), a route key (`route[1].upstream`), an option
+    /// (`--listen`), or empty.
+    pub key: String,
+    /// What is wrong and what would be valid.
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A problem of a command-line option or of the command line as a whole (`key` empty).
+    pub fn option(key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: None,
+            line: None,
+            column: None,
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}:", file.display())?;
+            if let (Some(line), Some(column)) = (self.line, self.column) {
+                write!(f, "{line}:{column}:")?;
+            }
+            f.write_str(" ")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+impl Route {
+    /// A route with the default mode (auto), no interface and a 5 s connect timeout.
+    pub fn new(name: impl Into<String>, listen: Endpoint, upstream: Endpoint) -> Self {
+        Route {
+            name: name.into(),
+            listen,
+            upstream,
+            mode: Mode::Auto,
+            interface: None,
+            connect_timeout: Duration::from_secs(5),
+            max_buffered: DEFAULT_MAX_BUFFERED,
+            max_connections: None,
+            idle_timeout: None,
+        }
+    }
+
+    /// The same route with another mode.
+    pub fn with_mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+}
+
+impl Config {
+    /// A configuration with these routes and the defaults: a 30 s grace period, 16 MiB send
+    /// buffers and at most 10000 connections.
+    pub fn new(routes: Vec<Route>) -> Self {
+        Config {
+            routes,
+            grace_period: Duration::from_secs(30),
+            send_buffer: Some(16 << 20),
+            max_connections: 10_000,
+            max_buffered_total: DEFAULT_MAX_BUFFERED_TOTAL,
+            control_socket: DEFAULT_CONTROL_SOCKET.into(),
+            metrics: None,
+            user: None,
+        }
+    }
+
+    /// Parses and checks a configuration file's text; `path` only names the file in errors.
+    ///
+    /// Returns every error found (a TOML syntax error stops the parse and is the only one).
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, Vec<ConfigError>> {
+        let mut errors = document::Errors::default();
+        let config = match toml_edit::ImDocument::parse(text) {
+            Ok(doc) => Some(check::check(doc.as_table(), &mut errors)),
+            Err(e) => {
+                errors.syntax(&e);
+                None
+            }
+        };
+        match config {
+            Some(config) if errors.is_empty() => Ok(config),
+            _ => Err(errors.render(path, text)),
+        }
+    }
+
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_toml(path, &text),
+            Err(e) => Err(vec![ConfigError {
+                file: Some(path.to_owned()),
+                line: None,
+                column: None,
+                key: String::new(),
+                message: format!("cannot read the configuration file: {e}"),
+            }]),
+        }
+    }
+}
+
+/// Checks that a zone given by name names an existing interface. Zones by index are checked
+/// when the address is resolved.
+pub fn check_zone(endpoint: &Endpoint) -> Result<(), Problem> {
+    match endpoint.zone_name() {
+        Some(name) if !addr::interface_exists(name) => Err(Problem(format!(
+            "interface {name:?} (the zone of \"{endpoint}\") does not exist on this machine; \
+             fix the name or create the interface first (ip link shows the interfaces)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;
