@@ -70,7 +70,11 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
     let mut parts = line.split(|&b| b == b' ');
     let (method, target) = (parts.next(), parts.next());
     let (status, body) = match (method, target) {
-        (Some(b"GET"), Some(b"/metrics")) => ("200 OK", render(registry)),
+        (Some(b"GET"), Some(b"/metrics")) => {
+            let mut text = render(registry);
+            crate::upstream::render_metrics(&registry.upstream_status(), &mut text);
+            ("200 OK", text)
+        }
         (Some(b"GET"), _) => ("404 Not Found", "metrics are at /metrics\n".to_owned()),
         _ => ("405 Method Not Allowed", "use GET /metrics\n".to_owned()),
     };

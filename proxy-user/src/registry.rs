@@ -25,7 +25,12 @@ use std::{
 
 use proxy_common::SockStats;
 
-use crate::{ebpf::Sockmap, forward::DataPath, sockopt};
+use crate::{
+    ebpf::Sockmap,
+    forward::DataPath,
+    sockopt,
+    upstream::{ServerStatus, ServerTable, Upstreams},
+};
 
 /// Why a connection failed, as the metrics label it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -36,10 +41,8 @@ pub enum Failure {
     RouteMaxConnections,
     /// The upstream's name or zone did not resolve.
     Resolve,
-    /// The upstream refused or was unreachable.
-    Connect,
-    /// No answer within `connect_timeout`.
-    ConnectTimeout,
+    /// Every server of the route's upstream set failed (or the connect timeout ran out first).
+    NoUpstream,
     /// The route's `interface` could not be used.
     Interface,
     /// The client reset or failed after set-up.
@@ -56,12 +59,11 @@ pub enum Failure {
 
 impl Failure {
     /// Every reason, in label order.
-    pub const ALL: [Failure; 11] = [
+    pub const ALL: [Failure; 10] = [
         Failure::MaxConnections,
         Failure::RouteMaxConnections,
         Failure::Resolve,
-        Failure::Connect,
-        Failure::ConnectTimeout,
+        Failure::NoUpstream,
         Failure::Interface,
         Failure::Client,
         Failure::Upstream,
@@ -76,8 +78,7 @@ impl Failure {
             Failure::MaxConnections => "max_connections",
             Failure::RouteMaxConnections => "route_max_connections",
             Failure::Resolve => "resolve",
-            Failure::Connect => "connect",
-            Failure::ConnectTimeout => "connect_timeout",
+            Failure::NoUpstream => "no_upstream",
             Failure::Interface => "interface",
             Failure::Client => "client",
             Failure::Upstream => "upstream",
@@ -281,6 +282,10 @@ pub struct Registry {
     routes: Mutex<BTreeMap<String, Arc<RouteCounters>>>,
     /// The verdict program's maps, for sockmap connections' byte counts.
     sockmap: Option<Arc<Sockmap>>,
+    /// Every upstream server, kept across reloads (see [`ServerTable`]).
+    servers: Arc<ServerTable>,
+    /// The upstream sets of the routes running now.
+    upstreams: Mutex<Vec<Arc<Upstreams>>>,
 }
 
 /// A live connection's place in the registry; leaving it removes the entry.
@@ -308,6 +313,22 @@ impl Registry {
     /// The loaded verdict program, if any.
     pub fn sockmap(&self) -> Option<&Sockmap> {
         self.sockmap.as_deref()
+    }
+
+    /// The table a route's new upstream set takes its servers from.
+    pub fn servers(&self) -> Arc<ServerTable> {
+        self.servers.clone()
+    }
+
+    /// Records the upstream sets of the routes running now (at start and after a reload).
+    pub fn set_upstreams(&self, sets: Vec<Arc<Upstreams>>) {
+        *self.upstreams.lock().unwrap_or_else(|e| e.into_inner()) = sets;
+    }
+
+    /// Status of every server of the routes running now.
+    pub fn upstream_status(&self) -> Vec<ServerStatus> {
+        let sets = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        sets.iter().flat_map(|s| s.status()).collect()
     }
 
     fn lock_conns(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<Conn>>> {
@@ -413,12 +434,12 @@ mod tests {
     fn route_counters() {
         let registry = Registry::default();
         let r = registry.route("web");
-        r.fail(Failure::ConnectTimeout);
+        r.fail(Failure::NoUpstream);
         r.closed(DataPath::Splice, 10, 20);
         r.set_path(DataPath::Sockmap);
         let again = registry.route("web");
-        assert_eq!(again.failed(Failure::ConnectTimeout), 1);
-        assert_eq!(again.failed(Failure::Connect), 0);
+        assert_eq!(again.failed(Failure::NoUpstream), 1);
+        assert_eq!(again.failed(Failure::Resolve), 0);
         assert_eq!(again.closed_on(DataPath::Splice), 1);
         assert_eq!(again.bytes_up.load(Ordering::Relaxed), 10);
         assert_eq!(again.path(), Some(DataPath::Sockmap));

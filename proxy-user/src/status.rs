@@ -142,7 +142,10 @@ async fn serve(listener: UnixListener, registry: Arc<Registry>, stop: Cancellati
             .peer_cred()
             .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let reply = if allowed {
-            render(&registry.samples())
+            let connections = render(&registry.samples());
+            connections
+                + "
+" + &crate::upstream::render_status(&registry.upstream_status())
         } else {
             "error: only root may ask spliced for its status\n".to_owned()
         };

@@ -331,7 +331,7 @@ fn metrics_count(mode: &str) {
         1
     );
     for reason in [
-        "connect",
+        "no_upstream",
         "client",
         "upstream",
         "idle_timeout",
@@ -341,12 +341,12 @@ fn metrics_count(mode: &str) {
             format!("spliced_connections_failed_total{{route=\"web\",reason=\"{reason}\"}}");
         assert_eq!(metric(&text, &series), 0, "{series}");
     }
-    // A refused upstream is a failure with reason connect.
+    // A refused upstream (the route's only server) is a failure with reason no_upstream.
     // The daemon resets the client, which may come before connect() returns.
     assert_closed_on_connect(spliced.listening[1], Duration::from_secs(10));
     wait_metric(
         metrics,
-        "spliced_connections_failed_total{route=\"dead\",reason=\"connect\"}",
+        "spliced_connections_failed_total{route=\"dead\",reason=\"no_upstream\"}",
         1,
     );
     // Anything but GET /metrics gets an error status.

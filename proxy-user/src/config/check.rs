@@ -3,6 +3,7 @@ use toml_edit::{Item, TableLike, Value};
 
 use super::{
     document::{entries, kind, Entry, Errors, Span},
+    upstream,
     value::{self, format_size, unknown_key, Problem},
     Config, Mode, Route, DEFAULT_MAX_BUFFERED,
 };
@@ -20,10 +21,12 @@ pub(super) const TOP_KEYS: [&str; 10] = [
     "user",
     "route",
 ];
-const ROUTE_KEYS: [&str; 9] = [
+const ROUTE_KEYS: [&str; 11] = [
     "name",
     "listen",
     "upstream",
+    "balance",
+    "health_check",
     "mode",
     "interface",
     "connect_timeout",
@@ -210,6 +213,10 @@ fn check_route(
     route.max_buffered = defaults.max_buffered;
     let mut ok = true;
     for entry in entries(table) {
+        if let Some(fine) = upstream::key(&entry, &mut route.upstream, &key_of(entry.key), errors) {
+            ok &= fine;
+            continue;
+        }
         let result = route_key(&entry, &mut route, &mut checked);
         ok &= result.is_ok();
         report(errors, &entry, &ROUTE_KEYS, &key_of(entry.key), result);
@@ -243,7 +250,6 @@ fn route_key(entry: &Entry, route: &mut Route, checked: &mut Checked) -> Result<
     match entry.key {
         "name" => checked.name = Some((value::route_name(item)?, span)),
         "listen" => checked.listen = Some((value::listen(item)?, span)),
-        "upstream" => route.upstream = value::upstream(item)?,
         "mode" => route.mode = value::mode(item)?,
         "interface" => route.interface = Some(value::interface(item)?),
         "connect_timeout" => route.connect_timeout = value::connect_timeout(item)?,

@@ -17,7 +17,10 @@
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
 //! listen = "127.0.0.1:8080"                        # required: an IP literal and a port
-//! upstream = "[fe80::216:3eff:fe12:3456%lxdbr0]:2368"  # required: IP literal or host name
+//! upstream = "[fe80::216:3eff:fe12:3456%lxdbr0]:2368"  # required: IP literal or host name,
+//!                                    # or a list of them and { address, weight, backup } tables
+//! balance = "roundrobin"                           # optional: roundrobin | leastconn | source
+//! health_check = { interval = "2s", timeout = "1s", rise = 2, fall = 3 }  # optional
 //! mode = "sockmap"                                 # optional, overrides top-level mode
 //! interface = "lxdbr0"                             # optional: SO_BINDTODEVICE for the dial
 //! connect_timeout = "5s"                           # optional, default 5s
@@ -49,10 +52,14 @@ use std::{
     time::Duration,
 };
 
-use crate::addr::{self, Endpoint};
+use crate::{
+    addr::{self, Endpoint},
+    upstream::UpstreamSpec,
+};
 
 mod check;
 mod document;
+mod upstream;
 mod value;
 
 pub use value::Problem;
@@ -130,7 +137,8 @@ impl fmt::Display for Mode {
 pub struct Route {
     pub name: String,
     pub listen: Endpoint,
-    pub upstream: Endpoint,
+    /// The upstream servers, their balance and health checks.
+    pub upstream: UpstreamSpec,
     /// The effective mode: the route's own, or else the file's top-level one.
     pub mode: Mode,
     /// Bind the upstream dial to this interface (SO_BINDTODEVICE).
@@ -212,12 +220,13 @@ impl fmt::Display for ConfigError {
 }
 
 impl Route {
-    /// A route with the default mode (auto), no interface and a 5 s connect timeout.
+    /// A route to one upstream with the default mode (auto), no interface and a 5 s connect
+    /// timeout.
     pub fn new(name: impl Into<String>, listen: Endpoint, upstream: Endpoint) -> Self {
         Route {
             name: name.into(),
             listen,
-            upstream,
+            upstream: UpstreamSpec::single(upstream),
             mode: Mode::Auto,
             interface: None,
             connect_timeout: Duration::from_secs(5),

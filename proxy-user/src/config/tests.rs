@@ -79,7 +79,10 @@ upstream = "example.com:443"
     assert_eq!(web.mode, Mode::Splice, "the top-level mode is the default");
     assert_eq!(web.interface, None);
     assert_eq!(web.connect_timeout, Duration::from_secs(5));
-    assert_eq!(web.upstream.host, Host::Name("example.com".into()));
+    assert_eq!(
+        web.upstream.servers[0].address.host,
+        Host::Name("example.com".into())
+    );
 }
 
 #[test]
@@ -319,14 +322,15 @@ fn error_unknown_keys() {
     assert_eq!(
         error(&route_with("listne = \"x\"")),
         "spliced.toml:5:1: route[0].listne: unknown key; did you mean `listen`? valid \
-             [[route]] keys are `name`, `listen`, `upstream`, `mode`, `interface`, \
-             `connect_timeout`, `max_buffered`, `max_connections`, `idle_timeout`"
+             [[route]] keys are `name`, `listen`, `upstream`, `balance`, `health_check`, \
+             `mode`, `interface`, `connect_timeout`, `max_buffered`, `max_connections`, \
+             `idle_timeout`"
     );
     assert_eq!(
         error(&route_with("timeout = \"1s\"")),
         "spliced.toml:5:1: route[0].timeout: unknown key; valid [[route]] keys are `name`, \
-             `listen`, `upstream`, `mode`, `interface`, `connect_timeout`, `max_buffered`, \
-             `max_connections`, `idle_timeout`"
+             `listen`, `upstream`, `balance`, `health_check`, `mode`, `interface`, \
+             `connect_timeout`, `max_buffered`, `max_connections`, `idle_timeout`"
     );
 }
 

@@ -117,8 +117,8 @@ pub(super) fn listen(value: &Item) -> Result<Endpoint, Problem> {
     Ok(endpoint)
 }
 
-pub(super) fn upstream(value: &Item) -> Result<Endpoint, Problem> {
-    let s = expect_str(value, "upstream = \"10.0.0.2:80\"")?;
+/// One upstream address (one server of the `upstream` key).
+pub(super) fn upstream(s: &str) -> Result<Endpoint, Problem> {
     let endpoint = s.parse::<Endpoint>().map_err(|e| Problem(e.to_string()))?;
     check_zone(&endpoint)?;
     Ok(endpoint)

@@ -1,6 +1,5 @@
 //! One connection: the upstream dial, the data path, the idle watchdog, the log line.
 use std::{
-    io,
     net::SocketAddr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -9,86 +8,26 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::state::{Live, RouteState, Shared};
 use crate::{
-    addr::AddrError,
-    config::Route,
     forward::{self, DataPath, End, Outcome},
     registry::{Conn, Failure},
     sockopt,
+    upstream::{self, ConnectError, DialError, DialOptions},
 };
 
-/// Why the upstream could not be reached.
-#[derive(Debug, thiserror::Error)]
-enum DialError {
-    #[error(transparent)]
-    Resolve(#[from] AddrError),
-    #[error("{0} resolved to no address")]
-    NoAddress(String),
-    #[error("connecting to {addr} failed: {err}")]
-    Connect { addr: SocketAddr, err: io::Error },
-    #[error("no answer within the connect timeout of {0:?}")]
-    Timeout(Duration),
-    #[error("interface {iface:?} (route key `interface`): {err}")]
-    Interface { iface: String, err: io::Error },
-}
-
-impl DialError {
-    fn failure(&self) -> Failure {
-        match self {
-            DialError::Resolve(_) | DialError::NoAddress(_) => Failure::Resolve,
-            DialError::Connect { .. } => Failure::Connect,
-            DialError::Timeout(_) => Failure::ConnectTimeout,
-            DialError::Interface { .. } => Failure::Interface,
-        }
+/// The failure reason a dial error is counted under.
+fn dial_failure(e: &DialError) -> Failure {
+    match e {
+        DialError::Resolve(_) => Failure::Resolve,
+        DialError::NoUpstream { .. } => Failure::NoUpstream,
+        DialError::Ours(ConnectError::Interface { .. }) => Failure::Interface,
+        DialError::Ours(_) => Failure::Spliced,
     }
-}
-
-/// Resolves the upstream now (zone names and host names can change between dials) and tries each
-/// address in turn, all within the route's connect timeout.
-async fn dial(route: &Route) -> Result<(TcpStream, SocketAddr), DialError> {
-    let attempt = async {
-        let addrs = route.upstream.resolve().await?;
-        let mut last = None;
-        for addr in addrs {
-            match connect(addr, route.interface.as_deref()).await {
-                Ok(s) => return Ok((s, addr)),
-                Err(e @ DialError::Interface { .. }) => return Err(e),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| DialError::NoAddress(route.upstream.to_string())))
-    };
-    tokio::time::timeout(route.connect_timeout, attempt)
-        .await
-        .unwrap_or(Err(DialError::Timeout(route.connect_timeout)))
-}
-
-async fn connect(addr: SocketAddr, interface: Option<&str>) -> Result<TcpStream, DialError> {
-    let err = |err| DialError::Connect { addr, err };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(err)?;
-    if let Some(iface) = interface {
-        socket
-            .bind_device(Some(iface.as_bytes()))
-            .map_err(|err| DialError::Interface {
-                iface: iface.to_owned(),
-                err: if err.raw_os_error() == Some(libc::ENODEV) {
-                    io::Error::other("no such interface (ip link lists them)")
-                } else {
-                    err
-                },
-            })?;
-    }
-    socket.connect(addr).await.map_err(err)
 }
 
 /// Serves one accepted connection to its end.
@@ -102,17 +41,27 @@ pub(super) async fn run(
     let rc = &route.counters;
     let entry = shared.registry.add(&route.route.name, peer);
     let started = Instant::now();
+    let opts = DialOptions {
+        connect_timeout: route.route.connect_timeout,
+        interface: route.route.interface.as_deref(),
+    };
     let dialed = tokio::select! {
-        r = dial(&route.route) => r,
+        r = upstream::dial(&route.upstreams, peer, &opts) => r,
         () = shared.close_all.cancelled() => {
             rc.fail(Failure::Shutdown);
             return;
         }
     };
-    let (upstream, upstream_addr) = match dialed {
-        Ok(u) => u,
+    let (upstream, upstream_addr, _lease) = match dialed {
+        Ok(d) => {
+            let to = d.lease.server().name();
+            for failed in &d.failed {
+                info!(route = %route.route.name, client = %peer, "upstream server skipped: {failed}; went on to {to}");
+            }
+            (d.stream, d.addr, d.lease)
+        }
         Err(e) => {
-            rc.fail(e.failure());
+            rc.fail(dial_failure(&e));
             // Reset, so the client does not take an empty reply for a successful one.
             let _ = sockopt::set_linger_zero(&client);
             warn!(

@@ -25,6 +25,7 @@ use crate::{
     registry::Registry,
     status::{self, ControlSocket},
     systemd::Inherited,
+    upstream::Upstreams,
 };
 
 mod connection;
@@ -141,6 +142,7 @@ impl Daemon {
             let slot = daemon.open(route.clone(), listener);
             daemon.slots.push(slot);
         }
+        daemon.publish_upstreams();
         daemon.config = config;
         Ok(daemon)
     }
@@ -193,7 +195,14 @@ impl Daemon {
         let plan = self.plan_for(&route).unwrap_or(Plan::Splice);
         let counters = self.shared.registry.route(&route.name);
         counters.set_path(plan.path());
+        let registry = &self.shared.registry;
+        let upstreams = Upstreams::new(
+            route.name.as_str(),
+            route.upstream.clone(),
+            registry.servers(),
+        );
         Arc::new(RouteState {
+            upstreams: Arc::new(upstreams),
             budget: Budget {
                 per_direction: route.max_buffered,
                 pool: self.pool.clone(),
@@ -213,6 +222,7 @@ impl Daemon {
             state.route.upstream,
             state.plan.path()
         );
+        let checker = state.checker();
         let (tx, rx) = watch::channel(state);
         let stop = CancellationToken::new();
         let task = tokio::spawn(listen::accept_loop(
@@ -227,7 +237,14 @@ impl Daemon {
             route: tx,
             stop,
             task,
+            checker,
         }
+    }
+
+    /// Lets status and metrics see the upstream sets of the routes running now.
+    fn publish_upstreams(&self) {
+        let sets = self.slots.iter().map(|s| s.state().upstreams.clone());
+        self.shared.registry.set_upstreams(sets.collect());
     }
 
     /// Prepares for running as `uid`/`gid` (see [`crate::privdrop`]): the control socket

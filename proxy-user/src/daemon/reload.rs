@@ -123,9 +123,12 @@ impl Daemon {
         let mut slots = Vec::new();
         for ((route, found), listener) in config.routes.iter().zip(plan.reuse).zip(fresh) {
             let slot = match (found.and_then(|i| old[i].take().map(|s| (i, s))), listener) {
-                (Some((i, slot)), _) => {
+                (Some((i, mut slot)), _) => {
                     if old_routes[i] != *route {
+                        // The new upstream set takes over the servers it shares with the old
+                        // one (and their health) before the old checker stops.
                         let state = self.state(route.clone());
+                        slot.checker = state.checker();
                         info!(
                             "route {}: changed; new connections go to {} on data path {}",
                             route.name,
@@ -156,6 +159,7 @@ impl Daemon {
             }
         }
         self.slots = slots;
+        self.publish_upstreams();
         summary
     }
 }

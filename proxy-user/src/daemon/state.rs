@@ -16,6 +16,7 @@ use crate::{
     ebpf::Sockmap,
     forward::{Budget, Plan},
     registry::{Failure, Registry, RouteCounters},
+    upstream::{CheckOptions, Checker, Upstreams},
 };
 
 /// State every connection task shares.
@@ -42,6 +43,21 @@ pub(super) struct RouteState {
     /// The route's `max_buffered` per direction, from the one global pool (trap 8).
     pub(super) budget: Budget,
     pub(super) counters: Arc<RouteCounters>,
+    /// The route's upstream servers.
+    pub(super) upstreams: Arc<Upstreams>,
+}
+
+impl RouteState {
+    /// Starts the health checks of the route's upstream set, connecting like its dials.
+    pub(super) fn checker(&self) -> Checker {
+        let opts = CheckOptions {
+            interface: self.route.interface.clone(),
+            connect_timeout: Some(self.route.connect_timeout),
+            // Issue 13 (PROXY headers to upstreams) sets this from the route's `proxy_protocol`.
+            proxy_header: false,
+        };
+        Checker::start(self.upstreams.clone(), opts)
+    }
 }
 
 /// One listener and the route its connections follow. A reload swaps the route in place (new
@@ -51,6 +67,8 @@ pub(super) struct Slot {
     pub(super) route: watch::Sender<Arc<RouteState>>,
     pub(super) stop: CancellationToken,
     pub(super) task: JoinHandle<()>,
+    /// The health checks of the route's upstream set; replaced with the set.
+    pub(super) checker: Checker,
 }
 
 impl Slot {
