@@ -268,10 +268,14 @@ fn failover_while_one_restarts(mode: &str) {
     };
     // A long-lived connection on B, across everything.
     let mut long = Client::connect(spliced.addr()).unwrap();
-    while long.server != b'B' {
+    for _ in 0..10 {
+        if long.server == b'B' {
+            break;
+        }
         long.finish(None).unwrap();
         long = Client::connect(spliced.addr()).unwrap();
     }
+    assert_eq!(long.server, b'B', "round robin never reached B");
     let (kill_at, restart_at) = (500, 1200);
     let mut restarted = None;
     let mut back_after = None;
@@ -632,7 +636,8 @@ fn reload_keeps_health_state() {
     .unwrap();
     let metrics = metrics_addr(&spliced);
     a.kill();
-    // The first check round ran at start (both up); a dial finds A down.
+    // A dial finds A down (or, on a slow machine, the first check round did, if it ran after
+    // the kill).
     for _ in 0..4 {
         assert_eq!(short(spliced.addr()), Ok(b'B'));
     }
@@ -653,13 +658,14 @@ fn reload_keeps_health_state() {
         "spliced_upstream_dial_failures_total{{route=\"app\",server=\"{}\"}}",
         a.address()
     );
-    assert_eq!(metric(&scrape(metrics), &failures), 1);
+    let before = metric(&scrape(metrics), &failures);
+    assert!(before <= 1, "A was dialed {before} times");
     for _ in 0..20 {
         assert_ne!(short(spliced.addr()), Ok(b'A'));
     }
     assert_eq!(
         metric(&scrape(metrics), &failures),
-        1,
+        before,
         "A was tried after the reload"
     );
     assert_eq!(live.finish(Some(&mut Payload::new(1 << 20, 3))), Ok(b'B'));
