@@ -30,7 +30,7 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use tests::{
-    hup, metric, metrics_addr, per_mode, scrape, set_timeouts, spliced_bin, status, Payload,
+    hup, metric, metrics_addr, per_mode, scrape, set_timeouts, sh, spliced_bin, status, Payload,
     Process, Spliced, TempDir, Topology,
 };
 
@@ -671,6 +671,31 @@ fn reload_keeps_health_state() {
     assert_eq!(live.finish(Some(&mut Payload::new(1 << 20, 3))), Ok(b'B'));
 }
 
+/// Adds `2001:db8:PID:N::1/64` (host side) and `::2` (inside) to the topology's veth and returns
+/// the inside address: a global address unique to this process and topology (the helper's IPv4
+/// /30s are numbered per process, so two test processes on one machine can route the same /30
+/// to different namespaces).
+fn global_address(topo: &Topology) -> String {
+    let prefix = format!("2001:db8:{:x}:{:x}", std::process::id() % 0xffff, topo.n);
+    let host = format!("{prefix}::1/64");
+    sh(&["ip", "addr", "add", &host, "dev", &topo.host_if, "nodad"]);
+    let inside = format!("{prefix}::2/64");
+    sh(&[
+        "ip",
+        "-n",
+        &topo.netns,
+        "addr",
+        "add",
+        &inside,
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    // As std writes it (zeros compressed), like the daemon's server names.
+    let ip: std::net::Ipv6Addr = format!("{prefix}::2").parse().unwrap();
+    ip.to_string()
+}
+
 /// spliced in a mount namespace of its own whose /etc/hosts is `hosts` (the host's stays
 /// untouched): `unshare -m` bind-mounts the file, then execs the daemon. Returns the process and
 /// the route's address.
@@ -694,10 +719,11 @@ fn a_host_name_with_two_addresses_is_two_servers() {
     let (one, two) = (Arc::new(Topology::new()), Arc::new(Topology::new()));
     let a = Backend::new(&one, b'A');
     let mut b = Backend::at(&two, b'B', a.port);
-    let (ip_a, ip_b) = (one.ipv4().1, two.ipv4().1);
+    let (ip_a, ip_b) = (global_address(&one), global_address(&two));
     let dir = TempDir::new();
     let config = write(&dir, "copy", &format!("upstream = \"app.test:{}\"", a.port));
     let hosts = format!("127.0.0.1 localhost\n{ip_a} app.test\n{ip_b} app.test\n");
+    let (ip_a, ip_b) = (format!("[{ip_a}]"), format!("[{ip_b}]"));
     let (_daemon, addr) = with_hosts(&dir, &hosts, &config);
     let mut seen = [0; 2];
     for i in 0..100 {
