@@ -211,7 +211,7 @@ async fn reload(daemon: &mut Daemon, path: &Path) -> Option<Duration> {
 
 /// Switches to `name` once everything privileged is done (see `spliced::privdrop`).
 fn drop_privileges(daemon: &Daemon, name: &str) -> Result<()> {
-    let user = spliced::privdrop::lookup(name).map_err(|e| anyhow!(e))?;
+    let user = spliced::privdrop::lookup(name)?;
     daemon
         .hand_over_to(user.uid, user.gid)
         .context("cannot hand the control socket over")?;
@@ -220,8 +220,7 @@ fn drop_privileges(daemon: &Daemon, name: &str) -> Result<()> {
         // This kernel checks CAP_BPF for every bpf() command (before 6.5).
         keep |= 1 << spliced::privdrop::CAP_BPF;
     }
-    spliced::privdrop::drop_to(&user, keep, &tokio::runtime::Handle::current())
-        .map_err(|e| anyhow!(e))?;
+    spliced::privdrop::drop_to(&user, keep, &tokio::runtime::Handle::current())?;
     info!(
         "running as user {name} (uid {}, gid {}), keeping only {}",
         user.uid,

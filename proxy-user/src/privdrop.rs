@@ -166,9 +166,39 @@ pub struct User {
     pub gid: u32,
 }
 
+/// Why spliced could not run as the configured user.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivdropError {
+    #[error("{0:?} contains a NUL byte")]
+    NulInName(String),
+    #[error("cannot look up user {name:?}: {source}")]
+    Lookup {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "user {0:?} does not exist on this machine; create it (e.g. useradd --system \
+         --no-create-home --shell /usr/sbin/nologin {0}) or remove the key to stay root"
+    )]
+    NoSuchUser(String),
+    /// Switching one thread failed (`worker` or `main`).
+    #[error("{which} thread: {source}")]
+    Thread {
+        which: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot list the threads in /proc/self/task: {0}")]
+    ListThreads(#[source] io::Error),
+    /// Threads that still run with other credentials after the wait.
+    #[error("thread(s) {} still run with other credentials after {STRAGGLERS:?}", .0.join(", "))]
+    Stragglers(Vec<String>),
+}
+
 /// Looks `name` up in the user database.
-pub fn lookup(name: &str) -> Result<User, String> {
-    let cname = CString::new(name).map_err(|_| format!("{name:?} contains a NUL byte"))?;
+pub fn lookup(name: &str) -> Result<User, PrivdropError> {
+    let cname = CString::new(name).map_err(|_| PrivdropError::NulInName(name.to_owned()))?;
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0u8; 16 * 1024];
     let mut result: *mut libc::passwd = std::ptr::null_mut();
@@ -183,16 +213,13 @@ pub fn lookup(name: &str) -> Result<User, String> {
         )
     };
     if rc != 0 {
-        return Err(format!(
-            "cannot look up user {name:?}: {}",
-            io::Error::from_raw_os_error(rc)
-        ));
+        return Err(PrivdropError::Lookup {
+            name: name.to_owned(),
+            source: io::Error::from_raw_os_error(rc),
+        });
     }
     if result.is_null() {
-        return Err(format!(
-            "user {name:?} does not exist on this machine; create it (e.g. useradd --system \
-             --no-create-home --shell /usr/sbin/nologin {name}) or remove the key to stay root"
-        ));
+        return Err(PrivdropError::NoSuchUser(name.to_owned()));
     }
     Ok(User {
         name: name.to_owned(),
@@ -204,7 +231,11 @@ pub fn lookup(name: &str) -> Result<User, String> {
 /// Switches every thread of the process to `user`, keeping the capabilities in `keep`. Must be
 /// called from the thread that runs `block_on` (not a worker) of the multi-threaded runtime
 /// `handle`.
-pub fn drop_to(user: &User, keep: u64, handle: &tokio::runtime::Handle) -> Result<(), String> {
+pub fn drop_to(
+    user: &User,
+    keep: u64,
+    handle: &tokio::runtime::Handle,
+) -> Result<(), PrivdropError> {
     let workers = handle.metrics().num_workers();
     let in_place = Arc::new(Barrier::new(workers + 1));
     let done = Arc::new(Barrier::new(workers + 1));
@@ -223,7 +254,10 @@ pub fn drop_to(user: &User, keep: u64, handle: &tokio::runtime::Handle) -> Resul
                 failures
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push(format!("worker thread: {e}"));
+                    .push(PrivdropError::Thread {
+                        which: "worker",
+                        source: e,
+                    });
             }
             done.wait();
         });
@@ -231,9 +265,12 @@ pub fn drop_to(user: &User, keep: u64, handle: &tokio::runtime::Handle) -> Resul
     in_place.wait();
     let mine = drop_this_thread(user, keep);
     done.wait();
-    mine.map_err(|e| format!("main thread: {e}"))?;
-    if let Some(e) = failures.lock().unwrap_or_else(|e| e.into_inner()).first() {
-        return Err(e.clone());
+    mine.map_err(|source| PrivdropError::Thread {
+        which: "main",
+        source,
+    })?;
+    if let Some(e) = failures.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+        return Err(e);
     }
     verify(user, keep)
 }
@@ -360,7 +397,7 @@ pub fn parse_status(text: &str) -> Option<ThreadCreds> {
 
 /// Waits until every thread of the process runs as `user` with `keep` (threads from before the
 /// switch may take [`STRAGGLERS`] to exit).
-fn verify(user: &User, keep: u64) -> Result<(), String> {
+fn verify(user: &User, keep: u64) -> Result<(), PrivdropError> {
     let want = ThreadCreds {
         uids: [user.uid; 4],
         gids: [user.gid; 4],
@@ -371,8 +408,7 @@ fn verify(user: &User, keep: u64) -> Result<(), String> {
     let deadline = Instant::now() + STRAGGLERS;
     loop {
         let mut wrong = Vec::new();
-        let tasks = std::fs::read_dir("/proc/self/task")
-            .map_err(|e| format!("cannot list the threads in /proc/self/task: {e}"))?;
+        let tasks = std::fs::read_dir("/proc/self/task").map_err(PrivdropError::ListThreads)?;
         for task in tasks.flatten() {
             let Ok(text) = std::fs::read_to_string(task.path().join("status")) else {
                 continue; // gone meanwhile
@@ -391,10 +427,7 @@ fn verify(user: &User, keep: u64) -> Result<(), String> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "thread(s) {} still run with other credentials after {STRAGGLERS:?}",
-                wrong.join(", ")
-            ));
+            return Err(PrivdropError::Stragglers(wrong));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -409,7 +442,7 @@ mod tests {
         let root = lookup("root").unwrap();
         assert_eq!((root.uid, root.gid), (0, 0));
         assert_eq!(
-            lookup("no-such-user-spliced").unwrap_err(),
+            lookup("no-such-user-spliced").unwrap_err().to_string(),
             "user \"no-such-user-spliced\" does not exist on this machine; create it (e.g. \
              useradd --system --no-create-home --shell /usr/sbin/nologin no-such-user-spliced) \
              or remove the key to stay root"

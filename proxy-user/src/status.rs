@@ -209,26 +209,56 @@ fn seconds(d: Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
+/// Why `spliced status` got no table.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No daemon answers at the path (or we may not ask it).
+    #[error("cannot reach spliced at {}: {source}{}", .path.display(), connect_hint(.source))]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon's reply broke off.
+    #[error("reading the status from {}: {source}", .path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The daemon answered with an error of its own (its text).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn connect_hint(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            " (is spliced running? with --config FILE, give the same file here, or --socket PATH \
+             for its control_socket)"
+        }
+        io::ErrorKind::PermissionDenied => " (only root may ask spliced for its status)",
+        _ => "",
+    }
+}
+
 /// The client side of `spliced status`: connects to `path` and returns the daemon's reply.
-pub fn query(path: &Path) -> Result<String, String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
-        let hint = match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                " (is spliced running? with --config FILE, give the same file here, or \
-                 --socket PATH for its control_socket)"
-            }
-            io::ErrorKind::PermissionDenied => " (only root may ask spliced for its status)",
-            _ => "",
-        };
-        format!("cannot reach spliced at {}: {e}{hint}", path.display())
-    })?;
+pub fn query(path: &Path) -> Result<String, QueryError> {
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| QueryError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let mut reply = String::new();
     stream
         .read_to_string(&mut reply)
-        .map_err(|e| format!("reading the status from {}: {e}", path.display()))?;
+        .map_err(|source| QueryError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
     match reply.strip_prefix("error: ") {
-        Some(e) => Err(e.trim_end().to_owned()),
+        Some(e) => Err(QueryError::Refused(e.trim_end().to_owned())),
         None => Ok(reply),
     }
 }
@@ -289,7 +319,9 @@ mod tests {
 
     #[test]
     fn query_names_the_path_and_the_fix() {
-        let e = query(Path::new("/nonexistent/spliced/control.sock")).unwrap_err();
+        let e = query(Path::new("/nonexistent/spliced/control.sock"))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("cannot reach spliced at /nonexistent/spliced/control.sock: "),
             "{e}"

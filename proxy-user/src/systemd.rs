@@ -13,15 +13,16 @@ use std::{
     io,
     net::TcpListener,
     os::{
-        fd::{FromRawFd, RawFd},
+        fd::{AsFd, FromRawFd, RawFd},
         unix::net::UnixDatagram,
     },
 };
 
-/// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
-const LISTEN_FDS_START: RawFd = 3;
+use socket2::{Domain, Type};
 
 /// Sends `state` (newline-separated `KEY=VALUE` lines) to the service manager, if there is one.
+/// Kept by hand: the sd-notify crate (0.5) connects to `$NOTIFY_SOCKET` as a path and so cannot
+/// reach an abstract socket (`@name`).
 /// Returns whether it was sent; failures are not fatal (systemd then times the service out and
 /// says so itself).
 pub fn notify(state: &str) -> io::Result<bool> {
@@ -59,78 +60,71 @@ pub struct Inherited {
     pub listener: TcpListener,
 }
 
+/// Why the sockets systemd passed cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivationError {
+    /// `LISTEN_FDS` or `LISTEN_FDNAMES` is malformed.
+    #[error("socket activation: {0}")]
+    Environment(#[source] io::Error),
+    /// A descriptor is not what spliced can accept on.
+    #[error("socket activation: descriptor {fd} (name {name:?}): {problem}")]
+    Unusable {
+        fd: RawFd,
+        name: String,
+        #[source]
+        problem: SocketProblem,
+    },
+}
+
+/// What is wrong with a passed descriptor.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketProblem {
+    #[error("not a socket ({0})")]
+    NotASocket(#[source] io::Error),
+    #[error("not a TCP socket; spliced takes ListenStream= sockets with an IP address and port")]
+    NotTcp,
+    #[error("not listening (Accept=yes is not supported; use Accept=no)")]
+    NotListening,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
 /// Takes the sockets systemd passed to this process (none when `$LISTEN_PID` is not this
 /// process) and removes the `LISTEN_*` variables, so that they do not leak anywhere else. Call
 /// before any thread is started. A descriptor that is not a listening TCP socket is an error
 /// naming it and its name.
-pub fn listen_fds() -> Result<Vec<Inherited>, String> {
-    let pid = std::env::var("LISTEN_PID").ok();
-    let fds = std::env::var("LISTEN_FDS").ok();
-    let names = std::env::var("LISTEN_FDNAMES").ok();
-    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(var);
-    }
-    let (Some(pid), Some(fds)) = (pid, fds) else {
-        return Ok(Vec::new());
-    };
-    if pid.parse::<u32>().ok() != Some(std::process::id()) {
-        return Ok(Vec::new());
-    }
-    let n: RawFd = fds
-        .parse()
-        .map_err(|_| format!("LISTEN_FDS={fds:?} is not a number of descriptors"))?;
-    let names: Vec<&str> = names
-        .as_deref()
-        .map_or(Vec::new(), |n| n.split(':').collect());
+pub fn listen_fds() -> Result<Vec<Inherited>, ActivationError> {
+    // SAFETY: called before any other thread exists (main does so first), so nothing reads the
+    // environment while it changes.
+    let passed = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
+        .map_err(ActivationError::Environment)?;
     let mut out = Vec::new();
-    for i in 0..n {
-        let fd = LISTEN_FDS_START + i;
-        let name = names
-            .get(i as usize)
-            .copied()
-            .unwrap_or("unknown")
-            .to_owned();
-        check_listening_tcp(fd)
-            .map_err(|e| format!("socket activation: descriptor {fd} (name {name:?}): {e}"))?;
-        // SAFETY: systemd passed this descriptor to us; nothing else in the process owns it.
+    for (fd, name) in passed {
+        let unusable = |problem| ActivationError::Unusable {
+            fd,
+            name: name.clone(),
+            problem,
+        };
+        // SAFETY: systemd passed this descriptor to us (sd_notify set it close-on-exec);
+        // nothing else in the process owns it.
         let listener = unsafe { TcpListener::from_raw_fd(fd) };
-        // systemd passes the descriptors without close-on-exec.
-        // SAFETY: fcntl on a descriptor we own.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        check_listening_tcp(&listener).map_err(unusable)?;
         listener
             .set_nonblocking(true)
-            .map_err(|e| format!("socket activation: descriptor {fd} (name {name:?}): {e}"))?;
+            .map_err(|e| unusable(e.into()))?;
         out.push(Inherited { name, listener });
     }
     Ok(out)
 }
 
-fn getsockopt_int(fd: RawFd, level: i32, name: i32) -> io::Result<i32> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: a valid out pointer and its length.
-    let rc =
-        unsafe { libc::getsockopt(fd, level, name, (&mut value as *mut i32).cast(), &mut len) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
+fn check_listening_tcp(fd: &impl AsFd) -> Result<(), SocketProblem> {
+    let socket = socket2::SockRef::from(fd);
+    let domain = socket.domain().map_err(SocketProblem::NotASocket)?;
+    if !matches!(domain, Domain::IPV4 | Domain::IPV6) || socket.r#type()? != Type::STREAM {
+        return Err(SocketProblem::NotTcp);
     }
-    Ok(value)
-}
-
-fn check_listening_tcp(fd: RawFd) -> Result<(), String> {
-    let domain = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)
-        .map_err(|e| format!("not a socket ({e})"))?;
-    let kind = getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE).map_err(|e| e.to_string())?;
-    let listening =
-        getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_ACCEPTCONN).map_err(|e| e.to_string())?;
-    if !matches!(domain, libc::AF_INET | libc::AF_INET6) || kind != libc::SOCK_STREAM {
-        return Err(
-            "not a TCP socket; spliced takes ListenStream= sockets with an IP address and port"
-                .into(),
-        );
-    }
-    if listening == 0 {
-        return Err("not listening (Accept=yes is not supported; use Accept=no)".into());
+    if !socket.is_listener()? {
+        return Err(SocketProblem::NotListening);
     }
     Ok(())
 }
@@ -161,16 +155,16 @@ mod tests {
     #[test]
     fn only_listening_tcp_sockets_are_taken() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        use std::os::fd::AsRawFd;
-        assert!(check_listening_tcp(l.as_raw_fd()).is_ok());
+        assert!(check_listening_tcp(&l).is_ok());
         let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
         assert_eq!(
-            check_listening_tcp(c.as_raw_fd()).unwrap_err(),
+            check_listening_tcp(&c).unwrap_err().to_string(),
             "not listening (Accept=yes is not supported; use Accept=no)"
         );
         let u = UnixDatagram::unbound().unwrap();
-        assert!(check_listening_tcp(u.as_raw_fd())
+        assert!(check_listening_tcp(&u)
             .unwrap_err()
+            .to_string()
             .starts_with("not a TCP socket"));
     }
 }

@@ -224,7 +224,7 @@ pub(super) fn control_socket(value: &Item) -> Result<std::path::PathBuf, Problem
 
 pub(super) fn user(value: &Item) -> Result<String, Problem> {
     let s = expect_str(value, "user = \"spliced\"")?;
-    crate::privdrop::lookup(s).map_err(Problem)?;
+    crate::privdrop::lookup(s).map_err(|e| Problem(e.to_string()))?;
     Ok(s.to_owned())
 }
 

@@ -1,7 +1,7 @@
 use super::*;
 
 fn address(s: &str) -> Result<Endpoint, String> {
-    s.parse::<Endpoint>().map_err(|e| e.0)
+    s.parse::<Endpoint>().map_err(|e| e.to_string())
 }
 
 fn duration(v: &Item) -> Result<Duration, String> {
