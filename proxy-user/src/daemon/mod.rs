@@ -47,7 +47,7 @@ pub enum StartError {
     Sockmap {
         route: String,
         #[source]
-        source: Unavailable,
+        source: Box<Unavailable>,
     },
     /// A reload adds a sockmap route to a daemon that did not load the program at start.
     #[error(
@@ -358,7 +358,7 @@ async fn data_path(config: &Config) -> Result<Option<Sockmap>, StartError> {
             if let Some(r) = config.routes.iter().find(|r| r.mode == Mode::Sockmap) {
                 return Err(StartError::Sockmap {
                     route: r.name.clone(),
-                    source: why,
+                    source: Box::new(why),
                 });
             }
             warn!("sockmap unavailable, auto routes use splice(2): {why}");

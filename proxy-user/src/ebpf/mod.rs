@@ -32,8 +32,61 @@ pub use watch::{Watch, Watcher};
 
 /// Why the sockmap data path cannot be used.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Unavailable(pub String);
+pub enum Unavailable {
+    /// Built without the eBPF toolchain.
+    #[error(
+        "this spliced was built without its eBPF object (nightly rust-src or bpf-linker was \
+         missing at build time): run `cargo xtask setup` and rebuild"
+    )]
+    NoObject,
+    /// A kernel whose sockmap bugs no probe can see ([`KernelVersion::known_bug`]).
+    #[error("kernel {kernel} has a sockmap bug spliced cannot work around: {bug}")]
+    KnownBug { kernel: KernelVersion, bug: String },
+    /// The object did not load.
+    #[error("loading the eBPF program failed: {source}{}", privilege_hint(&.source.to_string()))]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    /// The object lacks a map or program this build expects.
+    #[error("the eBPF object has no {kind} {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    /// A map is not of the expected type.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// The program could not be loaded, verified or attached.
+    #[error("{step}: {source}{hint}", hint = privilege_hint(&format!("{:?}", .source)))]
+    Program {
+        step: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// The daemon's side of the set-up (epoll, the pressure ring).
+    #[error("{step}: {source}")]
+    Setup {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A probe step failed with an error.
+    #[error("sockmap probe: {step}: {source}")]
+    ProbeIo {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A probe check found the kernel behaving otherwise than the data path needs; the text
+    /// says what it saw.
+    #[error("sockmap probe: {0}")]
+    Probe(String),
+}
 
 /// Why a connection could not be put into the maps.
 #[derive(Debug, thiserror::Error)]
@@ -87,26 +140,15 @@ impl Sockmap {
     /// Must be called inside a tokio runtime.
     pub fn load(object: &[u8]) -> Result<Sockmap, Unavailable> {
         if object.is_empty() {
-            return Err(Unavailable(
-                "this spliced was built without its eBPF object (nightly rust-src or bpf-linker \
-                 was missing at build time): run `cargo xtask setup` and rebuild"
-                    .into(),
-            ));
+            return Err(Unavailable::NoObject);
         }
         if let Some(kernel) = KernelVersion::running() {
             if let Some(bug) = kernel.known_bug() {
-                return Err(Unavailable(format!(
-                    "kernel {kernel} has a sockmap bug spliced cannot work around: {bug}"
-                )));
+                return Err(Unavailable::KnownBug { kernel, bug });
             }
         }
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(object).map_err(|e| {
-            Unavailable(format!(
-                "loading the eBPF program failed: {e}{}",
-                privilege_hint(&e.to_string())
-            ))
-        })?;
+        let mut ebpf = Ebpf::load(object).map_err(|source| Unavailable::Load { source })?;
         let log_reader = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_reader(logger),
             Err(e) => {
@@ -114,41 +156,51 @@ impl Sockmap {
                 None
             }
         };
-        let take = |ebpf: &mut Ebpf, name: &str| {
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
-                .ok_or_else(|| Unavailable(format!("the eBPF object has no map {name}")))
+                .ok_or(Unavailable::Missing { kind: "map", name })
         };
+        let map = |name| move |source| Unavailable::Map { name, source };
         let targets: SockHash<MapData, u64> = take(&mut ebpf, TARGETS_MAP)?
             .try_into()
-            .map_err(|e| Unavailable(format!("map {TARGETS_MAP}: {e}")))?;
+            .map_err(map(TARGETS_MAP))?;
         let active: SockHash<MapData, u64> = take(&mut ebpf, ACTIVE_MAP)?
             .try_into()
-            .map_err(|e| Unavailable(format!("map {ACTIVE_MAP}: {e}")))?;
+            .map_err(map(ACTIVE_MAP))?;
         let stats: HashMap<MapData, u64, SockStats> = take(&mut ebpf, STATS_MAP)?
             .try_into()
-            .map_err(|e| Unavailable(format!("map {STATS_MAP}: {e}")))?;
+            .map_err(map(STATS_MAP))?;
         let limits: HashMap<MapData, u64, SockLimit> = take(&mut ebpf, LIMITS_MAP)?
             .try_into()
-            .map_err(|e| Unavailable(format!("map {LIMITS_MAP}: {e}")))?;
+            .map_err(map(LIMITS_MAP))?;
         let pressure: RingBuf<MapData> = take(&mut ebpf, PRESSURE_MAP)?
             .try_into()
-            .map_err(|e| Unavailable(format!("map {PRESSURE_MAP}: {e}")))?;
+            .map_err(map(PRESSURE_MAP))?;
         let program: &mut SkSkb = ebpf
             .program_mut(VERDICT_PROG)
-            .ok_or_else(|| Unavailable(format!("the eBPF object has no program {VERDICT_PROG}")))?
+            .ok_or(Unavailable::Missing {
+                kind: "program",
+                name: VERDICT_PROG,
+            })?
             .try_into()
-            .map_err(|e| Unavailable(format!("program {VERDICT_PROG}: {e}")))?;
-        program.load().map_err(|e| {
-            Unavailable(format!(
-                "the kernel refused the sk_skb verdict program: {e} (needs Linux 5.10 or later){}",
-                privilege_hint(&format!("{e:?}"))
-            ))
+            .map_err(|source| Unavailable::Program {
+                step: VERDICT_PROG,
+                source,
+            })?;
+        program.load().map_err(|source| Unavailable::Program {
+            step: "the kernel refused the sk_skb verdict program (needs Linux 5.10 or later)",
+            source,
         })?;
         program
             .attach(active.fd())
-            .map_err(|e| Unavailable(format!("attaching the verdict program failed: {e}")))?;
-        let watcher =
-            Arc::new(Watcher::new().map_err(|e| Unavailable(format!("epoll_create: {e}")))?);
+            .map_err(|source| Unavailable::Program {
+                step: "attaching the verdict program failed",
+                source,
+            })?;
+        let watcher = Arc::new(Watcher::new().map_err(|source| Unavailable::Setup {
+            step: "epoll_create",
+            source,
+        })?);
         let pressure_reader = spawn_pressure_reader(pressure, watcher.clone())?;
         Ok(Sockmap {
             maps: Mutex::new(Maps {
@@ -315,7 +367,10 @@ fn spawn_pressure_reader(
     let mut ring = unsafe {
         tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
     }
-    .map_err(|e| Unavailable(format!("registering the pressure ring: {e}")))?;
+    .map_err(|e| Unavailable::Setup {
+        step: "registering the pressure ring",
+        source: e.into(),
+    })?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok(mut guard) = ring.readable_mut().await else {

@@ -19,9 +19,9 @@ impl Sockmap {
         let probe = sockmap.clone();
         tokio::task::spawn_blocking(move || probe.probe())
             .await
-            .map_err(|e| Unavailable(format!("sockmap probe: {e}")))??;
+            .map_err(|e| Unavailable::Probe(e.to_string()))??;
         std::sync::Arc::into_inner(sockmap)
-            .ok_or_else(|| Unavailable("sockmap probe kept a reference".to_owned()))
+            .ok_or_else(|| Unavailable::Probe("kept a reference".to_owned()))
     }
 
     /// Proves the data path works on this kernel, end to end: two loopback TCP connections are
@@ -41,7 +41,7 @@ impl Sockmap {
         std::thread::sleep(Duration::from_millis(20));
         let activation = self
             .insert(&pair, None)
-            .map_err(|e| Unavailable(format!("sockmap probe: {e}")))?;
+            .map_err(|e| Unavailable::Probe(e.to_string()))?;
         let result = probe_redirect(activation, &pair, &mut a, &mut d)
             .and_then(|()| self.probe_hold(&pair, &mut a));
         self.remove(&pair);
@@ -60,7 +60,7 @@ impl Sockmap {
             consumed: 0,
         };
         self.set_limit(pair.client_cookie, hold)
-            .map_err(|e| Unavailable(format!("sockmap probe: set limit: {e}")))?;
+            .map_err(|e| Unavailable::Probe(format!("set limit: {e}")))?;
         a.write_all(b"h").map_err(|e| err("write", e))?;
         let mut held = [0u8; 1];
         let mut found = false;
@@ -76,8 +76,8 @@ impl Sockmap {
         }
         let stats = self.stats(pair.client_cookie);
         if !found || held[0] != b'h' || stats.passed != 1 || stats.held != 1 {
-            return Err(Unavailable(format!(
-                "sockmap probe: a byte held past the limit was not readable on the source \
+            return Err(Unavailable::Probe(format!(
+                "a byte held past the limit was not readable on the source \
                  (found {found}, passed {}, held {})",
                 stats.passed, stats.held
             )));
@@ -86,8 +86,8 @@ impl Sockmap {
     }
 }
 
-fn err(what: &str, e: io::Error) -> Unavailable {
-    Unavailable(format!("sockmap probe: {what}: {e}"))
+fn err(step: &'static str, source: io::Error) -> Unavailable {
+    Unavailable::ProbeIo { step, source }
 }
 
 /// Two loopback connections: (a's client end, its accepted end b, c's client end, its accepted
@@ -115,14 +115,14 @@ fn probe_redirect(
     d: &mut TcpStream,
 ) -> Result<(), Unavailable> {
     if activation != Activation::Both {
-        return Err(Unavailable(
-            "sockmap probe: a fresh loopback connection could not be activated".into(),
+        return Err(Unavailable::Probe(
+            "a fresh loopback connection could not be activated".into(),
         ));
     }
     for fd in [pair.client, pair.upstream] {
         flush_early_bytes(fd).map_err(|e| {
-            Unavailable(format!(
-                "sockmap probe: this kernel does not hand bytes queued before the insert \
+            Unavailable::Probe(format!(
+                "this kernel does not hand bytes queued before the insert \
                  to the verdict program (recv on a sockmap socket returned them: {e}); \
                  spliced needs that to flush them (trap 3), which came with the 2023 \
                  tcp_bpf fixes (\"TCP data stall on recv before accept\"), not in 5.10"
@@ -136,17 +136,13 @@ fn probe_redirect(
     d.read_exact(&mut got[1..])
         .map_err(|e| err("no redirect client->upstream", e))?;
     if &got != b"ex" {
-        return Err(Unavailable(format!(
-            "sockmap probe: got {got:?}, sent \"ex\""
-        )));
+        return Err(Unavailable::Probe(format!("got {got:?}, sent \"ex\"")));
     }
     d.write_all(b"y").map_err(|e| err("write", e))?;
     a.read_exact(&mut got[..1])
         .map_err(|e| err("no redirect upstream->client", e))?;
     if got[0] != b'y' {
-        return Err(Unavailable(
-            "sockmap probe: wrong byte upstream->client".into(),
-        ));
+        return Err(Unavailable::Probe("wrong byte upstream->client".into()));
     }
     Ok(())
 }
