@@ -1,0 +1,72 @@
+use super::*;
+
+#[test]
+fn failure_labels_are_unique_and_indexed() {
+    for (i, f) in Failure::ALL.iter().enumerate() {
+        assert_eq!(*f as usize, i);
+    }
+    let mut labels: Vec<&str> = Failure::ALL.iter().map(|f| f.as_str()).collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), Failure::ALL.len());
+}
+
+#[test]
+fn entries_leave_when_dropped() {
+    let registry = Registry::default();
+    let a = registry.add("r", "127.0.0.1:1".parse().unwrap());
+    let b = registry.add("r", "127.0.0.1:2".parse().unwrap());
+    assert_eq!(registry.samples().len(), 2);
+    drop(a);
+    let left = registry.samples();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].client.port(), 2);
+    assert!(left[0].upstream.is_none() && left[0].path.is_none());
+    drop(b);
+    assert!(registry.samples().is_empty());
+}
+
+#[test]
+fn established_connection_reads_tcp_info() {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, peer) = listener.accept().unwrap();
+    let registry = Registry::default();
+    let entry = registry.add("r", peer);
+    entry.conn.established(
+        &server,
+        &client,
+        listener.local_addr().unwrap(),
+        DataPath::Copy,
+    );
+    client.write_all(b"hello").unwrap();
+    // The loopback delivery is synchronous, but allow the softirq a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = &registry.samples()[0];
+        if s.bytes_up == 5 {
+            assert_eq!(s.path, Some(DataPath::Copy));
+            assert!(s.idle <= s.age);
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn route_counters() {
+    let registry = Registry::default();
+    let r = registry.route("web");
+    r.fail(Failure::NoUpstream);
+    r.closed(DataPath::Splice, 10, 20);
+    r.set_path(DataPath::Sockmap);
+    let again = registry.route("web");
+    assert_eq!(again.failed(Failure::NoUpstream), 1);
+    assert_eq!(again.failed(Failure::Resolve), 0);
+    assert_eq!(again.closed_on(DataPath::Splice), 1);
+    assert_eq!(again.bytes_up.load(Ordering::Relaxed), 10);
+    assert_eq!(again.path(), Some(DataPath::Sockmap));
+    assert_eq!(registry.routes().len(), 1);
+}
