@@ -22,7 +22,8 @@
 //!
 //! Credentials are per thread in Linux. glibc's `setuid` changes every thread, but a thread's
 //! capabilities survive the switch only if that thread set `PR_SET_KEEPCAPS`, and `capset`
-//! changes only the calling thread. So the switch runs, with raw system calls, on the main thread
+//! changes only the calling thread. So the switch runs, with raw system calls (rustix's
+//! per-thread `set_thread_res_uid` and friends), on the main thread
 //! and on every tokio worker at once (each worker held by a task waiting at a barrier), and is
 //! then checked for every thread of the process in `/proc/self/task`: a thread left with other
 //! credentials (an idle blocking-pool thread from before the switch) must exit within a few
@@ -32,6 +33,11 @@ use std::{
     io,
     sync::{Arc, Barrier, Mutex},
     time::{Duration, Instant},
+};
+
+use rustix::{
+    process::{Gid, Uid},
+    thread::{self, CapabilitySet, CapabilitySets},
 };
 
 /// Linux capability numbers (linux/capability.h).
@@ -110,48 +116,26 @@ pub fn bpf_needs_cap() -> bool {
 
 /// This thread's (effective, permitted) capabilities.
 fn read_caps() -> Option<(u64, u64)> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
-    };
-    let mut data = [CapData {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
-    // SAFETY: capget with a valid header and two data structs (version 3).
-    let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-    (rc == 0).then(|| {
-        (
-            u64::from(data[0].effective) | (u64::from(data[1].effective) << 32),
-            u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32),
-        )
-    })
+    let sets = thread::capabilities(None).ok()?;
+    Some((sets.effective.bits(), sets.permitted.bits()))
 }
 
 /// Sets this thread's effective and permitted capabilities (no inheritable ones).
 fn set_thread_caps(effective: u64, permitted: u64) -> io::Result<()> {
-    let mut header = CapHeader {
-        version: LINUX_CAPABILITY_VERSION_3,
-        pid: 0,
+    let sets = CapabilitySets {
+        effective: CapabilitySet::from_bits_retain(effective),
+        permitted: CapabilitySet::from_bits_retain(permitted),
+        inheritable: CapabilitySet::empty(),
     };
-    let data = [
-        CapData {
-            effective: effective as u32,
-            permitted: permitted as u32,
-            inheritable: 0,
-        },
-        CapData {
-            effective: (effective >> 32) as u32,
-            permitted: (permitted >> 32) as u32,
-            inheritable: 0,
-        },
-    ];
-    // SAFETY: capset with a valid header and two data structs (version 3).
-    check(
-        unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) },
-        "capset",
-    )
+    thread::set_capabilities(None, sets).map_err(step("capset"))
+}
+
+/// Names the step an errno came from.
+fn step(what: &'static str) -> impl Fn(rustix::io::Errno) -> io::Error {
+    move |e| {
+        let e = io::Error::from(e);
+        io::Error::new(e.kind(), format!("{what}: {e}"))
+    }
 }
 
 /// How long threads from before the switch may take to go (tokio's blocking-pool threads idle
@@ -275,90 +259,36 @@ pub fn drop_to(
     verify(user, keep)
 }
 
-fn check(rc: libc::c_long, what: &str) -> io::Result<()> {
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
-    }
-    Ok(())
-}
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: i32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-/// The switch for the calling thread only (raw system calls: glibc's wrappers would change
-/// every thread, and those without `PR_SET_KEEPCAPS` would lose every capability).
 fn drop_this_thread(user: &User, keep: u64) -> io::Result<()> {
-    // SAFETY: plain system calls with valid arguments; they change only this thread's
-    // credentials.
-    unsafe {
-        // The bounding set first, while CAP_SETPCAP is still there.
-        for cap in 0..64u32 {
-            if keep & (1 << cap) == 0 {
-                let rc = libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0);
-                if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::PermissionDenied,
-                        format!(
-                            "dropping capability {cap} from the bounding set: {} (spliced must \
-                             start as root, or with CAP_SETPCAP, to drop privileges)",
-                            io::Error::last_os_error()
-                        ),
-                    ));
-                }
+    // The bounding set first, while CAP_SETPCAP is still there. Capabilities this kernel does
+    // not know are refused with EINVAL: nothing to drop.
+    for cap in (0..64u32).filter(|cap| keep & (1 << cap) == 0) {
+        let set = CapabilitySet::from_bits_retain(1 << cap);
+        match thread::remove_capability_from_bounding_set(set) {
+            Ok(()) | Err(rustix::io::Errno::INVAL) => {}
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "dropping capability {cap} from the bounding set: {} (spliced must \
+                         start as root, or with CAP_SETPCAP, to drop privileges)",
+                        io::Error::from(e)
+                    ),
+                ))
             }
         }
-        check(
-            libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0).into(),
-            "PR_SET_KEEPCAPS",
-        )?;
-        let groups = [user.gid];
-        check(
-            libc::syscall(libc::SYS_setgroups, 1, groups.as_ptr()),
-            "setgroups",
-        )?;
-        check(
-            libc::syscall(libc::SYS_setresgid, user.gid, user.gid, user.gid),
-            "setresgid",
-        )?;
-        check(
-            libc::syscall(libc::SYS_setresuid, user.uid, user.uid, user.uid),
-            "setresuid",
-        )?;
-        set_thread_caps(keep, keep)?;
-        check(
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
-                0,
-                0,
-                0,
-            )
-            .into(),
-            "PR_CAP_AMBIENT_CLEAR_ALL",
-        )?;
-        check(
-            libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0).into(),
-            "PR_SET_KEEPCAPS",
-        )?;
-        check(
-            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0).into(),
-            "PR_SET_NO_NEW_PRIVS",
-        )?;
     }
+    let (uid, gid) = (Uid::from_raw(user.uid), Gid::from_raw(user.gid));
+    thread::set_keep_capabilities(true).map_err(step("PR_SET_KEEPCAPS"))?;
+    // This thread's credentials only (the raw system calls, not libc's process-wide ones):
+    // drop_to runs this on every thread.
+    thread::set_thread_groups(&[gid]).map_err(step("setgroups"))?;
+    thread::set_thread_res_gid(gid, gid, gid).map_err(step("setresgid"))?;
+    thread::set_thread_res_uid(uid, uid, uid).map_err(step("setresuid"))?;
+    set_thread_caps(keep, keep)?;
+    thread::clear_ambient_capability_set().map_err(step("PR_CAP_AMBIENT_CLEAR_ALL"))?;
+    thread::set_keep_capabilities(false).map_err(step("PR_SET_KEEPCAPS"))?;
+    thread::set_no_new_privs(true).map_err(step("PR_SET_NO_NEW_PRIVS"))?;
     Ok(())
 }
 
