@@ -16,6 +16,7 @@ pub mod forward;
 mod metrics;
 pub mod peek;
 pub mod privdrop;
+pub mod problem;
 pub mod proxy_header;
 pub mod registry;
 mod sockopt;

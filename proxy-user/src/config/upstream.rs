@@ -7,7 +7,7 @@ use toml_edit::Item;
 
 use super::{
     document::{Entry, Errors},
-    value,
+    value, Problem,
 };
 use crate::{
     addr::Endpoint,
@@ -17,12 +17,12 @@ use crate::{
     },
 };
 
-fn address(s: &str) -> Result<Endpoint, String> {
-    value::upstream(s).map_err(|p| p.0)
+fn address(s: &str) -> Result<Endpoint, Problem> {
+    value::upstream(s)
 }
 
-fn duration(item: &Item) -> Result<Duration, String> {
-    value::duration(item).map_err(|p| p.0)
+fn duration(item: &Item) -> Result<Duration, Problem> {
+    value::duration(item)
 }
 
 /// Upstream addresses are checked like `upstream = "..."`; check durations like every duration.
@@ -50,7 +50,7 @@ pub(super) fn key(
                 vec![parse::Problem {
                     at: String::new(),
                     span: None,
-                    message,
+                    message: message.into(),
                 }]
             }),
         _ => return None,

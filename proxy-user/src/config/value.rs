@@ -1,6 +1,6 @@
 //! Values of the file: each parser takes an item, checks its type and range, and says what is
 //! wrong and what would be valid.
-use std::{fmt, time::Duration};
+use std::time::Duration;
 
 use toml_edit::{Item, Value};
 
@@ -12,35 +12,8 @@ use super::{
 };
 use crate::addr::{self, Endpoint};
 
-/// What is wrong with one value and how to write it instead: the message of a
-/// [`super::ConfigError`], which adds the place and the key. The text is the whole error (a
-/// value has no underlying cause to keep).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem(pub String);
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Problem {}
-
-impl From<&str> for Problem {
-    fn from(s: &str) -> Problem {
-        Problem(s.to_owned())
-    }
-}
-
-impl PartialEq<&str> for Problem {
-    fn eq(&self, other: &&str) -> bool {
-        self.0 == *other
-    }
-}
-
-macro_rules! problem {
-    ($($arg:tt)*) => { Problem(format!($($arg)*)) };
-}
+use crate::problem::problem;
+pub use crate::problem::Problem;
 
 /// Levenshtein distance, for "did you mean" hints.
 pub(super) use strsim::levenshtein as edit_distance;

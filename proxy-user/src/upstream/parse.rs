@@ -19,14 +19,17 @@ use std::{ops::Range, time::Duration};
 use toml_edit::{Item, TableLike, Value};
 
 use super::{Balance, HealthCheck, ServerSpec, MAX_RISE_FALL, MAX_WEIGHT};
-use crate::addr::Endpoint;
+use crate::{
+    addr::Endpoint,
+    problem::{problem, Problem as Invalid},
+};
 
 /// The value grammar the configuration module provides.
 pub struct Grammar<'a> {
     /// An upstream address, checked (zone interfaces exist, port not 0).
-    pub address: &'a dyn Fn(&str) -> Result<Endpoint, String>,
+    pub address: &'a dyn Fn(&str) -> Result<Endpoint, Invalid>,
     /// A duration such as `"2s"`.
-    pub duration: &'a dyn Fn(&Item) -> Result<Duration, String>,
+    pub duration: &'a dyn Fn(&Item) -> Result<Duration, Invalid>,
 }
 
 /// One problem in a value: `at` the key path below it (`""`, `"[1]"`, `"[1].weight"`,
@@ -176,7 +179,7 @@ fn server(
         let result = match key {
             "address" => match value.as_str() {
                 Some(s) => (grammar.address)(s).map(|e| spec.address = e),
-                None => Err(format!(
+                None => Err(problem!(
                     "expected a string, found {}; write e.g. address = \"10.0.0.2:80\"",
                     describe(value)
                 )),
@@ -187,7 +190,7 @@ fn server(
                     spec.backup = b;
                     Ok(())
                 }
-                None => Err(format!(
+                None => Err(problem!(
                     "expected true or false, found {}; write e.g. backup = true",
                     describe(value)
                 )),
@@ -195,7 +198,8 @@ fn server(
             _ => Err(
                 "unknown key; valid keys of an upstream table are `address`, `weight`, \
                       `backup`"
-                    .to_owned(),
+                    .to_owned()
+                    .into(),
             ),
         };
         if let Err(m) = result {
@@ -217,13 +221,13 @@ fn server(
     }
 }
 
-fn weight(item: &Item) -> Result<u32, String> {
+fn weight(item: &Item) -> Result<u32, Invalid> {
     match item.as_integer() {
         Some(n) if (1..=i64::from(MAX_WEIGHT)).contains(&n) => Ok(n as u32),
-        Some(n) => Err(format!(
+        Some(n) => Err(problem!(
             "{n} is out of range; use 1 to {MAX_WEIGHT} (a share relative to the other servers)"
         )),
-        None => Err(format!(
+        None => Err(problem!(
             "expected an integer, found {}; write e.g. weight = 2",
             describe(item)
         )),
@@ -231,10 +235,10 @@ fn weight(item: &Item) -> Result<u32, String> {
 }
 
 /// `balance`.
-pub fn balance(item: &Item) -> Result<Balance, String> {
+pub fn balance(item: &Item) -> Result<Balance, Invalid> {
     let valid = Balance::ALL.map(Balance::as_str).join(", ");
     let Some(s) = item.as_str() else {
-        return Err(format!(
+        return Err(problem!(
             "expected a string, found {}; use one of {valid}",
             describe(item)
         ));
@@ -242,7 +246,7 @@ pub fn balance(item: &Item) -> Result<Balance, String> {
     Balance::ALL
         .into_iter()
         .find(|b| b.as_str() == s)
-        .ok_or_else(|| format!("{s:?} is not a balance; use one of {valid}"))
+        .ok_or_else(|| problem!("{s:?} is not a balance; use one of {valid}"))
 }
 
 /// The longest check `interval` (and `timeout`).
@@ -272,7 +276,8 @@ pub fn health_check(item: &Item, grammar: &Grammar<'_>) -> Result<HealthCheck, V
             _ => Err(
                 "unknown key; valid keys of health_check are `interval`, `timeout`, \
                       `rise`, `fall`"
-                    .to_owned(),
+                    .to_owned()
+                    .into(),
             ),
         };
         if let Err(m) = result {
@@ -309,10 +314,10 @@ fn interval(
     grammar: &Grammar<'_>,
     key: &str,
     example: &str,
-) -> Result<Duration, String> {
+) -> Result<Duration, Invalid> {
     let d = (grammar.duration)(item)?;
     if !(MIN_INTERVAL..=MAX_INTERVAL).contains(&d) {
-        return Err(format!(
+        return Err(problem!(
             "{} is out of range; use 100ms to 1h, e.g. {key} = \"{example}\"",
             item.to_string().trim()
         ));
@@ -320,13 +325,13 @@ fn interval(
     Ok(d)
 }
 
-fn count(item: &Item, key: &str, example: u32) -> Result<u32, String> {
+fn count(item: &Item, key: &str, example: u32) -> Result<u32, Invalid> {
     match item.as_integer() {
         Some(n) if (1..=i64::from(MAX_RISE_FALL)).contains(&n) => Ok(n as u32),
-        Some(n) => Err(format!(
+        Some(n) => Err(problem!(
             "{n} is out of range; use 1 to {MAX_RISE_FALL}, e.g. {key} = {example}"
         )),
-        None => Err(format!(
+        None => Err(problem!(
             "expected an integer, found {}; write e.g. {key} = {example}",
             describe(item)
         )),

@@ -1,10 +1,10 @@
 use super::*;
 
-fn address(s: &str) -> Result<Endpoint, String> {
-    s.parse::<Endpoint>().map_err(|e| e.to_string())
+fn address(s: &str) -> Result<Endpoint, Invalid> {
+    s.parse::<Endpoint>().map_err(|e| Invalid(e.to_string()))
 }
 
-fn duration(v: &Item) -> Result<Duration, String> {
+fn duration(v: &Item) -> Result<Duration, Invalid> {
     let s = v.as_str().ok_or("not a duration")?;
     let n: u64 = s
         .strip_suffix("ms")
@@ -72,7 +72,7 @@ fn every_problem_with_its_path_and_place() {
     assert_eq!(
         errors(text),
         [
-            ("[0]".to_owned(), Some(1), address("bad").unwrap_err()),
+            ("[0]".to_owned(), Some(1), address("bad").unwrap_err().0),
             (
                 "[1].weight".to_owned(),
                 Some(text.find("0,").unwrap()),
