@@ -34,6 +34,14 @@ fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(c) => {
             println!("{}: ok, {} route(s)", path.display(), c.routes.len());
+            if !c.xdp.is_empty() {
+                println!("xdp: the XDP front on {}", c.xdp.join(", "));
+            }
+            for route in &c.routes {
+                for rule in route.rules.describe() {
+                    println!("route {}: {rule}", route.name);
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => usage_errors(&errors),
@@ -216,7 +224,7 @@ fn drop_privileges(daemon: &Daemon, name: &str) -> Result<()> {
         .hand_over_to(user.uid, user.gid)
         .context("cannot hand the control socket over")?;
     let mut keep = spliced::privdrop::KEEP;
-    if daemon.has_sockmap() && spliced::privdrop::bpf_needs_cap() {
+    if (daemon.has_sockmap() || daemon.has_xdp()) && spliced::privdrop::bpf_needs_cap() {
         // This kernel checks CAP_BPF for every bpf() command (before 6.5).
         keep |= 1 << spliced::privdrop::CAP_BPF;
     }

@@ -17,6 +17,7 @@ use crate::{
     addr::Endpoint,
     forward::DataPath,
     registry::{Failure, Registry},
+    xdp::Reason,
 };
 
 /// A scrape must send its request head within this time, in at most [`MAX_REQUEST`] bytes.
@@ -160,7 +161,33 @@ pub(crate) fn render(registry: &Registry) -> String {
                 .map(|p| format!("{{route=\"{r}\",path=\"{p}\"}} 1"))
         }),
     );
+    refused(registry, &mut out);
     out
+}
+
+/// `spliced_refused_total{route,reason,at}`: the source rules' refusals, in XDP and at accept.
+fn refused(registry: &Registry, out: &mut String) {
+    let Some(filters) = registry.filters() else {
+        return;
+    };
+    let name = "spliced_refused_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Sources refused by the route's allow or deny (reason acl) or syn_rate: \
+         SYNs the XDP front dropped (at xdp), connections reset at accept (at accept).\n\
+         # TYPE {name} counter"
+    );
+    for (r, _, counts) in filters.summary() {
+        for (reason, c) in Reason::ALL.iter().zip(counts) {
+            for (at, n) in [("xdp", c.xdp), ("accept", c.accept)] {
+                let reason = reason.label();
+                let _ = writeln!(
+                    out,
+                    "{name}{{route=\"{r}\",reason=\"{reason}\",at=\"{at}\"}} {n}"
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use crate::{
     forward::DataPath,
     sockopt,
     upstream::{ServerStatus, ServerTable, Upstreams},
+    xdp::Filters,
 };
 
 /// Why a connection failed, as the metrics label it.
@@ -286,6 +287,8 @@ pub struct Registry {
     servers: Arc<ServerTable>,
     /// The upstream sets of the routes running now.
     upstreams: Mutex<Vec<Arc<Upstreams>>>,
+    /// The routes' source rules and their refusal counters.
+    filters: Option<Arc<Filters>>,
 }
 
 /// A live connection's place in the registry; leaving it removes the entry.
@@ -308,6 +311,17 @@ impl Registry {
             sockmap,
             ..Registry::default()
         }
+    }
+
+    /// The same registry, reading refusals (status, metrics) from `filters`.
+    pub fn with_filters(mut self, filters: Arc<Filters>) -> Registry {
+        self.filters = Some(filters);
+        self
+    }
+
+    /// The routes' source rules and refusal counters, if the daemon has them.
+    pub fn filters(&self) -> Option<&Filters> {
+        self.filters.as_deref()
     }
 
     /// The loaded verdict program, if any.

@@ -18,7 +18,10 @@ use tokio::{io::AsyncWriteExt, net::UnixListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::registry::{Registry, Sample};
+use crate::{
+    registry::{Registry, Sample},
+    xdp::{AttachMode, Reason, Refusals, SourceRules},
+};
 
 /// How long a status client may take to read the reply.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -142,10 +145,11 @@ async fn serve(listener: UnixListener, registry: Arc<Registry>, stop: Cancellati
             .peer_cred()
             .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let reply = if allowed {
-            let connections = render(&registry.samples());
-            connections
-                + "
-" + &crate::upstream::render_status(&registry.upstream_status())
+            let mut text = render(&registry.samples());
+            if let Some(filters) = registry.filters() {
+                text.push_str(&render_refusals(&filters.interfaces(), &filters.summary()));
+            }
+            text + "\n" + &crate::upstream::render_status(&registry.upstream_status())
         } else {
             "error: only root may ask spliced for its status\n".to_owned()
         };
@@ -201,6 +205,41 @@ pub fn render(samples: &[Sample]) -> String {
         }
         out.push_str(&line);
         out.push('\n');
+    }
+    out
+}
+
+/// The source rules' part of the status: where the XDP front runs, and for each route with
+/// rules (or refusals) its refusals by reason, in XDP and at accept. Empty without rules.
+pub fn render_refusals(
+    interfaces: &[(String, AttachMode)],
+    routes: &[(String, SourceRules, [Refusals; 2])],
+) -> String {
+    let mut out = String::new();
+    if !interfaces.is_empty() {
+        let list: Vec<String> = interfaces
+            .iter()
+            .map(|(n, m)| format!("{n} ({m})"))
+            .collect();
+        let _ = writeln!(out, "XDP front on {}", list.join(", "));
+    }
+    for (name, rules, counts) in routes {
+        if rules.is_empty() && counts.iter().all(|c| c.xdp + c.accept == 0) {
+            continue;
+        }
+        let parts: Vec<String> = Reason::ALL
+            .iter()
+            .zip(counts)
+            .map(|(r, c)| {
+                let (xdp, accept) = (c.xdp, c.accept);
+                format!(
+                    "{} {} (xdp {xdp}, accept {accept})",
+                    r.label(),
+                    xdp + accept
+                )
+            })
+            .collect();
+        let _ = writeln!(out, "route {name} refused: {}", parts.join(", "));
     }
     out
 }

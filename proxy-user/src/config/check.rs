@@ -7,9 +7,12 @@ use super::{
     value::{self, format_size, unknown_key, Problem},
     Config, Mode, Route, DEFAULT_MAX_BUFFERED,
 };
-use crate::addr::{Endpoint, Host};
+use crate::{
+    addr::{self, Endpoint, Host},
+    xdp::{self, config::ListError},
+};
 
-pub(super) const TOP_KEYS: [&str; 10] = [
+pub(super) const TOP_KEYS: [&str; 11] = [
     "mode",
     "grace_period",
     "send_buffer",
@@ -19,9 +22,10 @@ pub(super) const TOP_KEYS: [&str; 10] = [
     "control_socket",
     "metrics",
     "user",
+    "xdp",
     "route",
 ];
-const ROUTE_KEYS: [&str; 11] = [
+const ROUTE_KEYS: [&str; 14] = [
     "name",
     "listen",
     "upstream",
@@ -33,6 +37,9 @@ const ROUTE_KEYS: [&str; 11] = [
     "max_buffered",
     "max_connections",
     "idle_timeout",
+    "allow",
+    "deny",
+    "syn_rate",
 ];
 
 const NO_ROUTES: &str =
@@ -56,6 +63,11 @@ pub(super) fn check(root: &dyn TableLike, errors: &mut Errors) -> Config {
     let top = entries(root);
     let mut total_span = None;
     for entry in top.iter().filter(|e| e.key != "route") {
+        if entry.key == "xdp" {
+            let names = list(entry, "xdp", errors, xdp::config::parse_interfaces);
+            config.xdp = names.map_or_else(Vec::new, |n| xdp_interfaces(entry, n, errors));
+            continue;
+        }
         let result = top_key(entry, &mut config, &mut defaults);
         if entry.key == "max_buffered_total" && result.is_ok() {
             total_span = Some(entry.value_span());
@@ -217,6 +229,16 @@ fn check_route(
             ok &= fine;
             continue;
         }
+        if let "allow" | "deny" = entry.key {
+            let key = key_of(entry.key);
+            let parse = |texts: &[&str]| xdp::config::parse_prefixes(texts, entry.key);
+            match (list(&entry, &key, errors, parse), entry.key) {
+                (Some(p), "allow") => route.rules.allow = Some(p),
+                (Some(p), _) => route.rules.deny = p,
+                (None, _) => ok = false,
+            }
+            continue;
+        }
         let result = route_key(&entry, &mut route, &mut checked);
         ok &= result.is_ok();
         report(errors, &entry, &ROUTE_KEYS, &key_of(entry.key), result);
@@ -256,9 +278,71 @@ fn route_key(entry: &Entry, route: &mut Route, checked: &mut Checked) -> Result<
         "max_buffered" => route.max_buffered = value::max_buffered(item)?,
         "max_connections" => route.max_connections = Some(value::max_connections(item)?),
         "idle_timeout" => route.idle_timeout = Some(value::idle_timeout(item)?),
+        "syn_rate" => route.rules.syn_rate = Some(value::syn_rate(item)?),
         key => return Err(unknown_key(key, &ROUTE_KEYS, "[[route]]")),
     }
     Ok(())
+}
+
+/// `xdp`, `allow`, `deny`: a list of strings checked by `parse`; a problem is recorded at the
+/// element at fault (or at the list). `None` when there was one.
+fn list<T>(
+    entry: &Entry,
+    key: &str,
+    errors: &mut Errors,
+    parse: impl FnOnce(&[&str]) -> Result<T, ListError>,
+) -> Option<T> {
+    let whole = entry.value_span();
+    let Some(array) = entry.item.as_array() else {
+        let found = kind(entry.item);
+        errors.at(
+            &whole,
+            key,
+            format!("expected a list of strings, found {found}"),
+        );
+        return None;
+    };
+    let mut texts = Vec::new();
+    let mut spans = Vec::new();
+    for v in array.iter() {
+        let span = v.span().unwrap_or_else(|| whole.clone());
+        let Some(text) = v.as_str() else {
+            let found = kind(&Item::Value(v.clone()));
+            errors.at(&span, key, format!("expected a string, found {found}"));
+            return None;
+        };
+        texts.push(text);
+        spans.push(span);
+    }
+    parse(&texts)
+        .map_err(|e| {
+            let span = e.index.and_then(|i| spans.get(i)).unwrap_or(&whole);
+            errors.at(span, key, e.message);
+        })
+        .ok()
+}
+
+/// The `xdp` names that exist here; each missing one is recorded at its element.
+fn xdp_interfaces(entry: &Entry, names: Vec<String>, errors: &mut Errors) -> Vec<String> {
+    let spans: Vec<Span> = entry
+        .item
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.span()).collect())
+        .unwrap_or_default();
+    for (i, name) in names.iter().enumerate() {
+        if !addr::interface_exists(name) {
+            let span = spans.get(i).cloned().unwrap_or_else(|| entry.value_span());
+            errors.at(
+                &span,
+                "xdp",
+                format!(
+                    "interface {name:?} does not exist on this machine; fix the name or create \
+                     the interface first (ip link shows the interfaces)"
+                ),
+            );
+        }
+    }
+    names
 }
 
 /// Reports a route whose name or listen address an earlier route already has.

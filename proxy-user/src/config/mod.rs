@@ -13,6 +13,7 @@
 //! control_socket = "/run/spliced/control.sock"  # `spliced status` asks here (root only)
 //! metrics = "127.0.0.1:9180"  # Prometheus text on http://ADDR/metrics; off when absent
 //! user = "spliced"         # after start-up, run as this user (see crate::privdrop)
+//! xdp = ["eth0"]           # interfaces where the XDP front enforces the routes' rules
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
@@ -27,6 +28,9 @@
 //! max_buffered = "16MiB"                           # optional, overrides the top-level one
 //! max_connections = 100                            # optional: live connections of this route
 //! idle_timeout = "10m"                             # optional: close after this long without data
+//! allow = ["198.51.100.0/24", "2001:db8:1::/48"]   # optional: only these sources may connect
+//! deny = ["198.51.100.66/32"]                      # optional: never these (deny wins)
+//! syn_rate = 20                                    # optional: new connections/s per source
 //! ```
 //!
 //! - Durations are a whole number and a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
@@ -37,7 +41,9 @@
 //!   buffer autotuning on.
 //! - Addresses are written as in [`crate::addr`]. A link-local IPv6 upstream needs its
 //!   interface as a zone: `[fe80::1%lxdbr0]:2368`.
-//! - Interfaces named in `interface` or in a zone must exist when the file is checked.
+//! - Interfaces named in `interface`, in a zone or in `xdp` must exist when the file is checked.
+//! - `allow` and `deny` are lists of prefixes (`198.51.100.0/24`, `2001:db8::/32`, or a bare
+//!   address); a problem is reported at the element. `syn_rate` is 1 to 1,000,000.
 //!
 //! Defaults: `mode = "auto"`, `grace_period = "30s"`, `send_buffer = "16MiB"`,
 //! `max_connections = 10000`, `connect_timeout = "5s"`, `max_buffered = "16MiB"` (64KiB to
@@ -55,6 +61,7 @@ use std::{
 use crate::{
     addr::{self, Endpoint},
     upstream::UpstreamSpec,
+    xdp::SourceRules,
 };
 
 mod check;
@@ -151,6 +158,8 @@ pub struct Route {
     /// A connection that carried no data either way for this long is closed (both sides
     /// reset). `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// `allow`, `deny`, `syn_rate`: who may connect, how often (XDP front and accept).
+    pub rules: SourceRules,
 }
 
 /// The whole daemon configuration.
@@ -172,6 +181,8 @@ pub struct Config {
     /// The user to switch to once the program is loaded and the sockets are bound; `None`:
     /// stay as started.
     pub user: Option<String>,
+    /// `xdp`: interfaces where the XDP front enforces the routes' rules; empty: none.
+    pub xdp: Vec<String>,
 }
 
 /// One configuration problem: where it is, which key, what is wrong and how to fix it.
@@ -233,6 +244,7 @@ impl Route {
             max_buffered: DEFAULT_MAX_BUFFERED,
             max_connections: None,
             idle_timeout: None,
+            rules: SourceRules::default(),
         }
     }
 
@@ -256,6 +268,7 @@ impl Config {
             control_socket: DEFAULT_CONTROL_SOCKET.into(),
             metrics: None,
             user: None,
+            xdp: Vec::new(),
         }
     }
 

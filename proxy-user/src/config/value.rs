@@ -316,3 +316,15 @@ pub(super) fn format_size(bytes: u64) -> String {
     }
     format!("{bytes} bytes")
 }
+
+/// `syn_rate`: new connections per second per source (see [`crate::xdp::config`]).
+pub(super) fn syn_rate(value: &Item) -> Result<u32, Problem> {
+    match value.as_integer() {
+        Some(n) => crate::xdp::config::parse_syn_rate(n).map_err(|e| Problem(e.to_string())),
+        None => Err(problem!(
+            "expected an integer (new connections per second per source), found {}; write e.g. \
+             syn_rate = 20",
+            describe(value)
+        )),
+    }
+}

@@ -111,6 +111,12 @@ pub(super) async fn accept_loop(
                     .counters
                     .total
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if shared.filters.check(&route.route.name, peer.ip()).is_err() {
+                    // allow, deny or syn_rate: a connection that did not pass through the XDP
+                    // front (loopback, another interface) gets the same answer here, at once.
+                    let _ = sockopt::set_linger_zero(&client);
+                    continue;
+                }
                 let Some(live) = Live::enter(&shared, &route, peer) else {
                     let _ = sockopt::set_linger_zero(&client);
                     continue;

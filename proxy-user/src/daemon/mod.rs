@@ -26,6 +26,8 @@ use crate::{
     status::{self, ControlSocket},
     systemd::Inherited,
     upstream::Upstreams,
+    xdp::{Filters, RouteRules, XdpError},
+    XDP_OBJECT,
 };
 
 mod connection;
@@ -72,6 +74,9 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    /// The XDP front could not be loaded, attached or updated.
+    #[error(transparent)]
+    Xdp(#[from] XdpError),
     /// The metrics endpoint could not be bound.
     #[error("metrics: cannot listen on {addr}: {source}")]
     Metrics {
@@ -113,8 +118,12 @@ impl Daemon {
     ) -> Result<Daemon, StartError> {
         let inherited = match_inherited(inherited, &config.routes);
         let sockmap = data_path(&config).await?.map(Arc::new);
+        // Attached (or refused) before anything is bound; the rules follow once the listeners'
+        // addresses are known.
+        let filters = Arc::new(Filters::start(XDP_OBJECT, &config.xdp, &[])?);
         let shared = Arc::new(Shared {
-            registry: Arc::new(Registry::new(sockmap.clone())),
+            registry: Arc::new(Registry::new(sockmap.clone()).with_filters(filters.clone())),
+            filters,
             sockmap,
             send_buffer: config.send_buffer,
             max_connections: AtomicU64::new(config.max_connections as u64),
@@ -137,6 +146,12 @@ impl Daemon {
             daemon.plan_for(route)?;
             listeners.push(listen::listener(route, &daemon.inherited).await?);
         }
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
+        daemon.shared.filters.apply(
+            XDP_OBJECT,
+            &config.xdp,
+            &route_rules(&config.routes, &addrs),
+        )?;
         daemon.start_services(&config).await?;
         for (route, listener) in config.routes.iter().zip(listeners) {
             let slot = daemon.open(route.clone(), listener);
@@ -160,6 +175,10 @@ impl Daemon {
             info!("metrics: Prometheus text on http://{addr}/metrics");
             self.metrics = Some((addr, task));
         }
+        tokio::spawn(report_refusals(
+            self.shared.filters.clone(),
+            self.stop_service.clone(),
+        ));
         let path = &config.control_socket;
         self.control = status::start(path, registry.clone(), self.stop_service.clone());
         if self.control.is_some() {
@@ -261,6 +280,11 @@ impl Daemon {
         self.shared.sockmap.is_some()
     }
 
+    /// Whether the XDP front is attached somewhere (its maps are updated at reloads).
+    pub fn has_xdp(&self) -> bool {
+        !self.shared.filters.interfaces().is_empty()
+    }
+
     /// The address the metrics endpoint listens on, if it is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics.as_ref().map(|(a, _)| *a)
@@ -303,6 +327,7 @@ impl Daemon {
             self.connections.wait().await;
         }
         self.stop_service.cancel();
+        self.shared.filters.detach();
         if let Some((_, task)) = self.metrics {
             let _ = task.await;
         }
@@ -310,6 +335,31 @@ impl Daemon {
             control.stop().await;
         }
         info!("stopped");
+    }
+}
+
+/// The routes' rules with the addresses their listeners are bound to (`addrs`, in route order).
+fn route_rules(routes: &[Route], addrs: &[SocketAddr]) -> Vec<RouteRules> {
+    routes
+        .iter()
+        .zip(addrs)
+        .map(|(r, a)| RouteRules {
+            name: r.name.clone(),
+            listen: vec![*a],
+            rules: r.rules.clone(),
+        })
+        .collect()
+}
+
+/// Logs the XDP front's drops every few seconds (each route at most once per
+/// [`crate::xdp::LOG_INTERVAL`]) until `stop`.
+async fn report_refusals(filters: Arc<Filters>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => filters.report(),
+            () = stop.cancelled() => return,
+        }
     }
 }
 

@@ -1,8 +1,13 @@
 //! SIGHUP: a pure plan of what changes between two configurations, and the step that applies it.
 use tracing::{info, warn};
 
+use std::net::SocketAddr;
+
 use super::{listen, Daemon, StartError};
-use crate::config::{Config, Route};
+use crate::{
+    config::{Config, Route},
+    XDP_OBJECT,
+};
 
 /// What a reload changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -94,6 +99,14 @@ impl Daemon {
                 },
             });
         }
+        if errors.is_empty() {
+            // The rules, before any listener changes: on a failure nothing else does.
+            let addrs = self.bound_addrs(&plan, &fresh);
+            let rules = super::route_rules(&config.routes, &addrs);
+            if let Err(e) = self.shared.filters.apply(XDP_OBJECT, &config.xdp, &rules) {
+                errors.push(e.into());
+            }
+        }
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -107,6 +120,19 @@ impl Daemon {
         let summary = self.apply(&config, plan, fresh).await;
         self.config = config;
         Ok(summary)
+    }
+
+    /// Each new route's bound address: its reused listener's, or its fresh one's.
+    fn bound_addrs(&self, plan: &Plan, fresh: &[Option<listen::Bound>]) -> Vec<SocketAddr> {
+        plan.reuse
+            .iter()
+            .zip(fresh)
+            .filter_map(|(found, bound)| match (found, bound) {
+                (Some(i), _) => self.slots.get(*i).map(|s| s.local_addr),
+                (None, Some((_, addr))) => Some(*addr),
+                (None, None) => None,
+            })
+            .collect()
     }
 
     /// Swaps, opens and closes listeners as `plan` says; `fresh` holds the new routes' bound

@@ -17,6 +17,7 @@ use crate::{
     forward::{Budget, Plan},
     registry::{Failure, Registry, RouteCounters},
     upstream::{CheckOptions, Checker, Upstreams},
+    xdp::Filters,
 };
 
 /// State every connection task shares.
@@ -33,6 +34,8 @@ pub(super) struct Shared {
     pub(super) live: AtomicU64,
     /// Fires when the grace period is over: live connections are reset.
     pub(super) close_all: CancellationToken,
+    /// The routes' source rules: the XDP front and the accept-time check.
+    pub(super) filters: Arc<Filters>,
 }
 
 /// A route as its listener serves it now.

@@ -2,6 +2,32 @@ use super::*;
 use crate::forward::DataPath;
 
 #[test]
+fn refusals_only_for_routes_with_rules() {
+    use crate::xdp::{AttachMode, Refusals, SourceRules};
+    let rules = SourceRules {
+        syn_rate: Some(5),
+        ..SourceRules::default()
+    };
+    let counts = [
+        Refusals { xdp: 6, accept: 1 },
+        Refusals { xdp: 0, accept: 2 },
+    ];
+    let text = render_refusals(
+        &[("eth0".into(), AttachMode::Native)],
+        &[
+            ("admin".into(), rules, counts),
+            ("web".into(), SourceRules::default(), Default::default()),
+        ],
+    );
+    assert_eq!(
+        text,
+        "XDP front on eth0 (native)\n\
+         route admin refused: acl 7 (xdp 6, accept 1), syn_rate 2 (xdp 0, accept 2)\n"
+    );
+    assert_eq!(render_refusals(&[], &[]), "");
+}
+
+#[test]
 fn table_is_aligned() {
     let samples = [
         Sample {

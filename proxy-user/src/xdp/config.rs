@@ -84,13 +84,18 @@ pub fn parse_prefixes(texts: &[&str], key: &str) -> Result<Vec<Prefix>, ListErro
     Ok(prefixes)
 }
 
+/// A `syn_rate` out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{0} is out of range: 1 to {SYN_RATE_MAX} new connections per second per source (remove \
+     `syn_rate` for no limit)"
+)]
+pub struct RateError(pub i64);
+
 /// `syn_rate = N`: new connections per second per source, 1 to [`SYN_RATE_MAX`].
-pub fn parse_syn_rate(n: i64) -> Result<u32, String> {
-    if (1..=SYN_RATE_MAX).contains(&n) {
-        return Ok(n as u32);
-    }
-    Err(format!(
-        "{n} is out of range: 1 to {SYN_RATE_MAX} new connections per second per source \
-         (remove `syn_rate` for no limit)"
-    ))
+pub fn parse_syn_rate(n: i64) -> Result<u32, RateError> {
+    u32::try_from(n)
+        .ok()
+        .filter(|r| (1..=SYN_RATE_MAX).contains(&i64::from(*r)))
+        .ok_or(RateError(n))
 }

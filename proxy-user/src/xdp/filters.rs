@@ -116,6 +116,36 @@ impl Filters {
         }
     }
 
+    /// Detaches the XDP front from every interface (at exit; the kernel would do it anyway
+    /// when the links' descriptors close, but the log should say so).
+    pub fn detach(&self) {
+        let mut front = self.front.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mut f) = front.take() {
+            if let Err(e) = f.set_interfaces(&[]) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Every route with rules or refusals: (name, rules, refusals by reason in
+    /// [`Reason::ALL`] order), for status and metrics.
+    pub fn summary(&self) -> Vec<(String, SourceRules, [Refusals; 2])> {
+        let rules: Vec<(String, SourceRules)> = {
+            let states = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+            states
+                .iter()
+                .map(|(n, s)| (n.clone(), s.guard.rules().clone()))
+                .collect()
+        };
+        rules
+            .into_iter()
+            .map(|(name, rules)| {
+                let counts = Reason::ALL.map(|r| self.refusals(&name, r));
+                (name, rules, counts)
+            })
+            .collect()
+    }
+
     /// The accept-time check of route `name` on `peer`; a refusal is counted and logged at
     /// most once per [`LOG_INTERVAL`] for the route.
     pub fn check(&self, name: &str, peer: IpAddr) -> Result<(), Reason> {

@@ -279,7 +279,10 @@ fn config_values() {
     let e = parse_prefixes(&["10.0.0.0/8", "10.0.0.0/8"], "deny").unwrap_err();
     assert!(e.message.contains("twice"), "{e:?}");
     assert_eq!(parse_syn_rate(20), Ok(20));
-    assert!(parse_syn_rate(0).unwrap_err().contains("out of range"));
+    assert!(parse_syn_rate(0)
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
     assert!(parse_syn_rate(1_000_001).is_err());
 }
 
