@@ -85,8 +85,9 @@ pub const VM_TESTS: &[(&str, &[&str])] = &[
             "sigterm_with_a_live_connection",
         ],
     ),
-    // The XDP front's ACL over veth, native and generic (issue 15).
+    // The XDP front's ACL over veth, native and generic, and through the daemon (issue 15).
     ("xdp_front", &["acl_"]),
+    ("xdp", &["daemon_xdp_acl", "loopback_rules_at_accept"]),
 ];
 
 /// The musl target the guest binaries are built for (static, no libc needed in the guest).
