@@ -18,6 +18,8 @@ pub enum Contender {
     Direct,
     /// spliced's default: `auto`, which starts connections on copy and moves them to sockmap.
     Auto,
+    /// `auto` with the XDP front on the veth and rules that pass everything: its cost.
+    AutoXdp,
     Sockmap,
     Splice,
     Copy,
@@ -27,9 +29,10 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 8] = [
+    pub const ALL: [Contender; 9] = [
         Contender::Direct,
         Contender::Auto,
+        Contender::AutoXdp,
         Contender::Sockmap,
         Contender::Splice,
         Contender::Copy,
@@ -43,6 +46,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct",
             Contender::Auto => "spliced auto",
+            Contender::AutoXdp => "spliced auto + XDP",
             Contender::Sockmap => "spliced sockmap",
             Contender::Splice => "spliced splice",
             Contender::Copy => "spliced copy",
@@ -57,6 +61,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct",
             Contender::Auto => "auto",
+            Contender::AutoXdp => "auto-xdp",
             Contender::Sockmap => "sockmap",
             Contender::Splice => "splice",
             Contender::Copy => "copy",
@@ -132,6 +137,11 @@ pub fn describe(c: Contender, form: ProxydForm) -> String {
              `upstream = \"[fe80::2%IF]:PORT\"`; other settings default (log level info, to a file)",
             c.slug()
         ),
+        Contender::AutoXdp => "as `spliced auto`, plus `xdp = [\"IF\"]` (the XDP front on the \
+             host side of the veth, where the upstream's packets arrive: each is parsed and looked \
+             up) and, on the route, `allow = [\"0.0.0.0/0\", \"::/0\"]`, `syn_rate = 1000000` \
+             (rules that pass everything, checked at accept too)"
+            .into(),
         Contender::Socat => "`socat TCP-LISTEN:PORT,bind=127.0.0.1,fork,reuseaddr,backlog=4096 \
              TCP6:[fe80::2%IF]:PORT` (bind and backlog added: loopback only, and socat's default \
              backlog of 5 drops SYNs under concurrent connects)"
@@ -170,15 +180,26 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
     let log = dir.join(format!("{}-{tag}.log", c.slug()));
     let mut cmd = match c {
         Contender::Direct => unreachable!(),
-        Contender::Auto | Contender::Sockmap | Contender::Splice | Contender::Copy => {
+        Contender::Auto
+        | Contender::AutoXdp
+        | Contender::Sockmap
+        | Contender::Splice
+        | Contender::Copy => {
             let config = dir.join(format!("{}-{tag}.toml", c.slug()));
+            let (mode, xdp, rules) = match c {
+                Contender::AutoXdp => (
+                    "auto",
+                    format!("xdp = [\"{iface}\"]\n"),
+                    "allow = [\"0.0.0.0/0\", \"::/0\"]\nsyn_rate = 1000000\n",
+                ),
+                _ => (c.slug(), String::new(), ""),
+            };
             fs::write(
                 &config,
                 format!(
-                    "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n\n\
+                    "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n{xdp}\n\
                      [[route]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     upstream = \"[fe80::2%{iface}]:{up}\"\n",
-                    mode = c.slug()
+                     upstream = \"[fe80::2%{iface}]:{up}\"\n{rules}",
                 ),
             )?;
             let mut cmd = Command::new(env.spliced);

@@ -81,7 +81,11 @@ impl Notes {
     fn broke(&mut self, c: Contender, line: String) {
         if matches!(
             c,
-            Contender::Auto | Contender::Sockmap | Contender::Splice | Contender::Copy
+            Contender::Auto
+                | Contender::AutoXdp
+                | Contender::Sockmap
+                | Contender::Splice
+                | Contender::Copy
         ) {
             self.spliced_broke.push(line.clone());
         }
