@@ -20,6 +20,10 @@ use crate::{
     xdp::Reason,
 };
 
+// The HTTP server and the text format are kept by hand: one GET on a local port, read with a
+// bound of 8 KiB and 5 s, and a dozen counter families; hyper and prometheus-client would add
+// about forty crates to the daemon for that.
+
 /// A scrape must send its request head within this time, in at most [`MAX_REQUEST`] bytes.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST: usize = 8192;

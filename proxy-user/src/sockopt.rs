@@ -1,9 +1,15 @@
-//! Socket options and queries spliced needs that std, tokio and socket2 do not offer.
+//! Socket options and queries spliced needs beyond std and tokio: through socket2 where it has
+//! them; by hand (libc) where it does not: SO_COOKIE, TCP_INFO's byte counters, SIOCOUTQ,
+//! TCP_WINDOW_CLAMP, SO_SNDBUFFORCE, and non-blocking recv/send on a socket tokio does not own.
 use std::{
     io,
     mem::{size_of, MaybeUninit},
-    os::fd::{AsRawFd, RawFd},
+    net::Shutdown,
+    os::fd::{AsFd, AsRawFd, RawFd},
+    time::Duration,
 };
+
+use socket2::SockRef;
 
 fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -116,9 +122,8 @@ pub fn outq(fd: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// The pending socket error (`SO_ERROR`), cleared by reading it.
-pub fn take_error(fd: &impl AsRawFd) -> io::Result<Option<io::Error>> {
-    let err = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
-    Ok((err != 0).then(|| io::Error::from_raw_os_error(err)))
+pub fn take_error(fd: &impl AsFd) -> io::Result<Option<io::Error>> {
+    SockRef::from(fd).take_error()
 }
 
 /// Sets `SO_SNDBUF`, using `SO_SNDBUFFORCE` first so root is not capped by `wmem_max`.
@@ -131,22 +136,13 @@ pub fn set_send_buffer(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
 }
 
 /// Arms `SO_LINGER {on, 0}` so that the next close sends an RST instead of a FIN.
-pub fn set_linger_zero(fd: &impl AsRawFd) -> io::Result<()> {
-    setsockopt(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_LINGER,
-        libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
+pub fn set_linger_zero(fd: &impl AsFd) -> io::Result<()> {
+    SockRef::from(fd).set_linger(Some(Duration::ZERO))
 }
 
 /// `shutdown(fd, SHUT_WR)`: sends our FIN once the send queue is out.
-pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
-    // SAFETY: plain syscall on an fd we own.
-    check(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+pub fn shutdown_write(fd: &impl AsFd) -> io::Result<()> {
+    SockRef::from(fd).shutdown(Shutdown::Write)
 }
 
 /// A non-blocking `recv(MSG_DONTWAIT)`: `Ok(Some(n))` for n bytes (0 = EOF queued),

@@ -9,10 +9,15 @@
 use std::{
     collections::HashMap,
     io,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    mem::MaybeUninit,
+    os::fd::{BorrowedFd, OwnedFd, RawFd},
     sync::{Arc, Mutex},
 };
 
+use rustix::{
+    event::epoll::{self, EventData, EventFlags},
+    time::Timespec,
+};
 use tokio::{io::unix::AsyncFd, sync::Notify, task::JoinHandle};
 
 type Waiters = Arc<Mutex<HashMap<u64, Arc<Notify>>>>;
@@ -38,17 +43,11 @@ pub struct Watch {
 impl Watcher {
     /// Creates the epoll set. Must be called inside a tokio runtime.
     pub fn new() -> io::Result<Watcher> {
-        // SAFETY: plain syscall; the result is checked and owned below.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         // SAFETY: `fd` is a fresh descriptor nobody else owns; the OwnedFd keeps it open for
         // as long as the AsyncFd lives.
-        let epoll = unsafe {
-            AsyncFd::register_with_interest(OwnedFd::from_raw_fd(fd), tokio::io::Interest::READABLE)
-        }
-        .map_err(|e| io::Error::other(e.to_string()))?;
+        let epoll = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+            .map_err(|e| io::Error::other(e.to_string()))?;
         let epoll = Arc::new(epoll);
         let waiters: Waiters = Arc::default();
         let dispatcher = tokio::spawn(dispatch(epoll.clone(), waiters.clone()));
@@ -73,17 +72,16 @@ impl Watcher {
         for &(fd, cookie) in sockets {
             lock(&self.waiters).insert(cookie, watch.notify.clone());
             watch.cookies.push(cookie);
-            let mut event = libc::epoll_event {
-                events: (libc::EPOLLRDHUP | libc::EPOLLET) as u32,
-                u64: cookie,
-            };
-            // SAFETY: valid epoll fd and event struct. EPOLLERR and EPOLLHUP are always reported.
-            let ret = unsafe {
-                libc::epoll_ctl(self.epoll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event)
-            };
-            if ret < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // SAFETY: the caller's socket is open for this call; epoll keeps no reference to
+            // the descriptor, only to the socket. EPOLLERR and EPOLLHUP are always reported.
+            let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+            let flags = EventFlags::RDHUP | EventFlags::ET;
+            epoll::add(
+                self.epoll.get_ref(),
+                socket,
+                EventData::new_u64(cookie),
+                flags,
+            )?;
             watch.fds.push(fd);
         }
         Ok(watch)
@@ -116,16 +114,10 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         for &fd in &self.fds {
-            // SAFETY: the fds are still open (see the type's doc); a failure only means the
-            // kernel already dropped the registration.
-            unsafe {
-                libc::epoll_ctl(
-                    self.epoll.as_raw_fd(),
-                    libc::EPOLL_CTL_DEL,
-                    fd,
-                    std::ptr::null_mut(),
-                )
-            };
+            // SAFETY: the fds are still open (see the type's doc).
+            let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+            // A failure only means the kernel already dropped the registration.
+            let _ = epoll::delete(self.epoll.get_ref(), socket);
         }
         let mut waiters = lock(&self.waiters);
         for cookie in &self.cookies {
@@ -139,33 +131,33 @@ fn lock(waiters: &Waiters) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>
 }
 
 async fn dispatch(epoll: Arc<AsyncFd<OwnedFd>>, waiters: Waiters) {
-    const BATCH: usize = 256;
-    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; BATCH];
     loop {
         let Ok(mut guard) = epoll.readable().await else {
             return;
         };
-        loop {
-            // SAFETY: `events` holds BATCH entries; timeout 0 never blocks.
-            let n = unsafe {
-                libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), BATCH as i32, 0)
-            };
-            if n <= 0 {
-                break;
-            }
-            {
-                let waiters = lock(&waiters);
-                for event in &events[..n as usize] {
-                    let token = event.u64;
-                    if let Some(notify) = waiters.get(&token) {
-                        notify.notify_one();
-                    }
-                }
-            }
-            if (n as usize) < BATCH {
-                break;
-            }
-        }
+        while drain(epoll.get_ref(), &waiters) {}
         guard.clear_ready();
     }
+}
+
+/// Wakes the connections of up to one batch of ready sockets; whether the batch was full (more
+/// may be ready).
+fn drain(epoll: &OwnedFd, waiters: &Waiters) -> bool {
+    const BATCH: usize = 256;
+    let mut events = [MaybeUninit::<epoll::Event>::uninit(); BATCH];
+    // Timeout 0: the AsyncFd said there is something; never blocks.
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    let Ok((ready, _)) = epoll::wait(epoll, &mut events[..], Some(&now)) else {
+        return false;
+    };
+    let waiters = lock(waiters);
+    for event in ready.iter() {
+        if let Some(notify) = waiters.get(&event.data.u64()) {
+            notify.notify_one();
+        }
+    }
+    ready.len() == BATCH
 }

@@ -4,12 +4,13 @@
 use std::{
     io,
     mem::MaybeUninit,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     pin::pin,
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
 
+use rustix::pipe::{self, PipeFlags, SpliceFlags};
 use tokio::{io::Interest, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -21,9 +22,9 @@ trait Mover {
     /// Bytes held, read from the source and not yet written.
     fn pending(&self) -> usize;
     /// Reads from `src` into the store (only called when it is empty). 0 is EOF.
-    fn fill(&mut self, src: RawFd) -> io::Result<usize>;
+    fn fill(&mut self, src: BorrowedFd<'_>) -> io::Result<usize>;
     /// Writes from the store to `dst`.
-    fn drain(&mut self, dst: RawFd) -> io::Result<usize>;
+    fn drain(&mut self, dst: BorrowedFd<'_>) -> io::Result<usize>;
     /// The most one `fill` reads.
     fn capacity(&self) -> usize;
 }
@@ -57,11 +58,14 @@ impl Buffer {
     }
 }
 
+// recv and send stay libc calls: recv writes into the uninitialised buffer and send needs
+// MSG_NOSIGNAL; rustix would add conversions, not remove code.
 impl Mover for Buffer {
     fn pending(&self) -> usize {
         self.end - self.start
     }
-    fn fill(&mut self, src: RawFd) -> io::Result<usize> {
+    fn fill(&mut self, src: BorrowedFd<'_>) -> io::Result<usize> {
+        let src = src.as_raw_fd();
         let buf = self
             .buf
             .get_or_insert_with(|| Box::new_uninit_slice(Self::SIZE));
@@ -83,7 +87,8 @@ impl Mover for Buffer {
     fn capacity(&self) -> usize {
         Self::SIZE
     }
-    fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
+    fn drain(&mut self, dst: BorrowedFd<'_>) -> io::Result<usize> {
+        let dst = dst.as_raw_fd();
         let Some(buf) = &self.buf else {
             return Ok(0);
         };
@@ -109,19 +114,12 @@ struct Pipe {
 
 impl Pipe {
     /// 1 MiB, the default `pipe-max-size`; the kernel's 64 KiB default costs throughput.
-    const SIZE: libc::c_int = 1 << 20;
+    const SIZE: usize = 1 << 20;
 
     fn new() -> io::Result<Self> {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two descriptors.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh descriptors owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: plain fcntl; on failure the pipe keeps its default size.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, Self::SIZE) };
-        let capacity = if size > 0 { size as usize } else { 64 * 1024 };
+        let (read, write) = pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+        // On failure the pipe keeps its default size.
+        let capacity = pipe::fcntl_setpipe_size(&write, Self::SIZE).unwrap_or(64 * 1024);
         Ok(Pipe {
             read,
             write,
@@ -131,6 +129,9 @@ impl Pipe {
     }
 }
 
+/// Sockets and pipes have no offsets; move pages rather than copy them; never block.
+const SPLICE: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
+
 impl Mover for Pipe {
     fn pending(&self) -> usize {
         self.held
@@ -138,33 +139,13 @@ impl Mover for Pipe {
     fn capacity(&self) -> usize {
         self.capacity
     }
-    fn fill(&mut self, src: RawFd) -> io::Result<usize> {
-        // SAFETY: valid fds, null offsets (sockets and pipes have none).
-        let n = ret(unsafe {
-            libc::splice(
-                src,
-                std::ptr::null_mut(),
-                self.write.as_raw_fd(),
-                std::ptr::null_mut(),
-                self.capacity,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        })?;
+    fn fill(&mut self, src: BorrowedFd<'_>) -> io::Result<usize> {
+        let n = pipe::splice(src, None, &self.write, None, self.capacity, SPLICE)?;
         self.held += n;
         Ok(n)
     }
-    fn drain(&mut self, dst: RawFd) -> io::Result<usize> {
-        // SAFETY: as in `fill`.
-        let n = ret(unsafe {
-            libc::splice(
-                self.read.as_raw_fd(),
-                std::ptr::null_mut(),
-                dst,
-                std::ptr::null_mut(),
-                self.held,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-            )
-        })?;
+    fn drain(&mut self, dst: BorrowedFd<'_>) -> io::Result<usize> {
+        let n = pipe::splice(&self.read, None, dst, None, self.held, SPLICE)?;
         self.held -= n;
         Ok(n)
     }
@@ -225,7 +206,7 @@ async fn pump(
                 () = paused(pause), if drained => return Ok(Pumped::Paused),
                 r = src.readable() => r.map_err(Failed::Source)?,
             }
-            match src.try_io(Interest::READABLE, || mover.fill(src.as_raw_fd())) {
+            match src.try_io(Interest::READABLE, || mover.fill(src.as_fd())) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(Failed::Source(e)),
@@ -238,7 +219,7 @@ async fn pump(
         drained = n < mover.capacity();
         while mover.pending() > 0 {
             dst.writable().await.map_err(Failed::Destination)?;
-            match dst.try_io(Interest::WRITABLE, || mover.drain(dst.as_raw_fd())) {
+            match dst.try_io(Interest::WRITABLE, || mover.drain(dst.as_fd())) {
                 Ok(n) => {
                     count.fetch_add(n as u64, Ordering::Relaxed);
                     if let Some(p) = pause {
