@@ -22,6 +22,7 @@ pub mod registry;
 mod sockopt;
 pub mod status;
 pub mod systemd;
+mod text;
 pub mod upstream;
 pub mod xdp;
 

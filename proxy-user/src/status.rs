@@ -187,26 +187,11 @@ pub fn render(samples: &[Sample]) -> String {
             seconds(s.idle),
         ]);
     }
-    let mut widths = [0; 8];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = format!("{} live connection(s)\n", samples.len());
-    for row in &rows {
-        let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(&line);
-        out.push('\n');
-    }
-    out
+    format!(
+        "{} live connection(s)\n{}",
+        samples.len(),
+        crate::text::columns(&rows)
+    )
 }
 
 /// The source rules' part of the status: where the XDP front runs, and for each route with

@@ -47,26 +47,11 @@ pub fn render_status(servers: &[ServerStatus]) -> String {
             last,
         ]);
     }
-    let mut widths = [0; 9];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = format!("{} upstream server(s)\n", servers.len());
-    for row in &rows {
-        let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
-            if i + 1 == row.len() {
-                line.push_str(cell);
-            } else {
-                let _ = write!(line, "{cell:<w$}  ");
-            }
-        }
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
+    format!(
+        "{} upstream server(s)\n{}",
+        servers.len(),
+        crate::text::columns(&rows)
+    )
 }
 
 /// A label value in the exposition format: `\`, `"` and newlines escaped.

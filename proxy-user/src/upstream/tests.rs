@@ -287,8 +287,10 @@ async fn without_checks_a_server_found_down_is_probed_back_up() {
     assert_eq!(state_of(&set, addr), State::Down);
     let _back = tokio::net::TcpListener::bind(addr).await.unwrap();
     let took = until(&set, addr, State::Up).await;
+    // A bound on "picked up without a reload", with room for a loaded 2-core machine (seen
+    // failing at + 1 s while three builds ran).
     assert!(
-        took <= RECOVERY_INTERVAL + Duration::from_secs(1),
+        took <= RECOVERY_INTERVAL + Duration::from_secs(5),
         "{took:?}"
     );
 }

@@ -105,40 +105,24 @@ pub async fn run(
         let _ = sockopt::set_send_buffer(&client, bytes);
         let _ = sockopt::set_send_buffer(&upstream, bytes);
     }
-    let (client_cookie, upstream_cookie) =
-        match (sockopt::cookie(&client), sockopt::cookie(&upstream)) {
-            (Ok(c), Ok(u)) => (c, u),
-            (Err(e), _) | (_, Err(e)) => {
-                return Ok(abort(
-                    &client,
-                    &upstream,
-                    None,
-                    sockmap,
-                    (0, 0),
-                    End::Ours(e),
-                ));
-            }
+    let watched = (|| {
+        let pair = Pair {
+            client: client.as_raw_fd(),
+            client_cookie: sockopt::cookie(&client)?,
+            upstream: upstream.as_raw_fd(),
+            upstream_cookie: sockopt::cookie(&upstream)?,
         };
-    let pair = Pair {
-        client: client.as_raw_fd(),
-        client_cookie,
-        upstream: upstream.as_raw_fd(),
-        upstream_cookie,
-    };
-    let watch = match sockmap.watcher().watch(&[
-        (pair.client, client_cookie),
-        (pair.upstream, upstream_cookie),
-    ]) {
+        let watch = sockmap.watcher().watch(&[
+            (pair.client, pair.client_cookie),
+            (pair.upstream, pair.upstream_cookie),
+        ])?;
+        Ok::<_, io::Error>((pair, watch))
+    })();
+    let (pair, watch) = match watched {
         Ok(w) => w,
         Err(e) => {
-            return Ok(abort(
-                &client,
-                &upstream,
-                None,
-                sockmap,
-                (0, 0),
-                End::Ours(e),
-            ))
+            let outcome = abort(&client, &upstream, None, sockmap, (0, 0), End::Ours(e));
+            return Ok(outcome);
         }
     };
     // Released on every way out, a dropped (cancelled) future included.
