@@ -537,8 +537,18 @@ fn sighup_without_a_config_file_changes_nothing() {
 /// The next datagram on the notify socket (at most 10 s).
 fn next_notification(socket: &std::os::unix::net::UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
-    let n = socket.recv(&mut buf).expect("a notification within 10 s");
-    String::from_utf8_lossy(&buf[..n]).into_owned()
+    // A signal to the test process (a child's SIGCHLD) interrupts the wait: wait again, a
+    // bounded number of times.
+    for _ in 0..100 {
+        match socket.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => {
+                let n = r.expect("a notification within 10 s");
+                return String::from_utf8_lossy(&buf[..n]).into_owned();
+            }
+        }
+    }
+    panic!("the wait for a notification was interrupted 100 times");
 }
 
 fn socket_activation(mode: &str) {
