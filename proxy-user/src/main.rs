@@ -42,6 +42,9 @@ fn check(path: &Path) -> ExitCode {
                     println!("route {}: {rule}", route.name);
                 }
             }
+            for r in c.routes.iter().filter(|r| !r.matches.is_empty()) {
+                print!("{}", spliced::config::describe_route(r));
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => usage_errors(&errors),

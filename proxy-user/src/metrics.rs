@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     addr::Endpoint,
     forward::DataPath,
-    registry::{Failure, Registry},
+    registry::{Failure, Registry, RouteCounters},
     xdp::Reason,
 };
 
@@ -166,6 +166,7 @@ pub(crate) fn render(registry: &Registry) -> String {
         }),
     );
     refused(registry, &mut out);
+    routing_families(&routes, &mut out);
     out
 }
 
@@ -192,6 +193,43 @@ fn refused(registry: &Registry, out: &mut String) {
             }
         }
     }
+}
+
+/// The routing families (issue 12): how peeks ended and what each match took.
+fn routing_families(routes: &[(String, Arc<RouteCounters>)], out: &mut String) {
+    let mut family =
+        |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = String>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for row in rows {
+                let _ = writeln!(out, "{name}{row}");
+            }
+        };
+    family(
+        "spliced_route_peek_total",
+        "counter",
+        "How reading the first bytes ended on routes with matches: matched, default, \
+         silent_default, no_match (alert or 421 sent), silent, timeout, closed, malformed.",
+        &mut routes.iter().flat_map(|(r, c)| {
+            crate::peek::Outcome::ALL.map(|o| {
+                format!(
+                    "{{route=\"{r}\",outcome=\"{}\"}} {}",
+                    o.as_str(),
+                    c.peeks(o)
+                )
+            })
+        }),
+    );
+    family(
+        "spliced_route_match_total",
+        "counter",
+        "Connections each [[route.match]] took, by its index in the route (match[0] first).",
+        &mut routes.iter().flat_map(|(r, c)| {
+            c.matches()
+                .into_iter()
+                .enumerate()
+                .map(move |(i, n)| format!("{{route=\"{r}\",rule=\"match[{i}]\"}} {n}"))
+        }),
+    );
 }
 
 #[cfg(test)]

@@ -107,6 +107,10 @@ pub struct RouteCounters {
     /// The data path new connections of the route use: its index in `DataPath::ALL` plus one; 0 before
     /// the route started.
     path: AtomicU64,
+    /// How peeks ended, per [`crate::peek::Outcome`] (routes with matches only).
+    peek: [AtomicU64; crate::peek::Outcome::ALL.len()],
+    /// Connections each match took, by its index (grows with the route's matches).
+    matched: Mutex<Vec<u64>>,
 }
 
 /// The path's index in [`DataPath::ALL`].
@@ -118,6 +122,33 @@ impl RouteCounters {
     /// Counts a failure.
     pub fn fail(&self, why: Failure) {
         self.failed[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts how a peek ended.
+    pub fn peeked(&self, outcome: crate::peek::Outcome) {
+        self.peek[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Peeks so far that ended with `outcome`.
+    pub fn peeks(&self, outcome: crate::peek::Outcome) -> u64 {
+        self.peek[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection match `index` took.
+    pub fn matched(&self, index: usize) {
+        let mut counts = self.matched.lock().unwrap_or_else(|e| e.into_inner());
+        if counts.len() <= index {
+            counts.resize(index + 1, 0);
+        }
+        counts[index] += 1;
+    }
+
+    /// Connections each match took so far, by index.
+    pub fn matches(&self) -> Vec<u64> {
+        self.matched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Failures so far for `why`.
@@ -162,6 +193,9 @@ pub struct Sample {
     pub bytes_down: u64,
     pub age: Duration,
     pub idle: Duration,
+    /// The match routing chose and the name it saw (`rule=match[0] peek=matched
+    /// sni=blog.example.com`); `None` on routes without matches.
+    pub routing: Option<String>,
 }
 
 /// Set once the upstream is connected.
@@ -195,9 +229,15 @@ pub struct Conn {
     client: SocketAddr,
     started: Instant,
     established: OnceLock<Established>,
+    routing: OnceLock<String>,
 }
 
 impl Conn {
+    /// Records what routing chose for the connection.
+    pub fn routed(&self, description: String) {
+        let _ = self.routing.set(description);
+    }
+
     /// Records the connected upstream and the data path that will carry the connection.
     pub fn established(
         &self,
@@ -231,6 +271,7 @@ impl Conn {
             bytes_down: 0,
             age,
             idle: age,
+            routing: self.routing.get().cloned(),
         };
         let Some(e) = self.established.get() else {
             return sample;
@@ -369,6 +410,7 @@ impl Registry {
             client,
             started: Instant::now(),
             established: OnceLock::new(),
+            routing: OnceLock::new(),
         });
         self.lock_conns().insert(id, conn.clone());
         Entry {

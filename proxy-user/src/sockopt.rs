@@ -121,6 +121,14 @@ pub fn outq(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(n as u64)
 }
 
+/// Bytes in the receive queue not yet read (`SIOCINQ`).
+pub fn inq(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCINQ (FIONREAD) writes one int.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(n as u64)
+}
+
 /// The pending socket error (`SO_ERROR`), cleared by reading it.
 pub fn take_error(fd: &impl AsFd) -> io::Result<Option<io::Error>> {
     SockRef::from(fd).take_error()

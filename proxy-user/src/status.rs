@@ -174,6 +174,7 @@ pub fn render(samples: &[Sample]) -> String {
         "BYTES_DOWN".to_owned(),
         "AGE".to_owned(),
         "IDLE".to_owned(),
+        "ROUTING".to_owned(),
     ]];
     for s in samples {
         rows.push([
@@ -185,6 +186,10 @@ pub fn render(samples: &[Sample]) -> String {
             s.bytes_down.to_string(),
             seconds(s.age),
             seconds(s.idle),
+            // `rule=match[0],peek=matched,sni=blog.example.com`: no spaces in a field.
+            s.routing
+                .as_deref()
+                .map_or("-".into(), |r| r.replace(' ', ",")),
         ]);
     }
     format!(

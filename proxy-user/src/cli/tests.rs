@@ -37,7 +37,7 @@ fn listen_upstream_form() {
     let route = &config.routes[0];
     assert_eq!(route.name, "cli");
     assert_eq!(route.listen.to_string(), "127.0.0.1:0");
-    assert_eq!(route.upstream.to_string(), "10.0.0.2:80");
+    assert_eq!(route.upstream_text(), "10.0.0.2:80");
     assert_eq!(route.mode, Mode::Auto);
     assert_eq!(route.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.grace_period, Duration::from_secs(30));

@@ -3,7 +3,7 @@ use toml_edit::{Item, TableLike, Value};
 
 use super::{
     document::{entries, kind, Entry, Errors, Span},
-    upstream,
+    route_match, upstream,
     value::{self, format_size, unknown_key, Problem},
     Config, Mode, Route, DEFAULT_MAX_BUFFERED,
 };
@@ -25,7 +25,7 @@ pub(super) const TOP_KEYS: [&str; 11] = [
     "xdp",
     "route",
 ];
-const ROUTE_KEYS: [&str; 14] = [
+const ROUTE_KEYS: [&str; 17] = [
     "name",
     "listen",
     "upstream",
@@ -40,6 +40,9 @@ const ROUTE_KEYS: [&str; 14] = [
     "allow",
     "deny",
     "syn_rate",
+    "peek_timeout",
+    "proxy_protocol",
+    "match",
 ];
 
 const NO_ROUTES: &str =
@@ -224,6 +227,8 @@ fn check_route(
     route.mode = defaults.mode;
     route.max_buffered = defaults.max_buffered;
     let mut ok = true;
+    // Without an `upstream` key (a route with matches only) the route has no servers.
+    route.upstream.servers.clear();
     for entry in entries(table) {
         if let Some(fine) = upstream::key(&entry, &mut route.upstream, &key_of(entry.key), errors) {
             ok &= fine;
@@ -239,15 +244,27 @@ fn check_route(
             }
             continue;
         }
+        if entry.key == "match" {
+            match route_match::check_matches(index, &entry, errors) {
+                Some(matches) => route.matches = matches,
+                None => ok = false,
+            }
+            continue;
+        }
         let result = route_key(&entry, &mut route, &mut checked);
         ok &= result.is_ok();
         report(errors, &entry, &ROUTE_KEYS, &key_of(entry.key), result);
     }
+    // With matches, `upstream` is only the default for connections no match takes.
+    let upstream_needed = !table.contains_key("match");
     for (field, example) in [
         ("name", "name = \"web\""),
         ("listen", "listen = \"127.0.0.1:8080\""),
         ("upstream", "upstream = \"10.0.0.2:80\""),
     ] {
+        if field == "upstream" && !upstream_needed {
+            continue;
+        }
         if !table.contains_key(field) {
             ok = false;
             errors.at(
@@ -272,6 +289,8 @@ fn route_key(entry: &Entry, route: &mut Route, checked: &mut Checked) -> Result<
     match entry.key {
         "name" => checked.name = Some((value::route_name(item)?, span)),
         "listen" => checked.listen = Some((value::listen(item)?, span)),
+        "peek_timeout" => route.peek_timeout = route_match::peek_timeout(item)?,
+        "proxy_protocol" => route.proxy_protocol = Some(route_match::proxy_protocol(item)?),
         "mode" => route.mode = value::mode(item)?,
         "interface" => route.interface = Some(value::interface(item)?),
         "connect_timeout" => route.connect_timeout = value::connect_timeout(item)?,

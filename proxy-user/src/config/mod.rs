@@ -66,9 +66,11 @@ use crate::{
 
 mod check;
 mod document;
+mod route_match;
 mod upstream;
 mod value;
 
+pub use route_match::{RouteMatch, DEFAULT_PEEK_TIMEOUT, MAX_PEEK_TIMEOUT};
 pub use value::Problem;
 
 /// The exit status for a bad command line or configuration (sysexits.h `EX_USAGE`).
@@ -144,8 +146,16 @@ impl fmt::Display for Mode {
 pub struct Route {
     pub name: String,
     pub listen: Endpoint,
-    /// The upstream servers, their balance and health checks.
+    /// The upstream servers, their balance and health checks. With matches, where the
+    /// connections no match takes go; no servers then means those are refused.
     pub upstream: UpstreamSpec,
+    /// The `[[route.match]]` tables, first match wins; empty: no peek, every connection goes
+    /// to `upstream` at once.
+    pub matches: Vec<RouteMatch>,
+    /// How long a route with matches waits for the client's first bytes.
+    pub peek_timeout: Duration,
+    /// The PROXY protocol header written to the upstream first; a match may override it.
+    pub proxy_protocol: Option<crate::proxy_header::Version>,
     /// The effective mode: the route's own, or else the file's top-level one.
     pub mode: Mode,
     /// Bind the upstream dial to this interface (SO_BINDTODEVICE).
@@ -230,6 +240,45 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// What `spliced check` prints of a route: its listener and upstream, then each match in the
+/// order they are tried (`  match[0] sni=blog.example.com -> [fe80::2%lxdbr0]:443`).
+pub fn describe_route(route: &Route) -> String {
+    let mut text = format!(
+        "route {}: listen {}, upstream {}, mode {}\n",
+        route.name,
+        route.listen,
+        route.upstream_text(),
+        route.mode
+    );
+    if !route.matches.is_empty() {
+        text += &format!(
+            "  peek_timeout {:?}; first match wins:\n",
+            route.peek_timeout
+        );
+    }
+    for (i, m) in route.matches.iter().enumerate() {
+        text += &format!("  match[{i}] {} -> {}", m.rule, m.upstream);
+        if let Some(mode) = m.mode {
+            text += &format!(" (mode {mode})");
+        }
+        if let Some(v) = m.proxy_protocol.or(route.proxy_protocol) {
+            text += &format!(" (PROXY {v})");
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// Where one connection goes, once routing chose: the route's keys or its match's.
+#[derive(Clone, Copy, Debug)]
+pub struct Target<'a> {
+    pub upstream: &'a UpstreamSpec,
+    pub mode: Mode,
+    pub interface: Option<&'a str>,
+    pub connect_timeout: Duration,
+    pub proxy_protocol: Option<crate::proxy_header::Version>,
+}
+
 impl Route {
     /// A route to one upstream with the default mode (auto), no interface and a 5 s connect
     /// timeout.
@@ -238,6 +287,9 @@ impl Route {
             name: name.into(),
             listen,
             upstream: UpstreamSpec::single(upstream),
+            matches: Vec::new(),
+            peek_timeout: DEFAULT_PEEK_TIMEOUT,
+            proxy_protocol: None,
             mode: Mode::Auto,
             interface: None,
             connect_timeout: Duration::from_secs(5),
@@ -245,6 +297,50 @@ impl Route {
             max_connections: None,
             idle_timeout: None,
             rules: SourceRules::default(),
+        }
+    }
+
+    /// Where the connections of match `index` (or, for `None`, of no match) go: the match's
+    /// keys where it sets them, the route's otherwise. `None` when there is no such upstream.
+    pub fn target(&self, index: Option<usize>) -> Option<Target<'_>> {
+        let Some(i) = index else {
+            if !self.has_default() {
+                return None;
+            }
+            return Some(Target {
+                upstream: &self.upstream,
+                mode: self.mode,
+                interface: self.interface.as_deref(),
+                connect_timeout: self.connect_timeout,
+                proxy_protocol: self.proxy_protocol,
+            });
+        };
+        let m = self.matches.get(i)?;
+        Some(Target {
+            upstream: &m.upstream,
+            mode: m.mode.unwrap_or(self.mode),
+            interface: m.interface.as_deref().or(self.interface.as_deref()),
+            connect_timeout: m.connect_timeout.unwrap_or(self.connect_timeout),
+            proxy_protocol: m.proxy_protocol.or(self.proxy_protocol),
+        })
+    }
+
+    /// Whether connections no match takes have somewhere to go.
+    pub fn has_default(&self) -> bool {
+        !self.upstream.servers.is_empty()
+    }
+
+    /// The route's mode and each match's own.
+    pub fn modes(&self) -> impl Iterator<Item = Mode> + '_ {
+        std::iter::once(self.mode).chain(self.matches.iter().filter_map(|m| m.mode))
+    }
+
+    /// The route's upstream for messages: the address, or what happens without one.
+    pub fn upstream_text(&self) -> String {
+        if self.has_default() {
+            self.upstream.to_string()
+        } else {
+            "(none: connections no match takes are refused)".to_owned()
         }
     }
 

@@ -67,10 +67,7 @@ upstream = "example.com:443"
     let ghost = &config.routes[0];
     assert_eq!(ghost.name, "ghost");
     assert_eq!(ghost.listen.to_string(), "127.0.0.1:8080");
-    assert_eq!(
-        ghost.upstream.to_string(),
-        "[fe80::216:3eff:fe12:3456%lo]:2368"
-    );
+    assert_eq!(ghost.upstream_text(), "[fe80::216:3eff:fe12:3456%lo]:2368");
     assert_eq!(ghost.mode, Mode::Sockmap);
     assert_eq!(ghost.interface.as_deref(), Some("lo"));
     assert_eq!(ghost.connect_timeout, Duration::from_millis(250));
@@ -324,13 +321,15 @@ fn error_unknown_keys() {
         "spliced.toml:5:1: route[0].listne: unknown key; did you mean `listen`? valid \
              [[route]] keys are `name`, `listen`, `upstream`, `balance`, `health_check`, \
              `mode`, `interface`, `connect_timeout`, `max_buffered`, `max_connections`, \
-             `idle_timeout`, `allow`, `deny`, `syn_rate`"
+             `idle_timeout`, `allow`, `deny`, `syn_rate`, `peek_timeout`, `proxy_protocol`, \
+             `match`"
     );
     assert_eq!(
         error(&route_with("timeout = \"1s\"")),
         "spliced.toml:5:1: route[0].timeout: unknown key; valid [[route]] keys are `name`, \
              `listen`, `upstream`, `balance`, `health_check`, `mode`, `interface`, \
-             `connect_timeout`, `max_buffered`, `max_connections`, `idle_timeout`, `allow`, `deny`, `syn_rate`"
+             `connect_timeout`, `max_buffered`, `max_connections`, `idle_timeout`, `allow`, `deny`, \
+             `syn_rate`, `peek_timeout`, `proxy_protocol`, `match`"
     );
 }
 

@@ -8,16 +8,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::TcpStream;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::state::{Live, RouteState, Shared};
+use super::{
+    routing,
+    state::{Live, RouteState, Shared},
+};
 use crate::{
     forward::{self, DataPath, End, Outcome},
+    proxy_header,
     registry::{Conn, Failure},
     sockopt,
-    upstream::{self, ConnectError, DialError, DialOptions},
+    upstream::{self, ConnectError, DialError, DialOptions, Lease},
 };
 
 /// The failure reason a dial error is counted under.
@@ -32,7 +36,7 @@ fn dial_failure(e: &DialError) -> Failure {
 
 /// Serves one accepted connection to its end.
 pub(super) async fn run(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     route: Arc<RouteState>,
     shared: Arc<Shared>,
@@ -41,41 +45,26 @@ pub(super) async fn run(
     let rc = &route.counters;
     let entry = shared.registry.add(&route.route.name, peer);
     let started = Instant::now();
-    let opts = DialOptions {
-        connect_timeout: route.route.connect_timeout,
-        interface: route.route.interface.as_deref(),
-    };
-    let dialed = tokio::select! {
-        r = upstream::dial(&route.upstreams, peer, &opts) => r,
+    let opened = tokio::select! {
+        r = open(&mut client, peer, &route) => r,
         () = shared.close_all.cancelled() => {
             rc.fail(Failure::Shutdown);
             return;
         }
     };
-    let (upstream, upstream_addr, _lease) = match dialed {
-        Ok(d) => {
-            let to = d.lease.server().name();
-            for failed in &d.failed {
-                info!(route = %route.route.name, client = %peer, "upstream server skipped: {failed}; went on to {to}");
-            }
-            (d.stream, d.addr, d.lease)
-        }
-        Err(e) => {
-            rc.fail(dial_failure(&e));
-            // Reset, so the client does not take an empty reply for a successful one.
-            let _ = sockopt::set_linger_zero(&client);
-            warn!(
-                route = %route.route.name, client = %peer, upstream = %route.route.upstream,
-                "upstream failed: {e}; client connection reset"
-            );
-            return;
-        }
+    let Some((upstream, upstream_addr, _lease, chosen)) = opened else {
+        return;
     };
+    let plan = route.plan_of(chosen.rule);
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     entry
         .conn
-        .established(&client, &upstream, upstream_addr, route.plan.path());
+        .established(&client, &upstream, upstream_addr, plan.path());
+    let routing = (!route.route.matches.is_empty()).then(|| chosen.describe());
+    if let Some(text) = &routing {
+        entry.conn.routed(text.clone());
+    }
     let cancel = shared.close_all.child_token();
     let idled = AtomicBool::new(false);
     let cx = forward::Context {
@@ -85,19 +74,104 @@ pub(super) async fn run(
         cancel: &cancel,
         route: &route.route.name,
     };
-    let (path, outcome) = tokio::select! {
-        r = forward::carry(route.plan, &cx, client, upstream) => r,
+    let (path, mut outcome) = tokio::select! {
+        r = forward::carry(plan, &cx, client, upstream) => r,
         () = watchdog(&route, &shared, &entry.conn, &cancel, &idled) => unreachable!("the watchdog never returns"),
     };
     drop(entry);
+    // The client's bytes read before the data path took over were its first ones.
+    outcome.up += chosen.client_bytes as u64;
     let idled = idled.load(Ordering::Relaxed);
     let ended = Ended {
         peer,
         upstream: upstream_addr,
         path,
         elapsed: started.elapsed(),
+        routing,
     };
     report(&route, ended, outcome, idled);
+}
+
+/// Routes (peeking if the route has matches), dials the chosen upstream and writes to it what
+/// must precede the client's bytes: the PROXY header, then the bytes the peek read. With
+/// sockmap this happens before the sockets enter the map, so those bytes cannot overtake them.
+/// `None` when the connection ended here (refused, or the upstream failed; counted and logged).
+async fn open(
+    client: &mut TcpStream,
+    peer: SocketAddr,
+    route: &RouteState,
+) -> Option<(TcpStream, SocketAddr, Lease, routing::Chosen)> {
+    let mut chosen = routing::choose(client, peer, route).await?;
+    let target = route.route.target(chosen.rule)?;
+    let opts = DialOptions {
+        connect_timeout: target.connect_timeout,
+        interface: target.interface,
+    };
+    // The one dial: the chosen match's server set, or the route's.
+    let dialed = upstream::dial(route.upstreams_of(chosen.rule), peer, &opts).await;
+    let (mut upstream, addr, lease) = match dialed {
+        Ok(d) => {
+            let to = d.lease.server().name();
+            for failed in &d.failed {
+                info!(route = %route.route.name, client = %peer, "upstream server skipped: {failed}; went on to {to}");
+            }
+            (d.stream, d.addr, d.lease)
+        }
+        Err(e) => {
+            route.counters.fail(dial_failure(&e));
+            // Reset, so the client does not take an empty reply for a successful one.
+            let _ = sockopt::set_linger_zero(client);
+            warn!(
+                route = %route.route.name, client = %peer, upstream = %target.upstream,
+                "upstream failed: {e}; client connection reset"
+            );
+            return None;
+        }
+    };
+    let mut first = match target.proxy_protocol {
+        Some(version) => proxy_header(version, client, peer, &chosen),
+        None => Vec::new(),
+    };
+    chosen.client_bytes = chosen.head.len();
+    first.append(&mut chosen.head);
+    if !first.is_empty() {
+        if let Err(e) = upstream.write_all(&first).await {
+            route.counters.fail(Failure::Upstream);
+            let _ = sockopt::set_linger_zero(client);
+            warn!(
+                route = %route.route.name, client = %peer, upstream = %addr,
+                "upstream failed: writing the client's first {} bytes: {e}; client connection reset",
+                first.len()
+            );
+            return None;
+        }
+    }
+    Some((upstream, addr, lease, chosen))
+}
+
+/// The PROXY header for this connection: the client and the address it connected to, and for v2
+/// the name the peek saw and the ALPN protocol when the client offered only one (the only case
+/// the negotiated one is known without terminating TLS).
+fn proxy_header(
+    version: proxy_header::Version,
+    client: &TcpStream,
+    peer: SocketAddr,
+    chosen: &routing::Chosen,
+) -> Vec<u8> {
+    let destination = client.local_addr().unwrap_or(peer);
+    let origin = proxy_header::Origin {
+        source: peer,
+        destination,
+    };
+    let seen = chosen.seen.as_ref();
+    let alpn = seen
+        .filter(|s| s.alpn.len() == 1)
+        .map(|s| s.alpn[0].as_str());
+    let header_seen = proxy_header::Seen {
+        authority: seen.and_then(|s| s.name.as_deref()),
+        alpn,
+    };
+    proxy_header::encode(version, origin, header_seen)
 }
 
 /// Cancels the connection once it carried no data either way for the route's `idle_timeout`;
@@ -130,6 +204,8 @@ struct Ended {
     upstream: SocketAddr,
     path: DataPath,
     elapsed: Duration,
+    /// The match and name routing saw, on routes with matches.
+    routing: Option<String>,
 }
 
 /// Counts the closed connection and logs its line: info for an ordinary end, warn for ours.
@@ -158,14 +234,16 @@ fn report(route: &RouteState, ended: Ended, outcome: Outcome, idled: bool) {
         upstream,
         path,
         elapsed,
+        routing,
     } = ended;
+    let routing = routing.unwrap_or_default();
     let name = &route.route.name;
     macro_rules! log_line {
         ($level:ident) => {
             $level!(
                 route = %name, client = %peer, upstream = %upstream, path = %path,
                 bytes_up = up, bytes_down = down, duration_ms = elapsed.as_millis() as u64,
-                end = %end, "connection closed"
+                end = %end, "connection closed{}{routing}", if routing.is_empty() { "" } else { ": " }
             )
         };
     }

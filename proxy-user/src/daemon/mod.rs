@@ -33,6 +33,7 @@ use crate::{
 mod connection;
 mod listen;
 mod reload;
+mod routing;
 mod state;
 
 pub use listen::ListenError;
@@ -193,8 +194,15 @@ impl Daemon {
     /// How a route's connections are carried: what its mode asks for, `auto` resolved by
     /// whether the eBPF program is loaded.
     fn plan_for(&self, route: &Route) -> Result<Plan, StartError> {
+        for m in &route.matches {
+            self.plan_of(route, m.mode.unwrap_or(route.mode))?;
+        }
+        self.plan_of(route, route.mode)
+    }
+
+    fn plan_of(&self, route: &Route, mode: Mode) -> Result<Plan, StartError> {
         let have_sockmap = self.shared.sockmap.is_some();
-        Ok(match route.mode {
+        Ok(match mode {
             Mode::Auto if have_sockmap => Plan::CopyThenSockmap,
             Mode::Auto => Plan::Splice,
             Mode::Sockmap if have_sockmap => Plan::Sockmap,
@@ -212,6 +220,14 @@ impl Daemon {
     /// the program would get splice).
     fn state(&self, route: Route) -> Arc<RouteState> {
         let plan = self.plan_for(&route).unwrap_or(Plan::Splice);
+        let match_plans = route
+            .matches
+            .iter()
+            .map(|m| {
+                self.plan_of(&route, m.mode.unwrap_or(route.mode))
+                    .unwrap_or(Plan::Splice)
+            })
+            .collect();
         let counters = self.shared.registry.route(&route.name);
         counters.set_path(plan.path());
         let registry = &self.shared.registry;
@@ -220,14 +236,29 @@ impl Daemon {
             route.upstream.clone(),
             registry.servers(),
         );
+        let match_upstreams = route
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let scope = format!("{}.match[{i}]", route.name);
+                Arc::new(Upstreams::new(
+                    scope,
+                    m.upstream.clone(),
+                    registry.servers(),
+                ))
+            })
+            .collect();
         Arc::new(RouteState {
             upstreams: Arc::new(upstreams),
+            match_upstreams,
             budget: Budget {
                 per_direction: route.max_buffered,
                 pool: self.pool.clone(),
             },
             route,
             plan,
+            match_plans,
             counters,
         })
     }
@@ -236,9 +267,13 @@ impl Daemon {
     fn open(&self, route: Route, (listener, local_addr): listen::Bound) -> Slot {
         let state = self.state(route);
         info!(
-            "route {}: listening on {local_addr}, upstream {}, data path {}",
+            "route {}: listening on {local_addr}, upstream {}{}, data path {}",
             state.route.name,
-            state.route.upstream,
+            state.route.upstream_text(),
+            match state.route.matches.len() {
+                0 => String::new(),
+                n => format!(", {n} match(es) routed by the first bytes"),
+            },
             state.plan.path()
         );
         let checker = state.checker();
@@ -395,7 +430,7 @@ fn match_inherited(mut inherited: Vec<Inherited>, routes: &[Route]) -> Vec<Inher
 /// Loads and probes the verdict program when a route may use it. `None`: no route may, or it
 /// failed and every such route is `auto` (which then uses splice).
 async fn data_path(config: &Config) -> Result<Option<Sockmap>, StartError> {
-    let wants = |r: &&Route| matches!(r.mode, Mode::Auto | Mode::Sockmap);
+    let wants = |r: &&Route| r.modes().any(|m| matches!(m, Mode::Auto | Mode::Sockmap));
     if !config.routes.iter().any(|r| wants(&r)) {
         return Ok(None);
     }
@@ -405,7 +440,11 @@ async fn data_path(config: &Config) -> Result<Option<Sockmap>, StartError> {
             Ok(Some(s))
         }
         Err(why) => {
-            if let Some(r) = config.routes.iter().find(|r| r.mode == Mode::Sockmap) {
+            if let Some(r) = config
+                .routes
+                .iter()
+                .find(|r| r.modes().any(|m| m == Mode::Sockmap))
+            {
                 return Err(StartError::Sockmap {
                     route: r.name.clone(),
                     source: Box::new(why),

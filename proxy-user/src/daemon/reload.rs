@@ -158,7 +158,7 @@ impl Daemon {
                         info!(
                             "route {}: changed; new connections go to {} on data path {}",
                             route.name,
-                            route.upstream,
+                            route.upstream_text(),
                             state.plan.path()
                         );
                         slot.route.send_replace(state);

@@ -43,11 +43,15 @@ pub(super) struct RouteState {
     pub(super) route: Route,
     /// How its connections are carried (its mode resolved against this kernel).
     pub(super) plan: Plan,
+    /// The plan of each match (its own `mode`, or the route's), by index.
+    pub(super) match_plans: Vec<Plan>,
     /// The route's `max_buffered` per direction, from the one global pool (trap 8).
     pub(super) budget: Budget,
     pub(super) counters: Arc<RouteCounters>,
     /// The route's upstream servers.
     pub(super) upstreams: Arc<Upstreams>,
+    /// Each match's servers, by index.
+    pub(super) match_upstreams: Vec<Arc<Upstreams>>,
 }
 
 impl RouteState {
@@ -60,6 +64,22 @@ impl RouteState {
             proxy_header: false,
         };
         Checker::start(self.upstreams.clone(), opts)
+    }
+}
+
+impl RouteState {
+    /// The servers of match `rule` (or, for `None`, the route's).
+    pub(super) fn upstreams_of(&self, rule: Option<usize>) -> &Upstreams {
+        match rule.and_then(|i| self.match_upstreams.get(i)) {
+            Some(set) => set,
+            None => &self.upstreams,
+        }
+    }
+
+    /// The plan of the connections match `rule` (or, for `None`, no match) takes.
+    pub(super) fn plan_of(&self, rule: Option<usize>) -> Plan {
+        rule.and_then(|i| self.match_plans.get(i).copied())
+            .unwrap_or(self.plan)
     }
 }
 

@@ -73,7 +73,11 @@ impl Outcome {
 }
 
 /// Chooses what happens to a connection whose first bytes gave `verdict`.
-pub fn decide(verdict: &Verdict, rules: &[Match], has_default: bool) -> (Decision, Outcome) {
+pub fn decide<'a>(
+    verdict: &Verdict,
+    rules: impl IntoIterator<Item = &'a Match>,
+    has_default: bool,
+) -> (Decision, Outcome) {
     match verdict {
         Verdict::Peeked(seen) => match first_match(rules, seen) {
             Some(i) => (Decision::Matched(i), Outcome::Matched),

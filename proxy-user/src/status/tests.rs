@@ -39,6 +39,7 @@ fn table_is_aligned() {
             bytes_down: 3456789,
             age: Duration::from_millis(12_340),
             idle: Duration::from_millis(100),
+            routing: Some("rule=match[0] peek=matched sni=a.example.com".into()),
         },
         Sample {
             route: "a-much-longer-name".into(),
@@ -49,6 +50,7 @@ fn table_is_aligned() {
             bytes_down: 0,
             age: Duration::ZERO,
             idle: Duration::ZERO,
+            routing: None,
         },
     ];
     let text = render(&samples);
@@ -66,7 +68,8 @@ fn table_is_aligned() {
             "12",
             "3456789",
             "12.3s",
-            "0.1s"
+            "0.1s",
+            "rule=match[0],peek=matched,sni=a.example.com"
         ]
     );
     assert!(lines[3].contains("(dialing)"), "{text}");
@@ -75,7 +78,7 @@ fn table_is_aligned() {
     assert_eq!(lines[2].find("[fe80").unwrap(), col);
     assert_eq!(
         render(&[]),
-        "0 live connection(s)\nROUTE  CLIENT  UPSTREAM  PATH  BYTES_UP  BYTES_DOWN  AGE  IDLE\n"
+        "0 live connection(s)\nROUTE  CLIENT  UPSTREAM  PATH  BYTES_UP  BYTES_DOWN  AGE  IDLE  ROUTING\n"
     );
 }
 
