@@ -60,8 +60,9 @@ impl RouteState {
         let opts = CheckOptions {
             interface: self.route.interface.clone(),
             connect_timeout: Some(self.route.connect_timeout),
-            // Issue 13 (PROXY headers to upstreams) sets this from the route's `proxy_protocol`.
-            proxy_header: false,
+            // A server that expects PROXY headers (v1 or v2: HAProxy, nginx and Postfix accept
+            // both) takes a v2 LOCAL header as a check, not as a broken client.
+            proxy_header: self.route.proxy_protocol.is_some(),
         };
         Checker::start(self.upstreams.clone(), opts)
     }
