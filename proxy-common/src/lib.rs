@@ -72,6 +72,13 @@ pub struct SockLimit {
     pub consumed: u64,
 }
 
+// The verdict (BPF) and the daemon (x86_64 or aarch64) must agree on these byte for byte: every
+// field is a u64, so no target adds padding. Checked wherever this crate is compiled.
+const _: () =
+    assert!(core::mem::size_of::<SockStats>() == 48 && core::mem::align_of::<SockStats>() == 8);
+const _: () =
+    assert!(core::mem::size_of::<SockLimit>() == 32 && core::mem::align_of::<SockLimit>() == 8);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: `SockStats` is `#[repr(C)]`, has no padding and is valid for any bit pattern.

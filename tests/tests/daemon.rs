@@ -697,7 +697,7 @@ fn unit_file_verifies() {
     let unit = fs::read_to_string(&unit_path).expect("packaging/spliced.service");
     for line in [
         "Type=notify",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=+/bin/kill -HUP $MAINPID",
         "ExecStart=/usr/bin/spliced --config /etc/spliced/spliced.toml",
         "RuntimeDirectory=spliced",
         "NoNewPrivileges=yes",

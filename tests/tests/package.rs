@@ -1,7 +1,10 @@
 //! The Debian package from `cargo xtask deb`: what it holds, with which modes; the packaged
-//! binary runs, the packaged example configuration passes `spliced check`, the packaged unit
-//! passes `systemd-analyze verify`, the man page is generated from the clap definitions and
-//! renders. The package is built and inspected, not installed (that would change the machine).
+//! binary runs, is stripped, and its debug info is in `spliced-dbgsym` under its build ID; the
+//! packaged example configuration passes `spliced check`, the packaged unit passes
+//! `systemd-analyze verify`, the man page is generated from the clap definitions and renders.
+//! A second build from a copy of the checkout in another directory, later, gives the same bytes
+//! (reproducible). The package is built and inspected, not installed (that would change the
+//! machine): `cargo xtask system-test` installs it in a guest.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -32,7 +35,8 @@ fn deb_holds_binary_unit_config_and_man_page() {
     let info = stdout_of(Command::new("dpkg-deb").arg("--info").arg(&deb));
     for field in [
         "Package: spliced",
-        "Depends: libc6, adduser",
+        "Depends: libc6 (>= 2.",
+        ", adduser",
         "Architecture: ",
     ] {
         assert!(info.contains(field), "{field:?} missing:\n{info}");
@@ -72,6 +76,7 @@ fn deb_holds_binary_unit_config_and_man_page() {
     let bin = x.join("usr/bin/spliced");
     let version = stdout_of(Command::new(&bin).arg("--version"));
     assert!(version.starts_with("spliced "), "{version}");
+    debug_info_is_in_the_dbgsym_package(&deb, &bin, &dir.0);
 
     // The example configuration is valid (with a user that exists here: the package's postinst
     // creates "spliced", this test does not).
@@ -136,4 +141,101 @@ fn deb_holds_binary_unit_config_and_man_page() {
         "groff: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    reproducible(&root, &deb, &dir.0);
+}
+
+/// The packaged binary has no symbols or debug sections; `spliced-dbgsym` has them, at
+/// `/usr/lib/debug/.build-id/xx/yyyy.debug` for the binary's build ID, and depends on the exact
+/// version.
+fn debug_info_is_in_the_dbgsym_package(deb: &Path, bin: &Path, dir: &Path) {
+    let sections = sh(Command::new("readelf").args(["-S", "-W"]).arg(bin));
+    for s in [".symtab", ".debug_info", ".debug_line"] {
+        assert!(!sections.contains(s), "the packaged binary has {s}");
+    }
+    let notes = sh(Command::new("readelf").arg("-n").arg(bin));
+    let id = notes
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .expect("a build ID")
+        .to_owned();
+    let name = deb.file_name().unwrap().to_str().unwrap();
+    let dbg = deb.with_file_name(name.replacen("spliced_", "spliced-dbgsym_", 1));
+    let info = sh(Command::new("dpkg-deb").arg("--info").arg(&dbg));
+    assert!(info.contains(&format!("Build-Ids: {id}")), "{info}");
+    assert!(info.contains("Depends: spliced (= "), "{info}");
+    let x = dir.join("dbg");
+    sh(Command::new("dpkg-deb").arg("-x").arg(&dbg).arg(&x));
+    let debug = x.join(format!(
+        "usr/lib/debug/.build-id/{}/{}.debug",
+        &id[..2],
+        &id[2..]
+    ));
+    let sections = sh(Command::new("readelf").args(["-S", "-W"]).arg(&debug));
+    assert!(sections.contains(".debug_info"), "{sections}");
+    let notes = sh(Command::new("readelf").arg("-n").arg(&debug));
+    assert!(
+        notes.contains(&id),
+        "the debug file is for another build: {notes}"
+    );
+}
+
+/// Builds the package again from a copy of the checkout (tracked and untracked files, no
+/// `target/`, no `.git`: the commit's time comes in `SOURCE_DATE_EPOCH`, as from a source
+/// tarball) in another directory, and compares the bytes of both packages.
+fn reproducible(root: &Path, deb: &Path, dir: &Path) {
+    let copy = dir.join("elsewhere/spliced-src");
+    let files = sh(Command::new("git").current_dir(root).args([
+        "ls-files",
+        "-z",
+        "--cached",
+        "--others",
+        "--exclude-standard",
+    ]));
+    for f in files.split('\0').filter(|f| !f.is_empty()) {
+        let from = root.join(f);
+        if !from.is_file() {
+            continue; // deleted in the work tree
+        }
+        let to = copy.join(f);
+        fs::create_dir_all(to.parent().unwrap()).unwrap();
+        fs::copy(&from, &to).unwrap();
+    }
+    let epoch = sh(Command::new("git")
+        .current_dir(root)
+        .args(["log", "-1", "--format=%ct"]));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let out = dir.join("second");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let printed = sh(Command::new(cargo)
+        .current_dir(&copy)
+        .env("SOURCE_DATE_EPOCH", epoch.trim())
+        .env("CARGO_TARGET_DIR", &target)
+        .args(["xtask", "deb", "--output"])
+        .arg(&out));
+    let second = PathBuf::from(printed.lines().last().unwrap().trim());
+    let name = deb.file_name().unwrap().to_str().unwrap();
+    let dbg_name = name.replacen("spliced_", "spliced-dbgsym_", 1);
+    for (a, b) in [
+        (deb.to_path_buf(), second.clone()),
+        (
+            deb.with_file_name(&dbg_name),
+            second.with_file_name(&dbg_name),
+        ),
+    ] {
+        let (x, y) = (fs::read(&a).unwrap(), fs::read(&b).unwrap());
+        if x != y {
+            let list = |p: &Path| sh(Command::new("dpkg-deb").args(["-c"]).arg(p));
+            panic!(
+                "{} differs between two builds ({} vs {} bytes):\n{}\n---\n{}",
+                a.file_name().unwrap().to_string_lossy(),
+                x.len(),
+                y.len(),
+                list(&a),
+                list(&b)
+            );
+        }
+    }
 }

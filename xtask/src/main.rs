@@ -5,19 +5,24 @@
 //! - `run [--release] -- ARGS`: build, then exec `spliced ARGS` as root;
 //! - `test [ARGS]`: every check and test (what CI runs);
 //! - `integration-test local [ARGS]`: the integration suite on the host kernel;
-//! - `integration-test vm [--kernel VERSION ...]`: the suite in QEMU on Debian cloud kernels;
-//! - `deb [--output DIR]`: a Debian package (binary, systemd unit, example configuration, man
-//!   page generated from the clap definitions);
+//! - `integration-test vm [--arch amd64|arm64] [--kernel VERSION ...]`: the suite in QEMU on
+//!   Debian cloud kernels;
+//! - `deb [--arch amd64|arm64] [--output DIR]`: reproducible Debian packages (stripped binary,
+//!   systemd unit, example configuration, man page; debug info in `spliced-dbgsym`);
+//! - `system-test [--arch amd64|arm64]`: the package installed in a Debian guest under systemd;
 //! - `demo`: a link-local HTTP upstream in a namespace, spliced in front of it, a curl through it;
 //! - `bench [--quick] [--output FILE]`: spliced against direct, socat, HAProxy and
 //!   systemd-socket-proxyd; writes docs/benchmarks.md and docs/benchmarks.svg.
+mod arch;
 mod bench;
 mod build;
 mod deb;
 mod demo;
 mod fuzz;
+mod repro;
 mod run;
 mod setup;
+mod system;
 mod test;
 mod util;
 mod vm;
@@ -62,10 +67,16 @@ enum Command {
     },
     /// Build a Debian package of spliced (binary, unit, example configuration, man page).
     Deb {
-        /// Where to write the .deb (default: target/deb).
+        /// The architecture to build for (arm64 is cross-built).
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: arch::Arch,
+        /// Where to write the .deb files (default: target/deb).
         #[arg(long, value_name = "DIR")]
         output: Option<std::path::PathBuf>,
     },
+    /// Install the package in a Debian guest with systemd as PID 1 (QEMU, TCG) and check the
+    /// service from inside: enable, reload, hardening, socket activation, journal, stop, purge.
+    SystemTest(system::Args),
     /// Show spliced forwarding to a link-local HTTP server in a namespace, until Ctrl-C.
     Demo,
     /// Run the cargo-fuzz targets in fuzz/ from their checked-in corpora (nightly).
@@ -99,6 +110,9 @@ enum Where {
         /// `SPLICED_TEST_LOG` (the daemons' `RUST_LOG`) is passed on to the guest.
         #[arg(long = "test", value_name = "FILTER")]
         filters: Vec<String>,
+        /// The guests' architecture (arm64: qemu-system-aarch64, `virt` machine).
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: arch::Arch,
     },
 }
 
@@ -113,9 +127,15 @@ fn main() -> ExitCode {
             on: Where::Local { args },
         } => test::local(args),
         Command::IntegrationTest {
-            on: Where::Vm { kernels, filters },
-        } => test::vm(kernels, filters),
-        Command::Deb { output } => deb::command(output),
+            on:
+                Where::Vm {
+                    kernels,
+                    filters,
+                    arch,
+                },
+        } => test::vm(arch, kernels, filters),
+        Command::Deb { arch, output } => deb::command(arch, output),
+        Command::SystemTest(args) => system::command(args),
         Command::Demo => demo::command(),
         Command::Fuzz { targets, seconds } => fuzz::command(targets, seconds),
         Command::Bench(args) => bench::command(args),

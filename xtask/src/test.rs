@@ -16,9 +16,11 @@ use crate::util::{
     cargo, is_root, output, path_with_cargo_bin, reexec_as_root, run, workspace_root,
 };
 
-/// Runs setup, fmt, clippy (host and eBPF), the fuzz targets, the build, `cargo test` and the VM suite on the oldest
-/// and the newest kernel; `args` go to `cargo test` (a filter, or `-- --nocapture`). When all of that passed, a quick bench run checks that the
-/// bench works and writes a well-formed table. Checks that do not depend on each other all run, so one run
+/// Runs setup, fmt, clippy (host and eBPF), the fuzz targets, the build, `cargo test`, the VM
+/// suite on the oldest and the newest amd64 kernel and the newest arm64 one, and the amd64 system
+/// test; `args` go to `cargo test` (a filter, or `-- --nocapture`). When all of that passed, a
+/// quick bench run checks that the bench works and writes a well-formed table. Checks that do
+/// not depend on each other all run, so one run
 /// shows every problem; the summary names the steps that failed.
 pub fn command(args: Vec<OsString>) -> Result<()> {
     if !is_root() {
@@ -86,8 +88,27 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
             // The oldest and the newest kernel in QEMU (about 6 minutes; see crate::vm).
             steps.run(
                 "integration tests in VMs (oldest and newest kernel)",
-                || crate::vm::command(crate::vm::ci_kernels(), &[], CI_GUEST_LIMIT),
+                || {
+                    crate::vm::command(
+                        crate::arch::Arch::Amd64,
+                        crate::vm::ci_kernels(),
+                        &[],
+                        CI_GUEST_LIMIT,
+                    )
+                },
             );
+            // The newest arm64 kernel under qemu-system-aarch64 and the package under a real
+            // systemd: each a child xtask stopped at its bound (see the constants).
+            steps.run("integration tests in VMs (arm64, newest kernel)", || {
+                xtask_bounded(
+                    &["integration-test", "vm", "--arch", "arm64", "--kernel"],
+                    &crate::vm::ci_kernels_arm64(),
+                    CI_ARM64_VM_LIMIT,
+                )
+            });
+            steps.run("system test (amd64)", || {
+                xtask_bounded(&["system-test", "--arch", "amd64"], &[], CI_SYSTEM_LIMIT)
+            });
             // Only on a tree that passed everything else: a benchmark of a broken build says
             // nothing.
             if steps.failed.is_empty() {
@@ -99,6 +120,8 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
         None => steps.skipped.extend([
             "tests",
             "integration tests in VMs (oldest and newest kernel)",
+            "integration tests in VMs (arm64, newest kernel)",
+            "system test (amd64)",
             "bench (quick)",
         ]),
     }
@@ -124,11 +147,11 @@ pub fn local(args: Vec<OsString>) -> Result<()> {
 }
 
 /// `cargo xtask integration-test vm`: see [`crate::vm`]. Root for the packages it installs.
-pub fn vm(kernels: Vec<String>, filters: Vec<String>) -> Result<()> {
+pub fn vm(arch: crate::arch::Arch, kernels: Vec<String>, filters: Vec<String>) -> Result<()> {
     if !is_root() {
         reexec_as_root()?;
     }
-    crate::vm::command(kernels, &filters, crate::vm::GUEST_LIMIT)
+    crate::vm::command(arch, kernels, &filters, crate::vm::GUEST_LIMIT)
 }
 
 /// `cargo xtask bench --quick --output DIR/b.md` (this same xtask binary), stopped after
@@ -157,6 +180,20 @@ fn bench_quick() -> Result<()> {
 /// How long one guest of the VM step may run: with the musl build, the step stays under 15
 /// minutes even when both guests use all of it.
 const CI_GUEST_LIMIT: Duration = Duration::from_secs(330);
+
+/// The arm64 VM step as a whole, the cross build of the musl binaries included (measured: see
+/// README "Kernel requirements").
+const CI_ARM64_VM_LIMIT: Duration = Duration::from_secs(900);
+
+/// The amd64 system test as a whole: package build, cached image, boot, checks (measured: see
+/// README "Install").
+const CI_SYSTEM_LIMIT: Duration = Duration::from_secs(900);
+
+/// Runs this xtask binary with `args` and `more`, stopped after `limit` (see [`run_bounded`]).
+fn xtask_bounded(args: &[&str], more: &[String], limit: Duration) -> Result<()> {
+    let exe = env::current_exe().context("cannot find the xtask binary")?;
+    run_bounded(Command::new(exe).args(args).args(more), limit)
+}
 
 /// How long the quick bench may take (it takes about 100 s).
 const BENCH_LIMIT: Duration = Duration::from_secs(170);

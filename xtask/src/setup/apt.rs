@@ -26,13 +26,9 @@ const BENCH_PACKAGES: &[&str] = &["haproxy", "socat", "systemd", "iperf3"];
 
 /// What `cargo xtask integration-test vm` adds: QEMU (installed without its recommends, about
 /// 70 MB), busybox-static for the guest, `strip`, and xz/zstd for the kernel modules.
-const VM_PACKAGES: &[&str] = &[
-    "qemu-system-x86",
-    "busybox-static",
-    "binutils",
-    "xz-utils",
-    "zstd",
-];
+/// The arm64 guest's busybox and `ip` come from arm64 packages fetched into the cache (see
+/// `vm::userland`), not from the host.
+const VM_PACKAGES: &[&str] = &["busybox-static", "binutils", "xz-utils", "zstd"];
 
 /// Installs the missing packages; `apt-get update` runs only when something is missing.
 pub fn ensure() -> Result<()> {
@@ -44,12 +40,38 @@ pub fn ensure_bench() -> Result<()> {
     ensure_list(BENCH_PACKAGES)
 }
 
-/// Installs the VM suite's missing packages, the same way.
-pub fn ensure_vm() -> Result<()> {
-    ensure_list(VM_PACKAGES)
+/// Installs the VM suite's missing packages for `arch`, the same way.
+pub fn ensure_vm(arch: crate::arch::Arch) -> Result<()> {
+    ensure_list(VM_PACKAGES)?;
+    ensure_list(&[arch.qemu_package()])
+}
+
+/// What `cargo xtask system-test` adds: debootstrap builds the guest's Debian, qemu-user-static
+/// runs a foreign (arm64) one's second stage, e2fsprogs makes its disk image from a directory.
+const SYSTEM_PACKAGES: &[&str] = &[
+    "debootstrap",
+    "debian-archive-keyring",
+    "e2fsprogs",
+    "qemu-user-static",
+    "xz-utils",
+    "zstd",
+];
+
+/// Installs the system test's missing packages for `arch`.
+pub fn ensure_system(arch: crate::arch::Arch) -> Result<()> {
+    ensure_list(SYSTEM_PACKAGES)?;
+    ensure_list(&[arch.qemu_package()])
+}
+
+/// Installs the missing ones of `packages`, the same way.
+pub fn ensure_packages(packages: &[&'static str]) -> Result<()> {
+    ensure_list(packages)
 }
 
 fn ensure_list(packages: &[&'static str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
     let missing = missing(packages)?;
     if !missing.is_empty() {
         apt_get(&["update"])?;

@@ -41,10 +41,26 @@ pub fn cargo_fuzz() -> Result<()> {
 
 /// What `cargo xtask integration-test vm` adds: everything [`run`] installs, QEMU,
 /// busybox-static, the tools that unpack kernel packages and modules, and the musl target.
-pub fn vm() -> Result<()> {
+pub fn vm(arch: crate::arch::Arch) -> Result<()> {
     run()?;
-    apt::ensure_vm()?;
-    toolchain::ensure_target("x86_64-unknown-linux-musl")
+    apt::ensure_vm(arch)?;
+    cross(arch)
+}
+
+/// What building for `arch` adds to [`run`]: its glibc and musl Rust targets and, for arm64,
+/// the cross gcc (the linker) and binutils (strip, objcopy) from Debian.
+pub fn cross(arch: crate::arch::Arch) -> Result<()> {
+    apt::ensure_packages(arch.cross_packages())?;
+    toolchain::ensure_target(arch.gnu_target())?;
+    toolchain::ensure_target(arch.musl_target())
+}
+
+/// What `cargo xtask system-test` adds for `arch`: the cross build, QEMU, debootstrap (and
+/// qemu-user-static to finish a foreign one), and e2fsprogs for the guest's disk.
+pub fn system(arch: crate::arch::Arch) -> Result<()> {
+    run()?;
+    cross(arch)?;
+    apt::ensure_system(arch)
 }
 
 /// The Debian packages `cargo xtask bench` runs (HAProxy, socat, systemd-socket-proxyd, iperf3).

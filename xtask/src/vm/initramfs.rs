@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::kernel::Kernel;
+use super::{
+    kernel::Kernel,
+    userland::{Lib, Userland},
+};
 use crate::util::output;
 
 /// One test binary the guest runs, with the libtest arguments that select its tests.
@@ -128,6 +131,7 @@ const APPLETS: &[&str] = &[
 /// Writes the archive for `kernel` to `out`.
 pub fn build(
     kernel: &Kernel,
+    userland: &Userland,
     spliced: &Path,
     tests: &[TestBin],
     env: &[(String, String)],
@@ -140,11 +144,22 @@ pub fn build(
         t.dir(d);
     }
     t.symlink("var/run", "../run");
-    t.copy("bin/busybox", Path::new("/bin/busybox"), 0o755)?;
+    t.copy("bin/busybox", &userland.busybox(), 0o755)?;
     for applet in APPLETS {
         t.symlink(&format!("bin/{applet}"), "busybox");
     }
-    add_with_libs(&mut t, "/usr/sbin/ip")?;
+    match userland {
+        Userland::Host => add_with_libs(&mut t, "/usr/sbin/ip")?,
+        Userland::Foreign(_) => {
+            t.copy("usr/sbin/ip", &userland.ip()?, 0o755)?;
+            for (path, lib) in userland.libraries()? {
+                match lib {
+                    Lib::File(from) => t.copy(&path, &from, 0o755)?,
+                    Lib::Symlink(target) => t.symlink(&path, &target),
+                }
+            }
+        }
+    }
     t.file(
         "etc/hosts",
         b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n".to_vec(),

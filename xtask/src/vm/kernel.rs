@@ -15,7 +15,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{home_dir, output, run};
+use crate::{
+    arch::Arch,
+    util::{home_dir, output, run},
+};
 
 /// The suites the private apt configuration adds.
 const SOURCES: &str = "\
@@ -61,12 +64,13 @@ pub fn cache_dir() -> Result<PathBuf> {
     Ok(home_dir()?.join(".cache/spliced"))
 }
 
-/// Finds (in the cache, else through apt) and unpacks the newest cloud kernel of `requested`.
-pub fn fetch(requested: &str) -> Result<Kernel> {
-    let want = Want::parse(requested)?;
+/// Finds (in the cache, else through apt) and unpacks the newest cloud kernel of `requested`
+/// for `arch`.
+pub fn fetch(arch: Arch, requested: &str) -> Result<Kernel> {
+    let want = Want::parse(requested, arch)?;
     let cache = cache_dir()?.join("kernels");
     fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
-    let apt = Apt::new(&cache_dir()?.join("apt"))?;
+    let apt = Apt::new(&apt_dir(arch)?, arch)?;
     let mut refreshed = false;
     if apt.lists_stale() {
         match apt.update() {
@@ -84,8 +88,9 @@ pub fn fetch(requested: &str) -> Result<Kernel> {
     let names = apt.package_names()?;
     let Some(choice) = choose(&names, &want) else {
         bail!(
-            "no Debian cloud kernel {requested} in bookworm, bookworm-security, \
-             bullseye-security or sid"
+            "no Debian cloud kernel {requested} for {} in bookworm, bookworm-security, \
+             bullseye-security or sid",
+            arch.deb()
         );
     };
     let dir = cache.join(&choice.release);
@@ -108,7 +113,7 @@ pub fn fetch(requested: &str) -> Result<Kernel> {
             // An old list may name a package the mirror dropped: refresh once, look again.
             eprintln!("vm: {e:#}; refreshing the package lists");
             apt.update()?;
-            return fetch(requested);
+            return fetch(arch, requested);
         }
         let _ = fs::remove_dir_all(&dir);
         let tmp = cache.join(format!("{}.tmp{}", choice.release, std::process::id()));
@@ -123,6 +128,14 @@ pub fn fetch(requested: &str) -> Result<Kernel> {
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
     }
     unpacked(&cache, &choice.release)
+}
+
+/// The private apt directory of `arch` (amd64's keeps its old name).
+pub fn apt_dir(arch: Arch) -> Result<PathBuf> {
+    Ok(match arch {
+        Arch::Amd64 => cache_dir()?.join("apt"),
+        other => cache_dir()?.join(format!("apt-{}", other.deb())),
+    })
 }
 
 fn unpacked(cache: &Path, release: &str) -> Result<Kernel> {
@@ -151,7 +164,7 @@ fn cached(cache: &Path, want: &Want) -> Result<Option<String>> {
         if !entry.path().join(".complete").exists() {
             continue;
         }
-        if let Some(key) = release_key(&name).filter(|k| want.matches(k)) {
+        if let Some(key) = release_key(&name, want.arch).filter(|k| want.matches(k)) {
             if best.as_ref().is_none_or(|(b, _)| key > *b) {
                 best = Some((key, name));
             }
@@ -181,10 +194,11 @@ fn find_deb(dir: &Path, pkg: &str) -> Result<PathBuf> {
 struct Want {
     major: u32,
     minor: Option<u32>,
+    arch: Arch,
 }
 
 impl Want {
-    fn parse(s: &str) -> Result<Want> {
+    fn parse(s: &str, arch: Arch) -> Result<Want> {
         let s = s.strip_suffix(".x").unwrap_or(s);
         let mut parts = s.split('.');
         let major = parts
@@ -201,7 +215,7 @@ impl Want {
         if parts.next().is_some() {
             bail!("kernel version {s:?}: give MAJOR.MINOR (the newest of that series is used)");
         }
-        Ok(Want { major, minor })
+        Ok(Want { major, minor, arch })
     }
 
     fn matches(&self, key: &Key) -> bool {
@@ -212,10 +226,11 @@ impl Want {
 /// (major, minor, patch, Debian ABI number) of a kernel release, for picking the newest.
 type Key = (u32, u32, u32, u32);
 
-/// `5.10.0-46-cloud-amd64` -> (5, 10, 0, 46); `6.12.117+deb12-cloud-amd64` -> (6, 12, 117, 0).
-/// Backports (`6.1.0-0.deb11.48-cloud-amd64`) and other flavours are not ours: None.
-fn release_key(release: &str) -> Option<Key> {
-    let version = release.strip_suffix("-cloud-amd64")?;
+/// `5.10.0-46-cloud-amd64` -> (5, 10, 0, 46); `6.12.117+deb12-cloud-amd64` -> (6, 12, 117, 0)
+/// (`-cloud-arm64` for arm64). Backports (`6.1.0-0.deb11.48-cloud-amd64`) and other flavours
+/// are not ours: None.
+fn release_key(release: &str, arch: Arch) -> Option<Key> {
+    let version = release.strip_suffix(&format!("-cloud-{}", arch.deb()))?;
     let (numbers, abi) = match version.split_once('-') {
         Some((n, abi)) => (n, abi.parse().ok()?),
         None => (version.split_once('+')?.0, 0),
@@ -248,7 +263,7 @@ fn choose(names: &[String], want: &Want) -> Option<Choice> {
         } else {
             continue;
         };
-        let Some(key) = release_key(release).filter(|k| want.matches(k)) else {
+        let Some(key) = release_key(release, want.arch).filter(|k| want.matches(k)) else {
             continue;
         };
         // A release with both forms: the split one is what the suite builds now.
@@ -269,13 +284,14 @@ fn choose(names: &[String], want: &Want) -> Option<Choice> {
 }
 
 /// apt with its own configuration, state and cache under `dir`.
-struct Apt {
+pub struct Apt {
     conf: PathBuf,
     lists: PathBuf,
 }
 
 impl Apt {
-    fn new(dir: &Path) -> Result<Apt> {
+    /// The private configuration for `arch`'s packages under `dir`.
+    pub fn new(dir: &Path, arch: Arch) -> Result<Apt> {
         let etc = dir.join("etc");
         for d in [
             etc.join("sources.list.d"),
@@ -302,11 +318,12 @@ impl Apt {
                  Dir::State \"{d}/state\";\n\
                  Dir::State::status \"{d}/status\";\n\
                  Dir::Cache \"{d}/cache\";\n\
-                 APT::Architecture \"amd64\";\n\
-                 APT::Architectures {{ \"amd64\"; }};\n\
+                 APT::Architecture \"{a}\";\n\
+                 APT::Architectures {{ \"{a}\"; }};\n\
                  Acquire::Languages \"none\";\n\
                  Acquire::IndexTargets::deb::DEP-11::DefaultEnabled \"false\";\n\
-                 Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled \"false\";\n"
+                 Acquire::IndexTargets::deb::DEP-11-icons::DefaultEnabled \"false\";\n",
+                a = arch.deb()
             ),
         )?;
         Ok(Apt {
@@ -323,7 +340,7 @@ impl Apt {
     }
 
     /// Whether the sid list is missing or older than [`LISTS_MAX_AGE`].
-    fn lists_stale(&self) -> bool {
+    pub fn lists_stale(&self) -> bool {
         let newest = fs::read_dir(&self.lists).ok().and_then(|entries| {
             entries
                 .filter_map(|e| e.ok())
@@ -338,7 +355,7 @@ impl Apt {
         })
     }
 
-    fn update(&self) -> Result<()> {
+    pub fn update(&self) -> Result<()> {
         eprintln!("vm: apt-get update (private configuration: bookworm, bookworm-security, bullseye-security, sid)");
         output(self.cmd("apt-get").args(["update", "-q"])).map(|_| ())
     }
@@ -348,7 +365,7 @@ impl Apt {
         Ok(out.lines().map(str::to_string).collect())
     }
 
-    fn download(&self, dir: &Path, pkg: &str) -> Result<()> {
+    pub fn download(&self, dir: &Path, pkg: &str) -> Result<()> {
         output(
             self.cmd("apt-get")
                 .current_dir(dir)
@@ -368,47 +385,71 @@ impl std::fmt::Display for Kernel {
 mod tests {
     use super::*;
 
+    fn release_key_amd64(r: &str) -> Option<Key> {
+        release_key(r, Arch::Amd64)
+    }
+
     #[test]
     fn release_keys() {
-        assert_eq!(release_key("5.10.0-46-cloud-amd64"), Some((5, 10, 0, 46)));
-        assert_eq!(release_key("6.1.0-56-cloud-amd64"), Some((6, 1, 0, 56)));
         assert_eq!(
-            release_key("6.12.117+deb12-cloud-amd64"),
+            release_key("6.1.0-56-cloud-arm64", Arch::Arm64),
+            Some((6, 1, 0, 56))
+        );
+        assert_eq!(release_key("6.1.0-56-cloud-arm64", Arch::Amd64), None);
+        assert_eq!(
+            release_key_amd64("5.10.0-46-cloud-amd64"),
+            Some((5, 10, 0, 46))
+        );
+        assert_eq!(
+            release_key_amd64("6.1.0-56-cloud-amd64"),
+            Some((6, 1, 0, 56))
+        );
+        assert_eq!(
+            release_key_amd64("6.12.117+deb12-cloud-amd64"),
             Some((6, 12, 117, 0))
         );
-        assert_eq!(release_key("7.2.13+deb14-cloud-amd64"), Some((7, 2, 13, 0)));
-        assert_eq!(release_key("6.1.0-0.deb11.48-cloud-amd64"), None);
-        assert_eq!(release_key("6.1-cloud-amd64"), None);
-        assert_eq!(release_key("cloud-amd64"), None);
-        assert_eq!(release_key("6.1.0-56-amd64"), None);
-        assert_eq!(release_key("6.12.117+deb12-cloud-amd64-unsigned"), None);
+        assert_eq!(
+            release_key_amd64("7.2.13+deb14-cloud-amd64"),
+            Some((7, 2, 13, 0))
+        );
+        assert_eq!(release_key_amd64("6.1.0-0.deb11.48-cloud-amd64"), None);
+        assert_eq!(release_key_amd64("6.1-cloud-amd64"), None);
+        assert_eq!(release_key_amd64("cloud-amd64"), None);
+        assert_eq!(release_key_amd64("6.1.0-56-amd64"), None);
+        assert_eq!(
+            release_key_amd64("6.12.117+deb12-cloud-amd64-unsigned"),
+            None
+        );
     }
 
     #[test]
     fn wants() {
         assert_eq!(
-            Want::parse("5.10").unwrap(),
+            Want::parse("5.10", Arch::Amd64).unwrap(),
             Want {
                 major: 5,
-                minor: Some(10)
+                minor: Some(10),
+                arch: Arch::Amd64
             }
         );
         assert_eq!(
-            Want::parse("7.x").unwrap(),
+            Want::parse("7.x", Arch::Amd64).unwrap(),
             Want {
                 major: 7,
-                minor: None
+                minor: None,
+                arch: Arch::Amd64
             }
         );
         assert_eq!(
-            Want::parse("7").unwrap(),
+            Want::parse("7", Arch::Amd64).unwrap(),
             Want {
                 major: 7,
-                minor: None
+                minor: None,
+                arch: Arch::Amd64
             }
         );
-        assert!(Want::parse("6.1.3").is_err());
-        assert!(Want::parse("six").is_err());
+        assert!(Want::parse("6.1.3", Arch::Amd64).is_err());
+        assert!(Want::parse("six", Arch::Amd64).is_err());
     }
 
     #[test]
@@ -430,7 +471,7 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let pick = |v: &str| choose(&names, &Want::parse(v).unwrap());
+        let pick = |v: &str| choose(&names, &Want::parse(v, Arch::Amd64).unwrap());
         assert_eq!(
             pick("5.10").unwrap().packages,
             ["linux-image-5.10.0-46-cloud-amd64"]

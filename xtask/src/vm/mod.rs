@@ -13,19 +13,23 @@
 //! sockmap tests skip and the table's data path column says so, with the probe's reason.
 pub mod initramfs;
 pub mod kernel;
-mod qemu;
+pub mod qemu;
+pub mod userland;
 
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{cargo, output, path_with_cargo_bin, workspace_root};
+use crate::{
+    arch::Arch,
+    util::{cargo, output, path_with_cargo_bin, workspace_root},
+};
 use initramfs::TestBin;
+use userland::Userland;
 
 /// Every kernel series the suite knows how to fetch, oldest first.
 pub const ALL_KERNELS: &[&str] = &["5.10", "6.1", "6.12", "7"];
@@ -45,6 +49,11 @@ fn expected_path(series: &str) -> Option<&'static str> {
         "6.1" | "6.12" | "7" => Some("sockmap"),
         _ => None,
     }
+}
+
+/// What `cargo xtask test` runs on arm64: the newest series.
+pub fn ci_kernels_arm64() -> Vec<String> {
+    vec![ALL_KERNELS[ALL_KERNELS.len() - 1].to_string()]
 }
 
 /// What `cargo xtask test` runs: the oldest and the newest series.
@@ -89,9 +98,6 @@ pub const VM_TESTS: &[(&str, &[&str])] = &[
     ("xdp_front", &["acl_"]),
     ("xdp", &["daemon_xdp_acl", "loopback_rules_at_accept"]),
 ];
-
-/// The musl target the guest binaries are built for (static, no libc needed in the guest).
-const MUSL: &str = "x86_64-unknown-linux-musl";
 
 /// What one guest run found.
 #[derive(Debug, Default, PartialEq)]
@@ -201,16 +207,23 @@ struct Row {
     took: Duration,
 }
 
-/// Runs the suite on each of `kernels` (default: all of [`ALL_KERNELS`]) and prints the table;
-/// fails if any kernel failed.
-pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) -> Result<()> {
+/// Runs the suite on each of `kernels` (default: all of [`ALL_KERNELS`]) for `arch` and prints
+/// the table; fails if any kernel failed. The guest binaries are static (musl): no libc needed
+/// in the guest.
+pub fn command(
+    arch: Arch,
+    kernels: Vec<String>,
+    filters: &[String],
+    guest_limit: Duration,
+) -> Result<()> {
     let kernels = if kernels.is_empty() {
         ALL_KERNELS.iter().map(|s| s.to_string()).collect()
     } else {
         kernels
     };
     let started = Instant::now();
-    crate::setup::vm()?;
+    crate::setup::vm(arch)?;
+    let userland = Userland::get(arch)?;
     let consoles = kernel::cache_dir()?.join("vm");
     // Binaries and initramfs of this run only (another run may be going on at the same time);
     // removed at the end, whatever happened.
@@ -218,9 +231,12 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
     let work = WorkDir(consoles.join(format!("run-{}", std::process::id())));
     fs::create_dir_all(&work.0).with_context(|| format!("cannot create {}", work.0.display()))?;
     let work = &work.0;
-    eprintln!("vm: building spliced and the tests for {MUSL}");
-    let spliced = build_spliced(work)?;
-    let mut tests = build_tests(work)?;
+    eprintln!(
+        "vm: building spliced and the tests for {}",
+        arch.musl_target()
+    );
+    let spliced = build_spliced(arch, work)?;
+    let mut tests = build_tests(arch, work)?;
     if !filters.is_empty() {
         for t in &mut tests {
             t.filters = filters.to_vec();
@@ -231,6 +247,7 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
     for requested in &kernels {
         let started = Instant::now();
         let outcome = run_one(
+            (arch, &userland),
             requested,
             &spliced,
             &tests,
@@ -271,6 +288,7 @@ pub fn command(kernels: Vec<String>, filters: &[String], guest_limit: Duration) 
 }
 
 fn run_one(
+    (arch, userland): (Arch, &Userland),
     requested: &str,
     spliced: &Path,
     tests: &[TestBin],
@@ -278,13 +296,15 @@ fn run_one(
     names: &[&str],
     limit: Duration,
 ) -> Result<(String, Outcome)> {
-    let k = kernel::fetch(requested)?;
+    let k = kernel::fetch(arch, requested)?;
     eprintln!("vm: {requested}: booting {} under TCG", k.release);
     let initrd = work.join(format!("initramfs-{}.cpio", k.release));
-    initramfs::build(&k, spliced, tests, &guest_env(), &initrd)?;
+    initramfs::build(&k, userland, spliced, tests, &guest_env(), &initrd)?;
     let running = work.join(format!("console-{}.log", k.release));
+    let vmlinuz = qemu::loadable_kernel(arch, &k.vmlinuz, work)?;
     let result = qemu::boot(
-        &k.vmlinuz,
+        (arch, 1024),
+        &vmlinuz,
         &initrd,
         &running,
         limit,
@@ -355,16 +375,17 @@ fn print_table(rows: &[Row]) {
 }
 
 /// `cargo build --target musl` of `spliced` (with its eBPF object), stripped into `work`.
-fn build_spliced(work: &Path) -> Result<PathBuf> {
+fn build_spliced(arch: Arch, work: &Path) -> Result<PathBuf> {
     let out = output(
         cargo()
             .current_dir(workspace_root())
             .env("SPLICED_REQUIRE_EBPF", "1")
             .env("PATH", path_with_cargo_bin()?)
+            .envs(arch.cargo_env())
             .args([
                 "build",
                 "--target",
-                MUSL,
+                arch.musl_target(),
                 "-p",
                 "proxy-user",
                 "--bin",
@@ -376,17 +397,19 @@ fn build_spliced(work: &Path) -> Result<PathBuf> {
         .into_iter()
         .find(|(name, _)| name == "spliced")
         .context("cargo built no spliced executable")?;
-    stripped(&exe.1, &work.join("spliced"))
+    stripped(arch, &exe.1, &work.join("spliced"))
 }
 
 /// `cargo test --no-run --target musl -p tests`: the test binaries of [`VM_TESTS`], stripped.
-fn build_tests(work: &Path) -> Result<Vec<TestBin>> {
+fn build_tests(arch: Arch, work: &Path) -> Result<Vec<TestBin>> {
     let out = output(
         cargo()
             .current_dir(workspace_root())
             .env("SPLICED_REQUIRE_EBPF", "1")
             .env("PATH", path_with_cargo_bin()?)
-            .args(["test", "--no-run", "--target", MUSL, "-p", "tests"])
+            .envs(arch.cargo_env())
+            .args(["test", "--no-run", "--target", arch.musl_target()])
+            .args(["-p", "tests"])
             .args(VM_TESTS.iter().flat_map(|(name, _)| ["--test", name]))
             .args(["--message-format=json-render-diagnostics"]),
     )?;
@@ -399,7 +422,7 @@ fn build_tests(work: &Path) -> Result<Vec<TestBin>> {
             .with_context(|| format!("cargo built no test binary {name}"))?;
         bins.push(TestBin {
             name: name.to_string(),
-            path: stripped(path, &work.join(format!("test-{name}")))?,
+            path: stripped(arch, path, &work.join(format!("test-{name}")))?,
             filters: filters.iter().map(|f| f.to_string()).collect(),
         });
     }
@@ -420,8 +443,9 @@ fn executables(json: &str) -> Vec<(String, PathBuf)> {
 }
 
 /// Copies `from` to `to` without symbols (debug builds are mostly debug info: smaller guest).
-fn stripped(from: &Path, to: &Path) -> Result<PathBuf> {
-    let status = Command::new("strip")
+fn stripped(arch: Arch, from: &Path, to: &Path) -> Result<PathBuf> {
+    let status = arch
+        .tool("strip")
         .arg("-o")
         .arg(to)
         .arg(from)

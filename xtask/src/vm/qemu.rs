@@ -13,6 +13,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::arch::Arch;
+
 /// Kills and reaps QEMU unless it already exited.
 struct Guard(Child);
 
@@ -29,6 +31,7 @@ impl Drop for Guard {
 /// once QEMU exits (the guest's `poweroff`, or a panic with `-no-reboot`). Lines worth
 /// following live (markers, test results, failures) are echoed to stderr with `prefix`.
 pub fn boot(
+    (arch, mem_mib): (Arch, u32),
     vmlinuz: &Path,
     initrd: &Path,
     console: &Path,
@@ -36,14 +39,19 @@ pub fn boot(
     prefix: &str,
 ) -> Result<String> {
     let _ = fs::remove_file(console);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "1024"])
+    let (machine, tty) = arch.qemu_machine();
+    let mut cmd = Command::new(arch.qemu());
+    cmd.args(["-accel", "tcg"])
+        .args(machine)
+        .args(["-smp", "2", "-m"])
+        .arg(mem_mib.to_string())
         .args(["-display", "none", "-monitor", "none", "-nic", "none"])
         .args(["-no-reboot", "-kernel"])
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(format!("console={tty} panic=-1 quiet"))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .stdin(Stdio::null())
@@ -59,7 +67,9 @@ pub fn boot(
             Ok(())
         });
     }
-    let child = cmd.spawn().context("cannot start qemu-system-x86_64")?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", arch.qemu()))?;
     let mut guard = Guard(child);
     let started = Instant::now();
     let mut echoed = 0u64;
@@ -105,6 +115,7 @@ fn echo_new(console: &Path, offset: &mut u64, partial: &mut String, prefix: &str
         let line: String = partial.drain(..=at).collect();
         let line = line.trim_end();
         if line.contains("SPLICED-VM:")
+            || line.contains("SPLICED-SYSTEM:")
             || line.starts_with("test result:")
             || line.contains("FAILED")
             || line.contains("panicked")
@@ -113,4 +124,50 @@ fn echo_new(console: &Path, offset: &mut u64, partial: &mut String, prefix: &str
             eprintln!("{prefix}{line}");
         }
     }
+}
+
+/// The kernel image QEMU can load. amd64's bzImage and arm64's gzip-compressed `Image` load as
+/// they are; an arm64 EFI zboot image (`zimg` in its header: a PE stub around a compressed
+/// `Image`, which QEMU 7.2's `-kernel` cannot boot) is unpacked into `work` first.
+pub fn loadable_kernel(arch: Arch, vmlinuz: &Path, work: &Path) -> Result<std::path::PathBuf> {
+    if arch != Arch::Arm64 {
+        return Ok(vmlinuz.to_path_buf());
+    }
+    let bytes = fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
+    // The zboot header: "MZ", 2 bytes, "zimg", payload offset and size (le32), 28 bytes of
+    // padding, the compression type as a NUL-terminated string.
+    if bytes.len() < 64 || &bytes[4..8] != b"zimg" {
+        return Ok(vmlinuz.to_path_buf());
+    }
+    let le32 = |at: usize| {
+        u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize
+    };
+    let (offset, size) = (le32(8), le32(12));
+    let kind: String = bytes[24..56]
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as char)
+        .collect();
+    let payload = bytes
+        .get(offset..offset + size)
+        .context("the zboot payload lies outside the file")?;
+    let tool = match kind.as_str() {
+        "gzip" => "gzip",
+        "zstd" => "zstd",
+        "xz" => "xz",
+        other => bail!("zboot image compressed with {other}: not supported"),
+    };
+    let packed = work.join("Image.packed");
+    fs::write(&packed, payload)?;
+    let out = Command::new(tool)
+        .args(["-d", "-c"])
+        .arg(&packed)
+        .output()
+        .with_context(|| format!("cannot run {tool}"))?;
+    if !out.status.success() {
+        bail!("{tool} -d of the zboot payload failed");
+    }
+    let image = work.join("Image");
+    fs::write(&image, out.stdout)?;
+    Ok(image)
 }
