@@ -231,6 +231,13 @@ fn drop_privileges(daemon: &Daemon, name: &str) -> Result<()> {
         // This kernel checks CAP_BPF for every bpf() command (before 6.5).
         keep |= 1 << spliced::privdrop::CAP_BPF;
     }
+    // A capability the service manager never gave (a unit whose bounding set leaves out
+    // CAP_NET_BIND_SERVICE because systemd binds the low ports) cannot be kept: capset fails.
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    if let Some(creds) = spliced::privdrop::parse_status(&status) {
+        keep &= creds.cap_prm;
+    }
     spliced::privdrop::drop_to(&user, keep, &tokio::runtime::Handle::current())?;
     info!(
         "running as user {name} (uid {}, gid {}), keeping only {}",

@@ -79,13 +79,13 @@ impl Spliced {
         Spliced::launch(&mut cmd, routes)
     }
 
-    /// Spawns `cmd` and waits (at most 20 s) until it has logged `routes` listeners.
+    /// Spawns `cmd` and waits (at most [`start_limit`]) until it has logged `routes` listeners.
     fn launch(cmd: &mut Command, routes: usize) -> Result<Spliced, NotStarted> {
         let mut spliced = Spliced {
             process: Process::spawn("spliced", cmd),
             listening: Vec::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + start_limit();
         loop {
             spliced.listening = listening(&spliced.log());
             if spliced.listening.len() >= routes {
@@ -286,4 +286,14 @@ pub fn fields(line: &str) -> HashMap<&str, &str> {
         .collect();
     map.insert("end", end.trim_end());
     map
+}
+
+/// How long spliced may take to start listening: 20 s, or `SPLICED_TEST_START_SECS` (the arm64
+/// VM guest, fully emulated under TCG, loads and verifies the eBPF program far slower).
+fn start_limit() -> Duration {
+    let secs = std::env::var("SPLICED_TEST_START_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    Duration::from_secs(secs)
 }
