@@ -76,7 +76,7 @@ fn deb_holds_binary_unit_config_and_man_page() {
     let bin = x.join("usr/bin/spliced");
     let version = stdout_of(Command::new(&bin).arg("--version"));
     assert!(version.starts_with("spliced "), "{version}");
-    debug_info_is_in_the_dbgsym_package(&deb, &bin, &dir.0);
+    debug_info_is_in_the_dbgsym_package(&deb, &bin, &dir.path);
 
     // The example configuration is valid (with a user that exists here: the package's postinst
     // creates "spliced", this test does not).
@@ -142,18 +142,18 @@ fn deb_holds_binary_unit_config_and_man_page() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    reproducible(&root, &deb, &dir.0);
+    reproducible(&root, &deb, &dir.path);
 }
 
 /// The packaged binary has no symbols or debug sections; `spliced-dbgsym` has them, at
 /// `/usr/lib/debug/.build-id/xx/yyyy.debug` for the binary's build ID, and depends on the exact
 /// version.
 fn debug_info_is_in_the_dbgsym_package(deb: &Path, bin: &Path, dir: &Path) {
-    let sections = sh(Command::new("readelf").args(["-S", "-W"]).arg(bin));
+    let sections = stdout_of(Command::new("readelf").args(["-S", "-W"]).arg(bin));
     for s in [".symtab", ".debug_info", ".debug_line"] {
         assert!(!sections.contains(s), "the packaged binary has {s}");
     }
-    let notes = sh(Command::new("readelf").arg("-n").arg(bin));
+    let notes = stdout_of(Command::new("readelf").arg("-n").arg(bin));
     let id = notes
         .lines()
         .find_map(|l| l.trim().strip_prefix("Build ID: "))
@@ -161,19 +161,19 @@ fn debug_info_is_in_the_dbgsym_package(deb: &Path, bin: &Path, dir: &Path) {
         .to_owned();
     let name = deb.file_name().unwrap().to_str().unwrap();
     let dbg = deb.with_file_name(name.replacen("spliced_", "spliced-dbgsym_", 1));
-    let info = sh(Command::new("dpkg-deb").arg("--info").arg(&dbg));
+    let info = stdout_of(Command::new("dpkg-deb").arg("--info").arg(&dbg));
     assert!(info.contains(&format!("Build-Ids: {id}")), "{info}");
     assert!(info.contains("Depends: spliced (= "), "{info}");
     let x = dir.join("dbg");
-    sh(Command::new("dpkg-deb").arg("-x").arg(&dbg).arg(&x));
+    stdout_of(Command::new("dpkg-deb").arg("-x").arg(&dbg).arg(&x));
     let debug = x.join(format!(
         "usr/lib/debug/.build-id/{}/{}.debug",
         &id[..2],
         &id[2..]
     ));
-    let sections = sh(Command::new("readelf").args(["-S", "-W"]).arg(&debug));
+    let sections = stdout_of(Command::new("readelf").args(["-S", "-W"]).arg(&debug));
     assert!(sections.contains(".debug_info"), "{sections}");
-    let notes = sh(Command::new("readelf").arg("-n").arg(&debug));
+    let notes = stdout_of(Command::new("readelf").arg("-n").arg(&debug));
     assert!(
         notes.contains(&id),
         "the debug file is for another build: {notes}"
@@ -185,7 +185,7 @@ fn debug_info_is_in_the_dbgsym_package(deb: &Path, bin: &Path, dir: &Path) {
 /// tarball) in another directory, and compares the bytes of both packages.
 fn reproducible(root: &Path, deb: &Path, dir: &Path) {
     let copy = dir.join("elsewhere/spliced-src");
-    let files = sh(Command::new("git").current_dir(root).args([
+    let files = stdout_of(Command::new("git").current_dir(root).args([
         "ls-files",
         "-z",
         "--cached",
@@ -201,20 +201,25 @@ fn reproducible(root: &Path, deb: &Path, dir: &Path) {
         fs::create_dir_all(to.parent().unwrap()).unwrap();
         fs::copy(&from, &to).unwrap();
     }
-    let epoch = sh(Command::new("git")
-        .current_dir(root)
-        .args(["log", "-1", "--format=%ct"]));
+    let epoch =
+        stdout_of(
+            Command::new("git")
+                .current_dir(root)
+                .args(["log", "-1", "--format=%ct"]),
+        );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let out = dir.join("second");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let printed = sh(Command::new(cargo)
-        .current_dir(&copy)
-        .env("SOURCE_DATE_EPOCH", epoch.trim())
-        .env("CARGO_TARGET_DIR", &target)
-        .args(["xtask", "deb", "--output"])
-        .arg(&out));
+    let printed = stdout_of(
+        Command::new(cargo)
+            .current_dir(&copy)
+            .env("SOURCE_DATE_EPOCH", epoch.trim())
+            .env("CARGO_TARGET_DIR", &target)
+            .args(["xtask", "deb", "--output"])
+            .arg(&out),
+    );
     let second = PathBuf::from(printed.lines().last().unwrap().trim());
     let name = deb.file_name().unwrap().to_str().unwrap();
     let dbg_name = name.replacen("spliced_", "spliced-dbgsym_", 1);
@@ -227,7 +232,7 @@ fn reproducible(root: &Path, deb: &Path, dir: &Path) {
     ] {
         let (x, y) = (fs::read(&a).unwrap(), fs::read(&b).unwrap());
         if x != y {
-            let list = |p: &Path| sh(Command::new("dpkg-deb").args(["-c"]).arg(p));
+            let list = |p: &Path| stdout_of(Command::new("dpkg-deb").args(["-c"]).arg(p));
             panic!(
                 "{} differs between two builds ({} vs {} bytes):\n{}\n---\n{}",
                 a.file_name().unwrap().to_string_lossy(),

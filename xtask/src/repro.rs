@@ -194,7 +194,7 @@ fn newest_glibc(symbols: &str) -> Option<String> {
             continue;
         };
         let Some(parts) = v
-            .split(|c| c == '.' || c == ' ')
+            .split(['.', ' '])
             .map(|p| p.parse::<u32>().ok())
             .collect::<Option<Vec<u32>>>()
         else {
