@@ -209,14 +209,15 @@ fn reproducible(root: &Path, deb: &Path, dir: &Path) {
         );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
+        .unwrap_or_else(|| root.join("target"))
+        .join("package");
     let out = dir.join("second");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let printed = stdout_of(
         Command::new(cargo)
             .current_dir(&copy)
             .env("SOURCE_DATE_EPOCH", epoch.trim())
-            .env("CARGO_TARGET_DIR", &target)
+            .env("SPLICED_PACKAGE_TARGET_DIR", &target)
             .args(["xtask", "deb", "--output"])
             .arg(&out),
     );

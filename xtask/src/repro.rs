@@ -86,14 +86,14 @@ fn wrapper(root: &Path, target_dir: &Path) -> Result<PathBuf> {
 /// `cargo` with the reproducible build's environment for `arch`, and its target directory.
 pub fn cargo_for(arch: Arch) -> Result<(Command, PathBuf)> {
     let root = workspace_root();
-    // `CARGO_TARGET_DIR` if set: the package test's second build, in a copy of the checkout,
-    // shares the first one's dependencies (their paths are the same) and rebuilds only the
-    // workspace's crates.
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+    // `SPLICED_PACKAGE_TARGET_DIR` if set: the package test's second build, in a copy of the
+    // checkout, shares the first one's dependencies (their paths are the same) and rebuilds only
+    // the workspace's crates. Not `CARGO_TARGET_DIR`: the copy's own xtask binary would replace
+    // this checkout's `target/debug/xtask`.
+    let target_dir = std::env::var_os("SPLICED_PACKAGE_TARGET_DIR")
         .filter(|d| !d.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("package");
+        .unwrap_or_else(|| root.join("target/package"));
     let wrap = wrapper(&root, &target_dir)?;
     let mut cmd = cargo();
     cmd.current_dir(&root)
