@@ -67,6 +67,13 @@ pub fn cache_dir() -> Result<PathBuf> {
 /// Finds (in the cache, else through apt) and unpacks the newest cloud kernel of `requested`
 /// for `arch`.
 pub fn fetch(arch: Arch, requested: &str) -> Result<Kernel> {
+    fetch_once(arch, requested, false)
+}
+
+/// [`fetch`]; after a failed download with lists that were not just refreshed, refreshes them
+/// and tries once more (`retried`), never again (a file the index names but the mirror does
+/// not serve, like 5.10's arm64 images here, would otherwise loop forever).
+fn fetch_once(arch: Arch, requested: &str, retried: bool) -> Result<Kernel> {
     let want = Want::parse(requested, arch)?;
     let cache = cache_dir()?.join("kernels");
     fs::create_dir_all(&cache).with_context(|| format!("cannot create {}", cache.display()))?;
@@ -107,13 +114,13 @@ pub fn fetch(arch: Arch, requested: &str) -> Result<Kernel> {
             Ok(())
         };
         if let Err(e) = download() {
-            if refreshed {
+            if refreshed || retried {
                 return Err(e);
             }
             // An old list may name a package the mirror dropped: refresh once, look again.
             eprintln!("vm: {e:#}; refreshing the package lists");
             apt.update()?;
-            return fetch(arch, requested);
+            return fetch_once(arch, requested, true);
         }
         let _ = fs::remove_dir_all(&dir);
         let tmp = cache.join(format!("{}.tmp{}", choice.release, std::process::id()));

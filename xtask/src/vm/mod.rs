@@ -40,6 +40,18 @@ pub const VM_BULK_MIB: u32 = 8;
 /// How long one guest may run, boot to power-off (about 2.5 minutes on an idle machine).
 pub const GUEST_LIMIT: Duration = Duration::from_secs(600);
 
+/// How long one arm64 guest may run: aarch64 under TCG took 5m52s for the subset (8m19s on a
+/// host loaded by other builds and a second guest).
+pub const ARM64_GUEST_LIMIT: Duration = Duration::from_secs(900);
+
+/// The guest limit for `arch`.
+pub fn guest_limit(arch: Arch) -> Duration {
+    match arch {
+        Arch::Amd64 => GUEST_LIMIT,
+        Arch::Arm64 => ARM64_GUEST_LIMIT,
+    }
+}
+
 /// The data path `auto` chose on each series when last measured (README "Kernel requirements"):
 /// a different choice fails the kernel's row. 5.10's `recv` returns bytes queued before the
 /// insert instead of handing them to the verdict, so its probe fails.
