@@ -233,8 +233,8 @@ fn drop_privileges(daemon: &Daemon, name: &str) -> Result<()> {
     }
     // A capability the service manager never gave (a unit whose bounding set leaves out
     // CAP_NET_BIND_SERVICE because systemd binds the low ports) cannot be kept: capset fails.
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("cannot read /proc/self/status: {e}"))?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
     if let Some(creds) = spliced::privdrop::parse_status(&status) {
         keep &= creds.cap_prm;
     }
