@@ -85,6 +85,14 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
                     .args(["test", "--workspace", "--exclude", "proxy-ebpf"])
                     .args(&args))
             });
+            // The newest arm64 kernel under qemu-system-aarch64 runs beside the amd64 guests:
+            // each QEMU under TCG keeps one of the two cores busy, so together they take about
+            // as long as the arm64 guest alone. A child xtask stopped at its bound; its output
+            // is printed when it ends.
+            let arm64 = Background::start(
+                &["integration-test", "vm", "--arch", "arm64", "--kernel"],
+                &crate::vm::ci_kernels_arm64(),
+            );
             // The oldest and the newest kernel in QEMU (about 6 minutes; see crate::vm).
             steps.run(
                 "integration tests in VMs (oldest and newest kernel)",
@@ -97,15 +105,10 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
                     )
                 },
             );
-            // The newest arm64 kernel under qemu-system-aarch64 and the package under a real
-            // systemd: each a child xtask stopped at its bound (see the constants).
             steps.run("integration tests in VMs (arm64, newest kernel)", || {
-                xtask_bounded(
-                    &["integration-test", "vm", "--arch", "arm64", "--kernel"],
-                    &crate::vm::ci_kernels_arm64(),
-                    CI_ARM64_VM_LIMIT,
-                )
+                arm64?.finish(CI_ARM64_VM_LIMIT)
             });
+            // The package under a real systemd: a child xtask stopped at its bound.
             steps.run("system test (amd64)", || {
                 xtask_bounded(&["system-test", "--arch", "amd64"], &[], CI_SYSTEM_LIMIT)
             });
@@ -190,6 +193,51 @@ const CI_ARM64_VM_LIMIT: Duration = Duration::from_secs(1500);
 /// and kernel, boot, checks. Measured 9m00s warm on a loaded host (README "System test").
 const CI_SYSTEM_LIMIT: Duration = Duration::from_secs(1200);
 
+/// A child xtask running beside the steps, its output kept in a file until it ends.
+struct Background {
+    child: std::process::Child,
+    what: String,
+    log: std::path::PathBuf,
+    start: Instant,
+}
+
+impl Background {
+    /// Starts this xtask binary with `args` and `more`.
+    fn start(args: &[&str], more: &[String]) -> Result<Background> {
+        let exe = env::current_exe().context("cannot find the xtask binary")?;
+        let log =
+            env::temp_dir().join(format!("spliced-ci-{}-{}.log", args[0], std::process::id()));
+        let file =
+            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
+            .args(more)
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let what = crate::util::describe(&cmd);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start `{what}`"))?;
+        Ok(Background {
+            child,
+            what,
+            log,
+            start: Instant::now(),
+        })
+    }
+
+    /// Waits for the child, stopped once `limit` has passed since it started; prints its
+    /// output.
+    fn finish(mut self, limit: Duration) -> Result<()> {
+        let left = limit.saturating_sub(self.start.elapsed());
+        let result = wait_bounded(&mut self.child, &self.what, left);
+        let output = fs::read_to_string(&self.log).unwrap_or_default();
+        eprint!("{output}");
+        let _ = fs::remove_file(&self.log);
+        result
+    }
+}
+
 /// Runs this xtask binary with `args` and `more`, stopped after `limit` (see [`run_bounded`]).
 fn xtask_bounded(args: &[&str], more: &[String], limit: Duration) -> Result<()> {
     let exe = env::current_exe().context("cannot find the xtask binary")?;
@@ -206,6 +254,11 @@ fn run_bounded(cmd: &mut Command, limit: Duration) -> Result<()> {
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot start `{what}`"))?;
+    wait_bounded(&mut child, &what, limit)
+}
+
+/// Waits for `child`; past `limit` sends it SIGTERM, and SIGKILL 20 s later.
+fn wait_bounded(child: &mut std::process::Child, what: &str, limit: Duration) -> Result<()> {
     let start = Instant::now();
     let mut terminated = false;
     loop {
