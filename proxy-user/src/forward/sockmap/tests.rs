@@ -42,6 +42,28 @@ fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
     (a, b, c, d)
 }
 
+/// Writes `n` bytes of [`pattern`] in 64 KiB writes, then shuts the write side down.
+fn send_pattern(s: &mut TcpStream, n: u64) {
+    let mut buf = vec![0u8; 65536];
+    let mut i = 0u64;
+    while i < n {
+        for x in buf.iter_mut() {
+            *x = pattern(i);
+            i += 1;
+        }
+        s.write_all(&buf).unwrap();
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+}
+
+/// `per_direction` bytes per direction from a 64 MiB pool.
+fn budget(per_direction: u64) -> Budget {
+    Budget {
+        per_direction,
+        pool: Arc::new(Pool::new(64 << 20)),
+    }
+}
+
 fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(2654435761) >> 13) as u8
 }
@@ -52,23 +74,11 @@ async fn half_close_both_ways_keeps_every_byte() {
     let (mut a, b, c, mut d) = sockets();
     const N: u64 = 64 << 20;
     let cancel = CancellationToken::new();
-    let budget = Budget {
-        per_direction: 4 << 20,
-        pool: Arc::new(Pool::new(64 << 20)),
-    };
+    let budget = budget(4 << 20);
     let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, (0, 0), &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
         let writer = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            let mut i = 0u64;
-            while i < N {
-                for x in buf.iter_mut() {
-                    *x = pattern(i);
-                    i += 1;
-                }
-                a.write_all(&buf).unwrap();
-            }
-            a.shutdown(Shutdown::Write).unwrap();
+            send_pattern(&mut a, N);
             let mut reply = Vec::new();
             a.read_to_end(&mut reply).unwrap();
             reply
@@ -166,10 +176,7 @@ async fn fin_while_paused_loses_nothing() {
     let Some(sockmap) = load() else { return };
     let (mut a, b, c, mut d) = sockets();
     const N: u64 = 8 << 20;
-    let budget = Budget {
-        per_direction: 1 << 20,
-        pool: Arc::new(Pool::new(64 << 20)),
-    };
+    let budget = budget(1 << 20);
     // A large receive buffer on the proxy's client socket, so that the rest of the data and
     // the FIN fit into it while it is paused.
     socket2::SockRef::from(&b)
@@ -179,16 +186,7 @@ async fn fin_while_paused_loses_nothing() {
     let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, (0, 0), &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
         let writer = std::thread::spawn(move || {
-            let mut buf = vec![0u8; 65536];
-            let mut i = 0u64;
-            while i < N {
-                for x in buf.iter_mut() {
-                    *x = pattern(i);
-                    i += 1;
-                }
-                a.write_all(&buf).unwrap();
-            }
-            a.shutdown(Shutdown::Write).unwrap();
+            send_pattern(&mut a, N);
             let mut rest = Vec::new();
             a.read_to_end(&mut rest).unwrap();
         });
