@@ -386,6 +386,28 @@ fn all_down_then_one_back() {
     eprintln!("served again {:?} after the restart", t.elapsed());
 }
 
+/// A routing match's own servers are checked like a route's: with no client at all, the
+/// match's check finds its server down and up again.
+#[test]
+fn a_match_set_is_checked_like_a_route_set() {
+    let topo = Arc::new(Topology::new());
+    let (mut a, b) = (Backend::new(&topo, b'A'), Backend::new(&topo, b'B'));
+    let dir = TempDir::new();
+    let keys = format!(
+        "upstream = \"{}\"\n\n[[route.match]]\nprotocol = \"other\"\nupstream = [\"{}\"]\n{CHECKS}",
+        b.address(),
+        a.address()
+    );
+    let config = write(&dir, "copy", &keys);
+    let _spliced = start("copy", &config).unwrap();
+    wait_state(&dir, &a.address(), "up");
+    a.kill();
+    let down = wait_state(&dir, &a.address(), "down");
+    a.start();
+    let up = wait_state(&dir, &a.address(), "up");
+    eprintln!("match server found down after {down:?}, up again after {up:?}, no client");
+}
+
 #[test]
 fn backup_only_while_no_primary_is_up() {
     let topo = Arc::new(Topology::new());

@@ -276,7 +276,7 @@ impl Daemon {
             },
             state.plan.path()
         );
-        let checker = state.checker();
+        let checkers = state.checkers();
         let (tx, rx) = watch::channel(state);
         let stop = CancellationToken::new();
         let task = tokio::spawn(listen::accept_loop(
@@ -291,7 +291,7 @@ impl Daemon {
             route: tx,
             stop,
             task,
-            checker,
+            checkers,
         }
     }
 

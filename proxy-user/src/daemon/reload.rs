@@ -154,7 +154,7 @@ impl Daemon {
                         // The new upstream set takes over the servers it shares with the old
                         // one (and their health) before the old checker stops.
                         let state = self.state(route.clone());
-                        slot.checker = state.checker();
+                        slot.checkers = state.checkers();
                         info!(
                             "route {}: changed; new connections go to {} on data path {}",
                             route.name,

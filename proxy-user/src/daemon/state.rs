@@ -55,16 +55,28 @@ pub(super) struct RouteState {
 }
 
 impl RouteState {
-    /// Starts the health checks of the route's upstream set, connecting like its dials.
-    pub(super) fn checker(&self) -> Checker {
-        let opts = CheckOptions {
-            interface: self.route.interface.clone(),
-            connect_timeout: Some(self.route.connect_timeout),
-            // A server that expects PROXY headers (v1 or v2: HAProxy, nginx and Postfix accept
-            // both) takes a v2 LOCAL header as a check, not as a broken client.
-            proxy_header: self.route.proxy_protocol.is_some(),
+    /// Starts the health checks of the route's upstream set and of each match's, each
+    /// connecting like its own dials (a match's `interface`, `connect_timeout` and
+    /// `proxy_protocol` where it sets them).
+    pub(super) fn checkers(&self) -> Vec<Checker> {
+        let route = &self.route;
+        // A server that expects PROXY headers (v1 or v2: HAProxy, nginx and Postfix accept
+        // both) takes a v2 LOCAL header as a check, not as a broken client.
+        let own = CheckOptions {
+            interface: route.interface.clone(),
+            connect_timeout: Some(route.connect_timeout),
+            proxy_header: route.proxy_protocol.is_some(),
         };
-        Checker::start(self.upstreams.clone(), opts)
+        let mut checkers = vec![Checker::start(self.upstreams.clone(), own)];
+        for (m, set) in route.matches.iter().zip(&self.match_upstreams) {
+            let opts = CheckOptions {
+                interface: m.interface.clone().or_else(|| route.interface.clone()),
+                connect_timeout: Some(m.connect_timeout.unwrap_or(route.connect_timeout)),
+                proxy_header: m.proxy_protocol.or(route.proxy_protocol).is_some(),
+            };
+            checkers.push(Checker::start(set.clone(), opts));
+        }
+        checkers
     }
 }
 
@@ -91,8 +103,8 @@ pub(super) struct Slot {
     pub(super) route: watch::Sender<Arc<RouteState>>,
     pub(super) stop: CancellationToken,
     pub(super) task: JoinHandle<()>,
-    /// The health checks of the route's upstream set; replaced with the set.
-    pub(super) checker: Checker,
+    /// The health checks of the route's upstream set and of each match's; replaced with them.
+    pub(super) checkers: Vec<Checker>,
 }
 
 impl Slot {
