@@ -295,10 +295,16 @@ impl Daemon {
         }
     }
 
-    /// Lets status and metrics see the upstream sets of the routes running now.
+    /// Lets status and metrics see the upstream sets of the routes running now, each match's
+    /// own set included.
     fn publish_upstreams(&self) {
-        let sets = self.slots.iter().map(|s| s.state().upstreams.clone());
-        self.shared.registry.set_upstreams(sets.collect());
+        let mut sets = Vec::new();
+        for slot in &self.slots {
+            let state = slot.state();
+            sets.push(state.upstreams.clone());
+            sets.extend(state.match_upstreams.iter().cloned());
+        }
+        self.shared.registry.set_upstreams(sets);
     }
 
     /// Prepares for running as `uid`/`gid` (see [`crate::privdrop`]): the control socket
