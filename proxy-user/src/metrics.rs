@@ -93,16 +93,25 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
     stream.shutdown().await
 }
 
+/// One metric family: its HELP and TYPE lines, then a line per row (`{labels} value`).
+fn write_family(
+    out: &mut String,
+    (name, kind, help): (&str, &str, &str),
+    rows: &mut dyn Iterator<Item = String>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for row in rows {
+        let _ = writeln!(out, "{name}{row}");
+    }
+}
+
 /// The exposition text. Route names are `[A-Za-z0-9_.-]+`, so labels need no escaping.
 pub(crate) fn render(registry: &Registry) -> String {
     let routes = registry.routes();
     let mut out = String::new();
     let mut family =
         |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = String>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for row in rows {
-                let _ = writeln!(out, "{name}{row}");
-            }
+            write_family(&mut out, (name, kind, help), rows)
         };
     use std::sync::atomic::Ordering::Relaxed;
     family(
@@ -199,10 +208,7 @@ fn refused(registry: &Registry, out: &mut String) {
 fn routing_families(routes: &[(String, Arc<RouteCounters>)], out: &mut String) {
     let mut family =
         |name: &str, kind: &str, help: &str, rows: &mut dyn Iterator<Item = String>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for row in rows {
-                let _ = writeln!(out, "{name}{row}");
-            }
+            write_family(out, (name, kind, help), rows)
         };
     family(
         "spliced_route_peek_total",

@@ -1,25 +1,11 @@
-use std::path::Path;
 use std::time::Duration;
 
-use crate::config::{Config, Mode};
+use crate::config::{
+    tests::{errors, load},
+    Mode,
+};
 use crate::peek::{NamePattern, Protocol};
 use crate::proxy_header::Version;
-
-const FILE: &str = "spliced.toml";
-
-fn load(text: &str) -> Config {
-    Config::from_toml(Path::new(FILE), text).unwrap_or_else(|errors| {
-        let errors: Vec<String> = errors.into_iter().map(|e| e.to_string()).collect();
-        panic!("should load: {errors:#?}")
-    })
-}
-
-fn errors(text: &str) -> Vec<String> {
-    match Config::from_toml(Path::new(FILE), text) {
-        Ok(c) => panic!("should be refused, got {c:#?}"),
-        Err(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
-    }
-}
 
 const ISSUE_EXAMPLE: &str = r#"[[route]]
 name = "web"

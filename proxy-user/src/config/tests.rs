@@ -1,16 +1,18 @@
 use super::{document::line_column, value::edit_distance, *};
 use crate::addr::Host;
 
-const FILE: &str = "spliced.toml";
+pub(super) const FILE: &str = "spliced.toml";
 
-fn load(text: &str) -> Config {
+/// The configuration `text` describes; panics with every error if it has any.
+pub(super) fn load(text: &str) -> Config {
     Config::from_toml(Path::new(FILE), text).unwrap_or_else(|errors| {
         let errors: Vec<String> = errors.into_iter().map(|e| e.to_string()).collect();
         panic!("should load: {errors:#?}")
     })
 }
 
-fn errors(text: &str) -> Vec<String> {
+/// Every error of `text`, rendered; panics if it loads.
+pub(super) fn errors(text: &str) -> Vec<String> {
     match Config::from_toml(Path::new(FILE), text) {
         Ok(c) => panic!("should be refused, got {c:#?}"),
         Err(errors) => errors.into_iter().map(|e| e.to_string()).collect(),
