@@ -166,6 +166,17 @@ struct Pause {
     after_bytes: u64,
 }
 
+impl Pause {
+    /// Which limit fired (called once both pumps stopped on it).
+    fn reached(&self) -> Reached {
+        if self.moved.load(Ordering::Relaxed) >= self.after_bytes {
+            Reached::Bytes
+        } else {
+            Reached::Age
+        }
+    }
+}
+
 /// How a pump stopped without failing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pumped {
@@ -317,22 +328,33 @@ pub struct Promotion {
     pub after: Duration,
 }
 
+/// Which limit of a [`Promotion`] a connection reached first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reached {
+    /// `bytes` before `after`: a bulk transfer.
+    Bytes,
+    /// `after` first: a long-lived connection.
+    Age,
+}
+
 /// What [`copy_then_promote`] ended with.
 pub enum Started {
     /// The connection ended on the copy path.
     Done(Outcome),
-    /// Both directions stopped at a quiet point: the sockets go to sockmap. `up` and `down`
-    /// were carried so far.
+    /// Both directions stopped at a quiet point, for the reason `by`: the sockets move to
+    /// another path. `up` and `down` were carried so far.
     Promote {
         client: TcpStream,
         upstream: TcpStream,
         up: u64,
         down: u64,
+        by: Reached,
     },
 }
 
-/// The copy path until `promotion` says the connection has earned the sockmap set-up cost.
-/// A connection that ends first (most short ones) never pays it.
+/// The copy path until `promotion` says the connection has earned a faster path's set-up cost
+/// (pipes for splice, map updates and a psock for sockmap). A connection that ends first (most
+/// short ones) never pays it.
 pub async fn copy_then_promote(
     client: TcpStream,
     upstream: TcpStream,
@@ -383,11 +405,12 @@ pub async fn copy_then_promote(
     let end = match first {
         Ok((false, false)) => {
             return Started::Promote {
+                by: pause.reached(),
                 client,
                 upstream,
                 up: up.into_inner(),
                 down: down.into_inner(),
-            }
+            };
         }
         // A FIN went through: a socket past ESTABLISHED cannot join sockmap (trap 4), and the
         // connection is ending anyway; the rest stays on the copy path.
