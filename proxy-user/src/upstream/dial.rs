@@ -6,9 +6,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::{TcpSocket, TcpStream};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpStream;
 
-use super::{Lease, Upstreams};
+use super::{
+    ports::{PortPressure, SLOW_CONNECT},
+    Lease, Server, Upstreams,
+};
 use crate::addr::AddrError;
 
 /// What a dial may use besides the set: the route's (or match's) `connect_timeout` and
@@ -134,7 +138,10 @@ pub async fn dial(
         }
         let share = left / (plan.len() - i) as u32;
         match connect(target.addr, opts.interface, share).await {
-            Ok(stream) => {
+            Ok(Connected { stream, syscall }) => {
+                if syscall >= SLOW_CONNECT {
+                    port_search(&target.server, || format!("connect() took {syscall:.1?}"));
+                }
                 target.server.dial_succeeded(checks);
                 return Ok(Dialed {
                     stream,
@@ -150,7 +157,16 @@ pub async fn dial(
                     error: e,
                 });
             }
-            Err(e) => return Err(DialError::Ours(e)),
+            Err(e) => {
+                if let ConnectError::Local { err, .. } = &e {
+                    if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                        port_search(&target.server, || {
+                            "no local port was free (connect: EADDRNOTAVAIL)".to_owned()
+                        });
+                    }
+                }
+                return Err(DialError::Ours(e));
+            }
         }
     }
     Err(DialError::NoUpstream {
@@ -159,20 +175,37 @@ pub async fn dial(
     })
 }
 
+/// A connected upstream socket, and how long its connect() system call took: the kernel
+/// chooses the local port inside it, so a long one is a port search (see [`super::ports`]).
+#[derive(Debug)]
+pub(super) struct Connected {
+    pub stream: TcpStream,
+    pub syscall: Duration,
+}
+
 /// One TCP connect to `addr` (bound to `interface` if given), at most `limit` long. Also the
-/// health checks' connect, so checks go where dials go.
+/// health checks' connect, so checks go where dials go. The socket is made and connected with
+/// socket2 rather than tokio's `TcpSocket::connect` so that the system call alone is timed
+/// (two clock reads); tokio then waits for it as `TcpSocket::connect` does.
 pub(super) async fn connect(
     addr: SocketAddr,
     interface: Option<&str>,
     limit: Duration,
-) -> Result<TcpStream, ConnectError> {
+) -> Result<Connected, ConnectError> {
     let local = |err| ConnectError::Local { addr, err };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
+    let failed = |err: io::Error| match err.raw_os_error() {
+        // No local port left (the port range is full of TIME_WAIT): ours, not the server's.
+        Some(libc::EADDRNOTAVAIL) => ConnectError::Local { addr, err },
+        _ => ConnectError::Upstream { addr, err },
+    };
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
     } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(local)?;
+        Domain::IPV6
+    };
+    // SOCK_NONBLOCK | SOCK_CLOEXEC in the one socket() call.
+    let socket =
+        Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)).map_err(local)?;
     if let Some(iface) = interface {
         socket
             .bind_device(Some(iface.as_bytes()))
@@ -185,11 +218,33 @@ pub(super) async fn connect(
                 },
             })?;
     }
-    match tokio::time::timeout(limit, socket.connect(addr)).await {
-        Err(_) => Err(ConnectError::Timeout { addr, after: limit }),
-        // No local port left (the port range is full of TIME_WAIT): ours, not the server's.
-        Ok(Err(err)) if err.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(local(err)),
-        Ok(Err(err)) => Err(ConnectError::Upstream { addr, err }),
-        Ok(Ok(stream)) => Ok(stream),
+    let started = Instant::now();
+    let begun = socket.connect(&addr.into());
+    let syscall = started.elapsed();
+    match begun {
+        Ok(()) => {}
+        Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(err) => return Err(failed(err)),
     }
+    let stream = TcpStream::from_std(socket.into()).map_err(local)?;
+    match tokio::time::timeout(limit, stream.writable()).await {
+        Err(_) => return Err(ConnectError::Timeout { addr, after: limit }),
+        Ok(Err(err)) => return Err(failed(err)),
+        Ok(Ok(())) => {}
+    }
+    // Writable means connected or failed; SO_ERROR says which.
+    if let Some(err) = stream.take_error().map_err(local)? {
+        return Err(failed(err));
+    }
+    Ok(Connected { stream, syscall })
+}
+
+/// A dial to `server` was slow in connect() or found no local port: counted and warned about
+/// (once per server) when TIME_WAIT sockets fill the port range, the one cause spliced can
+/// name. Reads /proc only on such a dial.
+fn port_search(server: &Server, seen: impl FnOnce() -> String) {
+    let Some(pressure) = PortPressure::read().filter(PortPressure::explains_slow_dials) else {
+        return;
+    };
+    server.port_search(|| pressure.advice(&seen()));
 }

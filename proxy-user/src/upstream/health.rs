@@ -110,7 +110,8 @@ async fn check(
     let result = async {
         let mut stream = connect(target.addr, opts.interface.as_deref(), timeout)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())?
+            .stream;
         if opts.proxy_header {
             let left = timeout.saturating_sub(started.elapsed());
             let sent = tokio::time::timeout(left, async {

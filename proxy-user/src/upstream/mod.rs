@@ -19,6 +19,7 @@ mod balance;
 mod dial;
 mod health;
 pub mod parse;
+mod ports;
 mod report;
 mod server;
 mod set;

@@ -65,7 +65,7 @@ fn label(s: &str) -> String {
 /// its live and total connections, failed dials and failed checks.
 pub fn render_metrics(servers: &[ServerStatus], out: &mut String) {
     type Value = fn(&ServerStatus) -> u64;
-    let families: [(&str, &str, &str, Value); 5] = [
+    let families: [(&str, &str, &str, Value); 6] = [
         (
             "spliced_upstream_up",
             "gauge",
@@ -95,6 +95,13 @@ pub fn render_metrics(servers: &[ServerStatus], out: &mut String) {
             "counter",
             "Failed health checks (and recovery probes) of the server.",
             |s| s.check_failures,
+        ),
+        (
+            "spliced_upstream_port_search_dials_total",
+            "counter",
+            "Dials to the server that spent over 1 ms in connect() finding a free local port, \
+             or found none, while TIME_WAIT sockets filled the port range.",
+            |s| s.port_search_dials,
         ),
     ];
     for (name, kind, help, value) in families {
@@ -131,6 +138,7 @@ mod tests {
             total: 10,
             dial_failures: 1,
             check_failures: 3,
+            port_search_dials: 4,
         }
     }
 
@@ -186,6 +194,7 @@ mod tests {
             "spliced_upstream_connections_total{route=\"web\",server=\"10.0.0.1:80\"} 10",
             "spliced_upstream_dial_failures_total{route=\"web\",server=\"10.0.0.2:80\"} 1",
             "spliced_upstream_check_failures_total{route=\"web\",server=\"10.0.0.2:80\"} 3",
+            "spliced_upstream_port_search_dials_total{route=\"web\",server=\"10.0.0.2:80\"} 4",
         ] {
             assert!(out.lines().any(|l| l == line), "{line:?} missing:\n{out}");
         }

@@ -132,6 +132,8 @@ pub struct ServerStatus {
     pub total: u64,
     pub dial_failures: u64,
     pub check_failures: u64,
+    /// Dials slowed down (or failed) by a search for a free local port.
+    pub port_search_dials: u64,
 }
 
 /// One server of a set.
@@ -146,6 +148,9 @@ pub struct Server {
     total: AtomicU64,
     dial_failures: AtomicU64,
     check_failures: AtomicU64,
+    port_search_dials: AtomicU64,
+    /// Set once the port search was warned about (once per server).
+    port_search_warned: AtomicBool,
 }
 
 /// A connection counted on its server while it lives (leastconn, status, metrics). It holds the
@@ -177,6 +182,8 @@ impl Server {
             total: AtomicU64::new(0),
             dial_failures: AtomicU64::new(0),
             check_failures: AtomicU64::new(0),
+            port_search_dials: AtomicU64::new(0),
+            port_search_warned: AtomicBool::new(false),
         }
     }
 
@@ -233,6 +240,17 @@ impl Server {
         self.apply(&health, change, || "a dial connected".to_owned());
     }
 
+    /// Counts a dial that a full local port range slowed down or failed (see
+    /// [`super::ports`]) and warns the first time, with `advice`.
+    pub fn port_search(&self, advice: impl FnOnce() -> String) {
+        self.port_search_dials.fetch_add(1, Ordering::Relaxed);
+        if !self.port_search_warned.load(Ordering::Relaxed)
+            && !self.port_search_warned.swap(true, Ordering::Relaxed)
+        {
+            warn!(route = %self.scope, server = %self.name, "{}", advice());
+        }
+    }
+
     fn apply(&self, health: &Health, change: Option<Transition>, why: impl FnOnce() -> String) {
         self.up
             .store(health.state() == State::Up, Ordering::Release);
@@ -265,6 +283,7 @@ impl Server {
             total: self.total.load(Ordering::Relaxed),
             dial_failures: self.dial_failures.load(Ordering::Relaxed),
             check_failures: self.check_failures.load(Ordering::Relaxed),
+            port_search_dials: self.port_search_dials.load(Ordering::Relaxed),
         }
     }
 }

@@ -1,0 +1,151 @@
+//! Local ports running out: when clients close first, spliced's side of each upstream
+//! connection ends in TIME_WAIT (60 s on Linux). Every connect() must find a local port whose
+//! 4-tuple to that upstream is free, so past `ports / 60 s` connections per second to one
+//! upstream address (470/s with the default `ip_local_port_range` of 28,232 ports) the port
+//! range is spent, and each connect() walks the whole range inside the system call (measured:
+//! 4 ms median, 11,000 → 900 connections/s) or fails with `EADDRNOTAVAIL`.
+//!
+//! The kernel's answer is `net.ipv4.tcp_tw_reuse=1` (it covers IPv6 too: both families go
+//! through `tcp_twsk_unique()` in net/ipv4/tcp_ipv4.c, which reads the IPv4 sysctl). It lets
+//! connect() take a TIME_WAIT port once `tcp_tw_reuse_delay` (1 s) has passed, when the old
+//! connection carried TCP timestamps (PAWS then tells old segments from new). The default, 2,
+//! reuses only where an address is loopback (127/8, ::1, v4-mapped loopback) or the socket is
+//! bound to `lo`: a container at `fe80::…%lxdbr0` or on a bridge gets nothing from it.
+//! spliced cannot close its side without TIME_WAIT and without risking bytes: its FIN must
+//! carry the client's half-close, and by the time the upstream's FIN arrives the kernel has
+//! already turned the socket into a TIME_WAIT entry (`tcp_fin()` → `tcp_time_wait()`), even
+//! while spliced still holds the descriptor. So spliced finds the condition, counts it and says
+//! once per server what to change.
+use std::{fs, time::Duration};
+
+/// A connect() system call that took longer than this is looked into (a plain one takes tens
+/// of microseconds; a full port search takes milliseconds).
+pub const SLOW_CONNECT: Duration = Duration::from_millis(1);
+
+/// What the kernel says of the local ports of this network namespace when a dial was slow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortPressure {
+    /// Sockets in TIME_WAIT (both families), from `/proc/net/sockstat`.
+    pub time_wait: u64,
+    /// `net.ipv4.ip_local_port_range`, both ends included.
+    pub range: (u32, u32),
+    /// `net.ipv4.tcp_tw_reuse`.
+    pub tw_reuse: Option<u8>,
+}
+
+impl PortPressure {
+    /// Reads the namespace's figures; `None` when /proc does not have them.
+    pub fn read() -> Option<PortPressure> {
+        let sockstat = fs::read_to_string("/proc/net/sockstat").ok()?;
+        let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+        let reuse = fs::read_to_string("/proc/sys/net/ipv4/tcp_tw_reuse").ok();
+        Some(PortPressure {
+            time_wait: time_wait(&sockstat)?,
+            range: port_range(&range)?,
+            tw_reuse: reuse.and_then(|r| r.trim().parse().ok()),
+        })
+    }
+
+    /// Local ports connect() chooses from.
+    pub fn ports(&self) -> u64 {
+        u64::from(self.range.1.saturating_sub(self.range.0)) + 1
+    }
+
+    /// Whether TIME_WAIT sockets can explain a slow or failed connect(): they fill at least
+    /// half the port range (a slow connect with few of them is the machine being busy).
+    pub fn explains_slow_dials(&self) -> bool {
+        self.time_wait * 2 >= self.ports()
+    }
+
+    /// The warning's text: what was seen, why, and the fix.
+    pub fn advice(&self, seen: &str) -> String {
+        let ports = self.ports();
+        let fix = match self.tw_reuse {
+            Some(1) => "net.ipv4.tcp_tw_reuse is 1 already, so either the upstream does not \
+                        send TCP timestamps (reuse needs them) or more than ports / \
+                        tcp_tw_reuse_delay connections a second reach it: widen \
+                        net.ipv4.ip_local_port_range (e.g. `1024 65535`) or spread the \
+                        upstream over more addresses"
+                .to_owned(),
+            now => format!(
+                "fix: `sysctl -w net.ipv4.tcp_tw_reuse=1` and the same line in \
+                 /etc/sysctl.d/ (now {}: {}; 1 lets connect() reuse a TIME_WAIT port after \
+                 1 s when the upstream uses TCP timestamps, IPv6 included); widening \
+                 net.ipv4.ip_local_port_range (e.g. `1024 65535`) adds ports too",
+                now.map_or("unknown".to_owned(), |n| n.to_string()),
+                if now == Some(2) {
+                    "loopback addresses only"
+                } else {
+                    "never"
+                }
+            ),
+        };
+        format!(
+            "dials are slow finding a free local port: {seen}, with {} sockets in TIME_WAIT \
+             and {ports} local ports (net.ipv4.ip_local_port_range {} {}). Where clients \
+             close first, spliced's side to the upstream stays in TIME_WAIT for 60 s, so more \
+             than {} connections/s to one upstream address spend the range; {fix}. Counted in \
+             spliced_upstream_port_search_dials_total; said once per server",
+            self.time_wait,
+            self.range.0,
+            self.range.1,
+            ports / 60,
+        )
+    }
+}
+
+/// The `tw` field of the `TCP:` line of `/proc/net/sockstat`.
+fn time_wait(sockstat: &str) -> Option<u64> {
+    let line = sockstat.lines().find(|l| l.starts_with("TCP:"))?;
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == "tw")?;
+    words.next()?.parse().ok()
+}
+
+/// `ip_local_port_range`: two numbers.
+fn port_range(text: &str) -> Option<(u32, u32)> {
+    let mut n = text.split_whitespace().map(str::parse::<u32>);
+    Some((n.next()?.ok()?, n.next()?.ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_sockstat_and_range() {
+        let s =
+            "sockets: used 120\nTCP: inuse 5 orphan 0 tw 28100 alloc 9 mem 2\nUDP: inuse 1 mem 0\n";
+        assert_eq!(time_wait(s), Some(28100));
+        assert_eq!(time_wait("TCP: inuse 5\n"), None);
+        assert_eq!(port_range("32768\t60999\n"), Some((32768, 60999)));
+        assert_eq!(port_range("1024"), None);
+    }
+
+    #[test]
+    fn pressure_needs_half_the_range_in_time_wait() {
+        let mut p = PortPressure {
+            time_wait: 14_115,
+            range: (32768, 60999),
+            tw_reuse: Some(2),
+        };
+        assert_eq!(p.ports(), 28_232);
+        assert!(!p.explains_slow_dials());
+        p.time_wait = 14_116;
+        assert!(p.explains_slow_dials());
+        let text = p.advice("connect() took 4.1 ms");
+        assert!(text.contains("sysctl -w net.ipv4.tcp_tw_reuse=1"), "{text}");
+        assert!(text.contains("now 2: loopback addresses only"), "{text}");
+        assert!(text.contains("more than 470 connections/s"), "{text}");
+        p.tw_reuse = Some(1);
+        let text = p.advice("no local port was free");
+        assert!(text.contains("is 1 already"), "{text}");
+        assert!(text.contains("ip_local_port_range"), "{text}");
+    }
+
+    #[test]
+    fn this_namespace_has_the_figures() {
+        let p = PortPressure::read().expect("/proc/net/sockstat and the port range");
+        assert!(p.ports() > 1, "{p:?}");
+    }
+}
