@@ -4,8 +4,10 @@
 //! (`::ffff:a.b.c.d`), so one key type and one trie per list serve both families.
 use bytemuck::{Pod, Zeroable};
 
-/// Name of the XDP program in the `proxy-xdp` object.
+/// Name of the XDP program in the `proxy-xdp` object (section `xdp`).
 pub const XDP_PROG: &str = "spliced_xdp";
+/// Name of the same program marked `frags` (section `xdp.frags`, Linux 5.18).
+pub const XDP_PROG_FRAGS: &str = "spliced_xdp_frags";
 /// Name of the hash map [`XdpRouteKey`] -> [`XdpRoute`]: every route's listen address and port.
 pub const XDP_ROUTES_MAP: &str = "XDP_ROUTES";
 /// Name of the LPM trie of allowed source prefixes ([`XdpPrefixKey`] -> `u32` 1).

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use spliced::xdp::{AttachMode, Reason, RouteRules, SourceRules, XdpError, XdpFront};
+use spliced::xdp::{AttachMode, ProgramKind, Reason, RouteRules, SourceRules, XdpError, XdpFront};
 use tests::xdp_net::*;
 
 fn rules(allow: &[&str], deny: &[&str], syn_rate: Option<u32>) -> SourceRules {
@@ -29,9 +29,23 @@ fn rules(allow: &[&str], deny: &[&str], syn_rate: Option<u32>) -> SourceRules {
 
 /// A listener on `[::]:0` in the server namespace and the front on its `vs`, with `rules`.
 fn serve(net: &Net, generic: bool, rules: SourceRules) -> (XdpFront, TcpListener) {
+    serve_kind(net, generic, None, rules)
+}
+
+/// As [`serve`], with only the copy `kind` of the program if given (else the daemon's choice).
+fn serve_kind(
+    net: &Net,
+    generic: bool,
+    kind: Option<ProgramKind>,
+    rules: SourceRules,
+) -> (XdpFront, TcpListener) {
     Net::run_in(&net.server, move || {
         let listener = TcpListener::bind("[::]:0").expect("bind");
-        let mut front = XdpFront::load(spliced::XDP_OBJECT).expect("load the XDP front");
+        let mut front = match kind {
+            Some(kind) => XdpFront::load_only(spliced::XDP_OBJECT, kind),
+            None => XdpFront::load(spliced::XDP_OBJECT),
+        }
+        .expect("load the XDP front");
         front.set_generic_only(generic);
         front.set_interfaces(&["vs".into()]).expect("attach to vs");
         let route = RouteRules {
@@ -67,7 +81,21 @@ fn dest(ip: &str, port: u16) -> SocketAddr {
 const SERVER_COUNTERS: [&str; 2] = ["TcpExtListenDrops", "TcpPassiveOpens"];
 const CLIENT_SYNS: [&str; 2] = ["TcpActiveOpens", "TcpExtTCPSynRetrans"];
 
-fn acl(generic: bool) {
+/// The copy of the program [`XdpFront::load`] picks here: `frags` from Linux 5.18 on.
+fn expected_kind() -> ProgramKind {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().expect("a kernel release starts x.y"));
+    let (major, minor) = (numbers.next().unwrap(), numbers.next().unwrap());
+    if (major, minor) >= (5, 18) {
+        ProgramKind::Frags
+    } else {
+        ProgramKind::Plain
+    }
+}
+
+fn acl(generic: bool, kind: Option<ProgramKind>) {
     if !can_run() {
         return;
     }
@@ -77,7 +105,8 @@ fn acl(generic: bool) {
         &[DENIED4, DENIED6],
         None,
     );
-    let (front, listener) = serve(&net, generic, r);
+    let (front, listener) = serve_kind(&net, generic, kind, r);
+    assert_eq!(front.kind(), kind.unwrap_or_else(expected_kind));
     let want = if generic {
         AttachMode::Generic
     } else {
@@ -135,12 +164,35 @@ fn acl(generic: bool) {
 
 #[test]
 fn acl_native() {
-    acl(false);
+    acl(false, None);
 }
 
 #[test]
 fn acl_generic() {
-    acl(true);
+    acl(true, None);
+}
+
+/// The single-buffer copy, which kernels before 5.18 get, filters the same on this kernel.
+#[test]
+fn acl_native_single_buffer() {
+    acl(false, Some(ProgramKind::Plain));
+}
+
+/// The multi-buffer copy where the kernel has it (5.18); before, loading it must fail, which is
+/// what makes [`XdpFront::load`] fall back.
+#[test]
+fn acl_generic_multi_buffer() {
+    if !can_run() {
+        return;
+    }
+    if expected_kind() == ProgramKind::Frags {
+        acl(true, Some(ProgramKind::Frags));
+    } else {
+        let e = XdpFront::load_only(spliced::XDP_OBJECT, ProgramKind::Frags)
+            .err()
+            .expect("no multi-buffer XDP before 5.18");
+        assert!(matches!(e, XdpError::Verify(_)), "{e}");
+    }
 }
 
 /// Reload: the rules change in place, and the program stays attached.
@@ -195,7 +247,8 @@ fn occupied_interface_is_refused() {
             interface, program, ..
         } => {
             assert_eq!(interface, "vs");
-            assert_eq!(program, "spliced_xdp");
+            // The kernel keeps 15 bytes of a name: spliced_xdp or spliced_xdp_fra(gs).
+            assert!(program.starts_with("spliced_xdp"), "{program}");
         }
         other => panic!("wrong error: {other}"),
     }

@@ -11,7 +11,7 @@ use aya::{
 };
 use proxy_common::{
     xdp_drop_index, XdpPrefixKey, XdpRoute, XdpRouteKey, XDP_ALLOW_MAP, XDP_DENY_MAP,
-    XDP_DROPS_MAP, XDP_PROG, XDP_REASONS, XDP_ROUTES_MAP,
+    XDP_DROPS_MAP, XDP_PROG, XDP_PROG_FRAGS, XDP_REASONS, XDP_ROUTES_MAP,
 };
 
 use super::{
@@ -94,6 +94,33 @@ impl fmt::Display for AttachMode {
     }
 }
 
+/// Which of the object's two copies of the program is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProgramKind {
+    /// Marked `frags` (`xdp.frags`, Linux 5.18): the kernel may hand it multi-buffer frames.
+    Frags,
+    /// The plain one (`xdp`), for older kernels.
+    Plain,
+}
+
+impl ProgramKind {
+    fn name(self) -> &'static str {
+        match self {
+            ProgramKind::Frags => XDP_PROG_FRAGS,
+            ProgramKind::Plain => XDP_PROG,
+        }
+    }
+}
+
+impl fmt::Display for ProgramKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProgramKind::Frags => "multi-buffer (frags)",
+            ProgramKind::Plain => "single-buffer",
+        })
+    }
+}
+
 struct Attachment {
     link: XdpLinkId,
     mode: AttachMode,
@@ -109,24 +136,46 @@ pub struct XdpFront {
     plan: MapPlan,
     ids: RouteIds,
     generic_only: bool,
+    kind: ProgramKind,
     // Owns the program and its links: dropped last, it detaches.
     ebpf: Ebpf,
 }
 
 impl XdpFront {
     /// Loads `object` (the embedded `proxy-xdp`) and verifies the program; attaches nothing.
+    /// The `frags` copy where the kernel takes it (5.18), else the plain one; the log says which.
     pub fn load(object: &[u8]) -> Result<XdpFront, XdpError> {
+        Self::load_kind(object, None)
+    }
+
+    /// As [`XdpFront::load`], but only the copy `kind`, with no fallback (for tests and
+    /// measurements of one against the other).
+    pub fn load_only(object: &[u8], kind: ProgramKind) -> Result<XdpFront, XdpError> {
+        Self::load_kind(object, Some(kind))
+    }
+
+    fn load_kind(object: &[u8], only: Option<ProgramKind>) -> Result<XdpFront, XdpError> {
         if object.is_empty() {
             return Err(XdpError::NoObject);
         }
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(object).map_err(|e| XdpError::Load(Box::new(e)))?;
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROG)
-            .ok_or(XdpError::Missing("program"))?
-            .try_into()
-            .map_err(|e| XdpError::Verify(Box::new(e)))?;
-        program.load().map_err(|e| XdpError::Verify(Box::new(e)))?;
+        let kind = match only {
+            Some(kind) => load_program(&mut ebpf, kind).map(|()| kind)?,
+            // Kernels before 5.18 refuse BPF_F_XDP_HAS_FRAGS with EINVAL: take the plain copy.
+            None => match load_program(&mut ebpf, ProgramKind::Frags) {
+                Ok(()) => ProgramKind::Frags,
+                Err(e) => {
+                    load_program(&mut ebpf, ProgramKind::Plain)?;
+                    tracing::info!(
+                        "XDP front: the kernel refused the multi-buffer (frags) program, so \
+                         the single-buffer one is loaded (Linux before 5.18): {}",
+                        error_chain(&e)
+                    );
+                    ProgramKind::Plain
+                }
+            },
+        };
         let routes = take(&mut ebpf, XDP_ROUTES_MAP)?;
         let allow = take(&mut ebpf, XDP_ALLOW_MAP)?;
         let deny = take(&mut ebpf, XDP_DENY_MAP)?;
@@ -140,6 +189,7 @@ impl XdpFront {
             plan: MapPlan::default(),
             ids: RouteIds::default(),
             generic_only: false,
+            kind,
             ebpf,
         })
     }
@@ -184,24 +234,25 @@ impl XdpFront {
         self.generic_only = generic_only;
     }
 
+    /// The copy of the program that is loaded.
+    pub fn kind(&self) -> ProgramKind {
+        self.kind
+    }
+
     fn program(&mut self) -> Result<&mut Xdp, XdpError> {
-        self.ebpf
-            .program_mut(XDP_PROG)
-            .ok_or(XdpError::Missing("program"))?
-            .try_into()
-            .map_err(|e| XdpError::Verify(Box::new(e)))
+        program_of(&mut self.ebpf, self.kind)
     }
 
     /// Native mode first; generic where the driver has none. The log says which.
     fn attach(&mut self, name: &str) -> Result<Attachment, XdpError> {
-        let generic_only = self.generic_only;
+        let (generic_only, kind) = (self.generic_only, self.kind);
         let program = self.program()?;
         let native = if generic_only {
             "not tried: generic mode asked for".to_owned()
         } else {
             match program.attach(name, XdpMode::Driver) {
                 Ok(link) => {
-                    tracing::info!("XDP front attached to {name} in native mode");
+                    tracing::info!("XDP front attached to {name} in native mode ({kind} program)");
                     return Ok(Attachment {
                         link,
                         mode: AttachMode::Native,
@@ -212,7 +263,10 @@ impl XdpFront {
         };
         match program.attach(name, XdpMode::Skb) {
             Ok(link) => {
-                tracing::info!("XDP front attached to {name} in generic mode (native: {native})");
+                tracing::info!(
+                    "XDP front attached to {name} in generic mode ({kind} program; native: \
+                     {native})"
+                );
                 Ok(Attachment {
                     link,
                     mode: AttachMode::Generic,
@@ -297,6 +351,19 @@ impl XdpFront {
             })?;
         Ok(values.iter().sum())
     }
+}
+
+fn program_of(ebpf: &mut Ebpf, kind: ProgramKind) -> Result<&mut Xdp, XdpError> {
+    ebpf.program_mut(kind.name())
+        .ok_or(XdpError::Missing("program"))?
+        .try_into()
+        .map_err(|e| XdpError::Verify(Box::new(e)))
+}
+
+fn load_program(ebpf: &mut Ebpf, kind: ProgramKind) -> Result<(), XdpError> {
+    program_of(ebpf, kind)?
+        .load()
+        .map_err(|e| XdpError::Verify(Box::new(e)))
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, XdpError>

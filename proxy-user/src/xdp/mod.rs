@@ -17,7 +17,7 @@ mod rules;
 mod tests;
 
 pub use filters::{Filters, Refusals, LOG_INTERVAL};
-pub use front::{AttachMode, XdpError, XdpFront};
+pub use front::{AttachMode, ProgramKind, XdpError, XdpFront};
 pub use guard::{AcceptGuard, LogLimiter};
 pub use rules::{
     route_key, MapOp, MapPlan, Prefix, PrefixError, Reason, RouteIds, RouteRules, SourceRules,
