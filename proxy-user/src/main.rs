@@ -42,7 +42,9 @@ fn check(path: &Path) -> ExitCode {
                     println!("route {}: {rule}", route.name);
                 }
             }
-            for r in c.routes.iter().filter(|r| !r.matches.is_empty()) {
+            let described =
+                |r: &&spliced::config::Route| !r.matches.is_empty() || !r.accept_proxy.is_empty();
+            for r in c.routes.iter().filter(described) {
                 print!("{}", spliced::config::describe_route(r));
             }
             ExitCode::SUCCESS

@@ -3,7 +3,8 @@
 //!
 //! Per route: connections accepted, live and failed by reason; bytes each way of closed
 //! connections (the verdict program's counts for sockmap, the userspace paths' own otherwise);
-//! closed connections per data path; the data path new connections use.
+//! closed connections per data path; the data path new connections use; how trusted front
+//! proxies' PROXY headers were read.
 use std::{fmt::Write as _, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
@@ -176,7 +177,32 @@ pub(crate) fn render(registry: &Registry) -> String {
     );
     refused(registry, &mut out);
     routing_families(&routes, &mut out);
+    proxy_header_family(&routes, &mut out);
     out
+}
+
+/// `spliced_proxy_header_total{route,outcome}`: how reading trusted sources' PROXY headers
+/// ended (issue 13).
+fn proxy_header_family(routes: &[(String, Arc<RouteCounters>)], out: &mut String) {
+    write_family(
+        out,
+        (
+            "spliced_proxy_header_total",
+            "counter",
+            "PROXY headers read from sources in accept_proxy: proxied, local (v2 LOCAL, v1 \
+             UNKNOWN), or rejected and closed (missing, too_long, malformed, truncated, timeout, \
+             read_error).",
+        ),
+        &mut routes.iter().flat_map(|(r, c)| {
+            crate::proxy_header::Outcome::ALL.map(|o| {
+                format!(
+                    "{{route=\"{r}\",outcome=\"{}\"}} {}",
+                    o.as_str(),
+                    c.proxy_headers(o)
+                )
+            })
+        }),
+    );
 }
 
 /// `spliced_refused_total{route,reason,at}`: the source rules' refusals, in XDP and at accept.

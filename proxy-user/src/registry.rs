@@ -56,11 +56,14 @@ pub enum Failure {
     IdleTimeout,
     /// Reset when the grace period after SIGTERM/SIGINT ran out.
     Shutdown,
+    /// A source in `accept_proxy` sent no valid PROXY header (missing, broken, truncated, too
+    /// slow): closed; the reason is in `spliced_proxy_header_total`.
+    ProxyHeader,
 }
 
 impl Failure {
     /// Every reason, in label order.
-    pub const ALL: [Failure; 10] = [
+    pub const ALL: [Failure; 11] = [
         Failure::MaxConnections,
         Failure::RouteMaxConnections,
         Failure::Resolve,
@@ -71,6 +74,7 @@ impl Failure {
         Failure::Spliced,
         Failure::IdleTimeout,
         Failure::Shutdown,
+        Failure::ProxyHeader,
     ];
 
     /// The `reason` label.
@@ -86,6 +90,7 @@ impl Failure {
             Failure::Spliced => "spliced",
             Failure::IdleTimeout => "idle_timeout",
             Failure::Shutdown => "shutdown",
+            Failure::ProxyHeader => "proxy_header",
         }
     }
 }
@@ -111,6 +116,8 @@ pub struct RouteCounters {
     peek: [AtomicU64; crate::peek::Outcome::ALL.len()],
     /// Connections each match took, by its index (grows with the route's matches).
     matched: Mutex<Vec<u64>>,
+    /// How reading a trusted source's PROXY header ended (routes with `accept_proxy` only).
+    proxy_header: [AtomicU64; crate::proxy_header::Outcome::ALL.len()],
 }
 
 /// The path's index in [`DataPath::ALL`].
@@ -132,6 +139,16 @@ impl RouteCounters {
     /// Peeks so far that ended with `outcome`.
     pub fn peeks(&self, outcome: crate::peek::Outcome) -> u64 {
         self.peek[outcome.index()].load(Ordering::Relaxed)
+    }
+
+    /// Counts how reading a PROXY header ended.
+    pub fn proxy_header(&self, outcome: crate::proxy_header::Outcome) {
+        self.proxy_header[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// PROXY headers so far that ended with `outcome`.
+    pub fn proxy_headers(&self, outcome: crate::proxy_header::Outcome) -> u64 {
+        self.proxy_header[outcome.index()].load(Ordering::Relaxed)
     }
 
     /// Counts a connection match `index` took.
@@ -185,7 +202,10 @@ impl RouteCounters {
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub route: String,
+    /// The client: the PROXY header's source when a trusted front proxy sent one.
     pub client: SocketAddr,
+    /// The front proxy the connection came through, when its PROXY header named the client.
+    pub via: Option<SocketAddr>,
     /// `None` while the upstream is being dialed.
     pub upstream: Option<SocketAddr>,
     pub path: Option<DataPath>,
@@ -227,12 +247,20 @@ impl AsRawFd for Number {
 pub struct Conn {
     route: String,
     client: SocketAddr,
+    /// The client a trusted front proxy's PROXY header named (`client` is then the front).
+    proxied: OnceLock<SocketAddr>,
     started: Instant,
     established: OnceLock<Established>,
     routing: OnceLock<String>,
 }
 
 impl Conn {
+    /// Records that `client` (from a PROXY header) is the real client of this connection from
+    /// a front proxy.
+    pub fn proxied(&self, client: SocketAddr) {
+        let _ = self.proxied.set(client);
+    }
+
     /// Records what routing chose for the connection.
     pub fn routed(&self, description: String) {
         let _ = self.routing.set(description);
@@ -264,7 +292,8 @@ impl Conn {
         let age = self.started.elapsed();
         let mut sample = Sample {
             route: self.route.clone(),
-            client: self.client,
+            client: self.proxied.get().copied().unwrap_or(self.client),
+            via: self.proxied.get().map(|_| self.client),
             upstream: None,
             path: None,
             bytes_up: 0,
@@ -408,6 +437,7 @@ impl Registry {
         let conn = Arc::new(Conn {
             route: route.to_owned(),
             client,
+            proxied: OnceLock::new(),
             started: Instant::now(),
             established: OnceLock::new(),
             routing: OnceLock::new(),

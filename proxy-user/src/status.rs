@@ -175,6 +175,7 @@ pub fn render(samples: &[Sample]) -> String {
         "AGE".to_owned(),
         "IDLE".to_owned(),
         "ROUTING".to_owned(),
+        "VIA".to_owned(),
     ]];
     for s in samples {
         rows.push([
@@ -190,6 +191,8 @@ pub fn render(samples: &[Sample]) -> String {
             s.routing
                 .as_deref()
                 .map_or("-".into(), |r| r.replace(' ', ",")),
+            // The front proxy whose PROXY header named the client.
+            s.via.map_or("-".into(), |v| v.to_string()),
         ]);
     }
     format!(

@@ -25,7 +25,7 @@ pub(super) const TOP_KEYS: [&str; 11] = [
     "xdp",
     "route",
 ];
-const ROUTE_KEYS: [&str; 17] = [
+const ROUTE_KEYS: [&str; 18] = [
     "name",
     "listen",
     "upstream",
@@ -42,6 +42,7 @@ const ROUTE_KEYS: [&str; 17] = [
     "syn_rate",
     "peek_timeout",
     "proxy_protocol",
+    "accept_proxy",
     "match",
 ];
 
@@ -234,14 +235,8 @@ fn check_route(
             ok &= fine;
             continue;
         }
-        if let "allow" | "deny" = entry.key {
-            let key = key_of(entry.key);
-            let parse = |texts: &[&str]| xdp::config::parse_prefixes(texts, entry.key);
-            match (list(&entry, &key, errors, parse), entry.key) {
-                (Some(p), "allow") => route.rules.allow = Some(p),
-                (Some(p), _) => route.rules.deny = p,
-                (None, _) => ok = false,
-            }
+        if let Some(fine) = prefix_key(&entry, &mut route, &key_of(entry.key), errors) {
+            ok &= fine;
             continue;
         }
         if entry.key == "match" {
@@ -282,6 +277,28 @@ fn check_route(
     checked
 }
 
+/// `allow`, `deny` or `accept_proxy`: a list of prefixes. `None` for other keys; else whether
+/// the list was valid.
+fn prefix_key(entry: &Entry, route: &mut Route, key: &str, errors: &mut Errors) -> Option<bool> {
+    let parse = |texts: &[&str]| match entry.key {
+        "accept_proxy" => accept_proxy(texts),
+        key => xdp::config::parse_prefixes(texts, key),
+    };
+    let prefixes = match entry.key {
+        "allow" | "deny" | "accept_proxy" => list(entry, key, errors, parse),
+        _ => return None,
+    };
+    let Some(p) = prefixes else {
+        return Some(false);
+    };
+    match entry.key {
+        "allow" => route.rules.allow = Some(p),
+        "deny" => route.rules.deny = p,
+        _ => route.accept_proxy = p,
+    }
+    Some(true)
+}
+
 /// One key of a `[[route]]` table.
 fn route_key(entry: &Entry, route: &mut Route, checked: &mut Checked) -> Result<(), Problem> {
     let item = entry.item;
@@ -303,7 +320,21 @@ fn route_key(entry: &Entry, route: &mut Route, checked: &mut Checked) -> Result<
     Ok(())
 }
 
-/// `xdp`, `allow`, `deny`: a list of strings checked by `parse`; a problem is recorded at the
+/// `accept_proxy`: the prefixes of the front proxies that must send a PROXY header. Empty would
+/// trust no one, which is what leaving the key out says.
+fn accept_proxy(texts: &[&str]) -> Result<Vec<xdp::Prefix>, ListError> {
+    if texts.is_empty() {
+        return Err(ListError {
+            index: None,
+            message: "an empty list trusts no source; remove `accept_proxy`, or list the \
+                      prefixes of the front proxies that send PROXY headers"
+                .to_owned(),
+        });
+    }
+    xdp::config::parse_prefixes(texts, "accept_proxy")
+}
+
+/// `xdp`, `allow`, `deny`, `accept_proxy`: a list of strings checked by `parse`; a problem is recorded at the
 /// element at fault (or at the list). `None` when there was one.
 fn list<T>(
     entry: &Entry,

@@ -31,6 +31,8 @@
 //! allow = ["198.51.100.0/24", "2001:db8:1::/48"]   # optional: only these sources may connect
 //! deny = ["198.51.100.66/32"]                      # optional: never these (deny wins)
 //! syn_rate = 20                                    # optional: new connections/s per source
+//! accept_proxy = ["198.51.100.0/24"]               # optional: sources that must send a PROXY
+//!                                    # header (front proxies); read within peek_timeout
 //! ```
 //!
 //! - Durations are a whole number and a unit: `"250ms"`, `"5s"`, `"2m"`, `"1h"`.
@@ -44,6 +46,9 @@
 //! - Interfaces named in `interface`, in a zone or in `xdp` must exist when the file is checked.
 //! - `allow` and `deny` are lists of prefixes (`198.51.100.0/24`, `2001:db8::/32`, or a bare
 //!   address); a problem is reported at the element. `syn_rate` is 1 to 1,000,000.
+//! - `accept_proxy` is a non-empty list of prefixes in the same form: a connection from a
+//!   source in it must begin with a PROXY v1 or v2 header, read within the route's
+//!   `peek_timeout` (default 5s); IPv4-mapped sources match IPv4 prefixes.
 //!
 //! Defaults: `mode = "auto"`, `grace_period = "30s"`, `send_buffer = "16MiB"`,
 //! `max_connections = 10000`, `connect_timeout = "5s"`, `max_buffered = "16MiB"` (64KiB to
@@ -61,7 +66,7 @@ use std::{
 use crate::{
     addr::{self, Endpoint},
     upstream::UpstreamSpec,
-    xdp::SourceRules,
+    xdp::{Prefix, SourceRules},
 };
 
 mod check;
@@ -170,6 +175,9 @@ pub struct Route {
     pub idle_timeout: Option<Duration>,
     /// `allow`, `deny`, `syn_rate`: who may connect, how often (XDP front and accept).
     pub rules: SourceRules,
+    /// `accept_proxy`: sources (front proxies) whose connections must begin with a PROXY
+    /// header; empty: none, every connection's bytes are data.
+    pub accept_proxy: Vec<Prefix>,
 }
 
 /// The whole daemon configuration.
@@ -250,6 +258,14 @@ pub fn describe_route(route: &Route) -> String {
         route.upstream_text(),
         route.mode
     );
+    if !route.accept_proxy.is_empty() {
+        let list: Vec<String> = route.accept_proxy.iter().map(|p| p.to_string()).collect();
+        text += &format!(
+            "  accept_proxy {}: a PROXY v1/v2 header required from these sources within {:?}\n",
+            list.join(", "),
+            route.peek_timeout
+        );
+    }
     if !route.matches.is_empty() {
         text += &format!(
             "  peek_timeout {:?}; first match wins:\n",
@@ -297,7 +313,14 @@ impl Route {
             max_connections: None,
             idle_timeout: None,
             rules: SourceRules::default(),
+            accept_proxy: Vec::new(),
         }
+    }
+
+    /// Whether a connection from `source` must begin with a PROXY header (`accept_proxy`);
+    /// an IPv4-mapped source matches IPv4 prefixes.
+    pub fn trusts(&self, source: std::net::IpAddr) -> bool {
+        self.accept_proxy.iter().any(|p| p.contains(source))
     }
 
     /// Where the connections of match `index` (or, for `None`, of no match) go: the match's

@@ -324,14 +324,14 @@ fn error_unknown_keys() {
              [[route]] keys are `name`, `listen`, `upstream`, `balance`, `health_check`, \
              `mode`, `interface`, `connect_timeout`, `max_buffered`, `max_connections`, \
              `idle_timeout`, `allow`, `deny`, `syn_rate`, `peek_timeout`, `proxy_protocol`, \
-             `match`"
+             `accept_proxy`, `match`"
     );
     assert_eq!(
         error(&route_with("timeout = \"1s\"")),
         "spliced.toml:5:1: route[0].timeout: unknown key; valid [[route]] keys are `name`, \
              `listen`, `upstream`, `balance`, `health_check`, `mode`, `interface`, \
              `connect_timeout`, `max_buffered`, `max_connections`, `idle_timeout`, `allow`, `deny`, \
-             `syn_rate`, `peek_timeout`, `proxy_protocol`, `match`"
+             `syn_rate`, `peek_timeout`, `proxy_protocol`, `accept_proxy`, `match`"
     );
 }
 
@@ -821,5 +821,63 @@ fn user_key() {
         error(&top_with("user = 0")),
         "spliced.toml:1:8: user: expected a string, found an integer (0); write e.g. user = \
              \"spliced\""
+    );
+}
+
+#[test]
+fn accept_proxy_lists_trusted_prefixes() {
+    let config = load(&route_with(
+        "accept_proxy = [\"198.51.100.0/24\", \"2001:db8::/32\", \"203.0.113.9\"]",
+    ));
+    let route = &config.routes[0];
+    let list: Vec<String> = route.accept_proxy.iter().map(|p| p.to_string()).collect();
+    assert_eq!(list, ["198.51.100.0/24", "2001:db8::/32", "203.0.113.9/32"]);
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    assert!(route.trusts(ip("198.51.100.77")));
+    // An IPv4 client of a [::] listener arrives IPv4-mapped.
+    assert!(route.trusts(ip("::ffff:198.51.100.77")));
+    assert!(route.trusts(ip("2001:db8:5::1")));
+    assert!(route.trusts(ip("203.0.113.9")));
+    assert!(!route.trusts(ip("203.0.113.10")));
+    assert!(!route.trusts(ip("::ffff:192.0.2.1")));
+    assert!(!route.trusts(ip("2001:db9::1")));
+    assert!(!load(&route_with("")).routes[0].trusts(ip("198.51.100.1")));
+    let listed = describe_route(route);
+    assert!(
+        listed.contains(
+            "  accept_proxy 198.51.100.0/24, 2001:db8::/32, 203.0.113.9/32: a PROXY v1/v2 header \
+             required from these sources within 5s\n"
+        ),
+        "{listed}"
+    );
+}
+
+#[test]
+fn error_accept_proxy() {
+    assert_eq!(
+        error(&route_with(
+            "accept_proxy = [\"198.51.100.0/24\", \"198.51.100.1/24\"]"
+        )),
+        "spliced.toml:5:36: route[0].accept_proxy: 198.51.100.1/24 has bits set below the /24 \
+         prefix: write 198.51.100.0/24"
+    );
+    assert_eq!(
+        error(&route_with("accept_proxy = [\"::ffff:198.51.100.0/120\"]")),
+        "spliced.toml:5:17: route[0].accept_proxy: ::ffff:198.51.100.0/120 is an IPv4-mapped \
+         IPv6 prefix: write it as IPv4 (198.51.100.0/24)"
+    );
+    assert_eq!(
+        error(&route_with("accept_proxy = [\"front.example\"]")),
+        "spliced.toml:5:17: route[0].accept_proxy: \"front.example\" is not an address or a \
+         prefix (write 198.51.100.0/24 or 2001:db8::/32)"
+    );
+    assert_eq!(
+        error(&route_with("accept_proxy = []")),
+        "spliced.toml:5:16: route[0].accept_proxy: an empty list trusts no source; remove \
+         `accept_proxy`, or list the prefixes of the front proxies that send PROXY headers"
+    );
+    assert_eq!(
+        error(&route_with("accept_proxy = \"198.51.100.0/24\"")),
+        "spliced.toml:5:16: route[0].accept_proxy: expected a list of strings, found a string"
     );
 }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::{
-    routing,
+    proxied, routing,
     state::{Live, RouteState, Shared},
 };
 use crate::{
@@ -46,13 +46,21 @@ pub(super) async fn run(
     let entry = shared.registry.add(&route.route.name, peer);
     let started = Instant::now();
     let opened = tokio::select! {
-        r = open(&mut client, peer, &route) => r,
+        r = open(&mut client, peer, &route, &entry.conn) => r,
         () = shared.close_all.cancelled() => {
             rc.fail(Failure::Shutdown);
             return;
         }
     };
-    let Some((upstream, upstream_addr, _lease, chosen)) = opened else {
+    let Some(Opened {
+        upstream,
+        addr: upstream_addr,
+        lease: _lease,
+        chosen,
+        client: origin,
+        via,
+    }) = opened
+    else {
         return;
     };
     let plan = route.plan_of(chosen.rule);
@@ -83,7 +91,8 @@ pub(super) async fn run(
     outcome.up += chosen.client_bytes as u64;
     let idled = idled.load(Ordering::Relaxed);
     let ended = Ended {
-        peer,
+        peer: origin,
+        via,
         upstream: upstream_addr,
         path,
         elapsed: started.elapsed(),
@@ -92,16 +101,33 @@ pub(super) async fn run(
     report(&route, ended, outcome, idled);
 }
 
-/// Routes (peeking if the route has matches), dials the chosen upstream and writes to it what
-/// must precede the client's bytes: the PROXY header, then the bytes the peek read. With
-/// sockmap this happens before the sockets enter the map, so those bytes cannot overtake them.
-/// `None` when the connection ended here (refused, or the upstream failed; counted and logged).
+/// A connection set up to its data path.
+struct Opened {
+    upstream: TcpStream,
+    addr: SocketAddr,
+    lease: Lease,
+    chosen: routing::Chosen,
+    /// The client: a trusted front proxy's PROXY header's source, or the peer.
+    client: SocketAddr,
+    /// The front proxy whose header named the client.
+    via: Option<SocketAddr>,
+}
+
+/// Reads a trusted front proxy's PROXY header, routes (peeking if the route has matches), dials
+/// the chosen upstream and writes to it what must precede the client's bytes: the PROXY header,
+/// then the bytes read so far. With sockmap this happens before the sockets enter the map, so
+/// those bytes cannot overtake them. `None` when the connection ended here (refused, or the
+/// upstream failed; counted and logged).
 async fn open(
     client: &mut TcpStream,
     peer: SocketAddr,
     route: &RouteState,
-) -> Option<(TcpStream, SocketAddr, Lease, routing::Chosen)> {
-    let mut chosen = routing::choose(client, peer, route).await?;
+    conn: &Conn,
+) -> Option<Opened> {
+    let front = proxied::front(client, peer, route, conn).await?;
+    // From here on the client is the one the header named.
+    let peer = front.client;
+    let mut chosen = routing::choose(client, peer, route, front.early).await?;
     let target = route.route.target(chosen.rule)?;
     let opts = DialOptions {
         connect_timeout: target.connect_timeout,
@@ -129,7 +155,14 @@ async fn open(
         }
     };
     let mut first = match target.proxy_protocol {
-        Some(version) => proxy_header(version, client, peer, &chosen),
+        Some(version) => {
+            let destination = front.destination.or(client.local_addr().ok());
+            let origin = proxy_header::Origin {
+                source: peer,
+                destination: destination.unwrap_or(peer),
+            };
+            proxy_header(version, origin, &chosen)
+        }
         None => Vec::new(),
     };
     chosen.client_bytes = chosen.head.len();
@@ -146,23 +179,24 @@ async fn open(
             return None;
         }
     }
-    Some((upstream, addr, lease, chosen))
+    Some(Opened {
+        upstream,
+        addr,
+        lease,
+        chosen,
+        client: peer,
+        via: front.via,
+    })
 }
 
-/// The PROXY header for this connection: the client and the address it connected to, and for v2
-/// the name the peek saw and the ALPN protocol when the client offered only one (the only case
-/// the negotiated one is known without terminating TLS).
+/// The PROXY header for this connection: the client and the address it connected to (a front
+/// proxy's header's, or ours), and for v2 the name the peek saw and the ALPN protocol when the
+/// client offered only one (the only case the negotiated one is known without terminating TLS).
 fn proxy_header(
     version: proxy_header::Version,
-    client: &TcpStream,
-    peer: SocketAddr,
+    origin: proxy_header::Origin,
     chosen: &routing::Chosen,
 ) -> Vec<u8> {
-    let destination = client.local_addr().unwrap_or(peer);
-    let origin = proxy_header::Origin {
-        source: peer,
-        destination,
-    };
     let seen = chosen.seen.as_ref();
     let alpn = seen
         .filter(|s| s.alpn.len() == 1)
@@ -201,6 +235,8 @@ async fn watchdog(
 /// What the log line says of a connection besides its outcome.
 struct Ended {
     peer: SocketAddr,
+    /// The front proxy whose PROXY header named `peer`.
+    via: Option<SocketAddr>,
     upstream: SocketAddr,
     path: DataPath,
     elapsed: Duration,
@@ -231,12 +267,16 @@ fn report(route: &RouteState, ended: Ended, outcome: Outcome, idled: bool) {
     };
     let Ended {
         peer,
+        via,
         upstream,
         path,
         elapsed,
         routing,
     } = ended;
-    let routing = routing.unwrap_or_default();
+    let mut routing = routing.unwrap_or_default();
+    if let Some(via) = via {
+        routing += &format!("{}via={via}", if routing.is_empty() { "" } else { " " });
+    }
     let name = &route.route.name;
     macro_rules! log_line {
         ($level:ident) => {

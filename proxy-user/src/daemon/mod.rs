@@ -4,6 +4,7 @@
 //! - [`state`]: what the accept loops and connection tasks share;
 //! - [`listen`]: listeners (bound, or handed over by systemd) and the accept loop;
 //! - [`connection`]: one connection, from the dial to its log line;
+//! - [`proxied`]: the PROXY header of a trusted front proxy (`accept_proxy`);
 //! - [`reload`]: SIGHUP, as a pure plan and the step that applies it.
 use std::{
     collections::HashSet,
@@ -32,6 +33,7 @@ use crate::{
 
 mod connection;
 mod listen;
+mod proxied;
 mod reload;
 mod routing;
 mod state;

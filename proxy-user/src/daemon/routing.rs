@@ -56,23 +56,25 @@ fn name_fields(seen: &Peeked) -> String {
 }
 
 /// Peeks when the route has matches and decides; `None` when the connection was refused or
-/// closed here (already counted and logged).
+/// closed here (already counted and logged). `early`: the client's first bytes, read already
+/// (after a front proxy's PROXY header); they are the head of the peek, or of the connection.
 pub(super) async fn choose(
     client: &mut TcpStream,
     peer: SocketAddr,
     route: &RouteState,
+    early: Vec<u8>,
 ) -> Option<Chosen> {
     let r = &route.route;
     if r.matches.is_empty() {
         return Some(Chosen {
             rule: None,
-            head: Vec::new(),
+            head: early,
             seen: None,
             outcome: None,
             client_bytes: 0,
         });
     }
-    let (mut head, verdict) = peek::read_head(client, r.peek_timeout).await;
+    let (mut head, verdict) = peek::read_head_after(client, r.peek_timeout, early).await;
     if matches!(verdict, Verdict::Peeked(_)) {
         take_partial_skb(client, &mut head);
     }
@@ -124,7 +126,7 @@ pub(super) async fn choose(
 /// read would reach the upstream twice (measured: 4,096 bytes doubled). Reading exactly the
 /// bytes queued now (`SIOCINQ`) ends on an skb boundary: what arrives later comes in whole skbs.
 /// Bounded by the socket's receive buffer; the bytes join the head written to the upstream.
-fn take_partial_skb(client: &TcpStream, head: &mut Vec<u8>) {
+pub(super) fn take_partial_skb(client: &TcpStream, head: &mut Vec<u8>) {
     let Ok(queued) = crate::sockopt::inq(client) else {
         return;
     };

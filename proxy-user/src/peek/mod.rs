@@ -169,9 +169,25 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     client: &mut R,
     limit: Duration,
 ) -> (Vec<u8>, Verdict) {
-    let mut buf = Vec::with_capacity(2048);
+    read_head_after(client, limit, Vec::with_capacity(2048)).await
+}
+
+/// [`read_head`] when the client's first bytes `early` were read already (they came after a
+/// front proxy's PROXY header); they are looked at before anything more is read.
+pub async fn read_head_after<R: AsyncRead + Unpin>(
+    client: &mut R,
+    limit: Duration,
+    early: Vec<u8>,
+) -> (Vec<u8>, Verdict) {
+    let mut buf = early;
     let deadline = tokio::time::Instant::now() + limit;
     loop {
+        // Empty bytes need more; early ones may settle the question without a read.
+        match inspect(&buf) {
+            Progress::NeedMore => {}
+            Progress::Done(peeked) => return (buf, Verdict::Peeked(peeked)),
+            Progress::Failed(m) => return (buf, Verdict::Malformed(m)),
+        }
         if buf.len() >= MAX_PEEK {
             let limit = MAX_PEEK;
             let claimed = buf.len();
@@ -191,11 +207,6 @@ pub async fn read_head<R: AsyncRead + Unpin>(
             Ok(Err(e)) => return (buf, Verdict::Failed(e)),
             Ok(Ok(0)) => return (buf, Verdict::Closed),
             Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
-        }
-        match inspect(&buf) {
-            Progress::NeedMore => continue,
-            Progress::Done(peeked) => return (buf, Verdict::Peeked(peeked)),
-            Progress::Failed(m) => return (buf, Verdict::Malformed(m)),
         }
     }
 }

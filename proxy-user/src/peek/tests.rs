@@ -375,6 +375,32 @@ async fn read_head_outcomes() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn read_head_after_starts_with_the_early_bytes() {
+    let limit = Duration::from_secs(5);
+    let (mut client, mut server) = tokio::io::duplex(64);
+    // A whole ClientHello already read (it came after a PROXY header): decided without a read.
+    let (bytes, verdict) = read_head_after(&mut server, limit, OPENSSL_PLAIN.to_vec()).await;
+    assert_eq!(bytes, OPENSSL_PLAIN);
+    assert!(matches!(verdict, Verdict::Peeked(p) if p.name.as_deref() == Some("git.example.com")));
+    // Part of it: the rest is read and appended.
+    let writer = tokio::spawn(async move {
+        client.write_all(&OPENSSL_PLAIN[7..]).await.unwrap();
+        client
+    });
+    let early = OPENSSL_PLAIN[..7].to_vec();
+    let (bytes, verdict) = read_head_after(&mut server, limit, early).await;
+    let _client = writer.await.unwrap();
+    assert_eq!(bytes, OPENSSL_PLAIN);
+    assert!(matches!(verdict, Verdict::Peeked(_)), "{verdict}");
+    // Early bytes and then silence: stalled, not silent.
+    let (bytes, verdict) = read_head_after(&mut server, limit, OPENSSL_PLAIN[..3].to_vec()).await;
+    assert!(
+        bytes.len() == 3 && matches!(verdict, Verdict::Stalled),
+        "{verdict}"
+    );
+}
+
 #[test]
 fn decisions() {
     let pat = |s: &str| NamePattern::parse(s).unwrap();

@@ -46,6 +46,21 @@ pub enum Rejected {
     Read(String),
 }
 
+impl Rejected {
+    /// The counter this rejection is counted under.
+    pub fn outcome(&self) -> super::Outcome {
+        use super::Outcome;
+        match self {
+            Rejected::Missing => Outcome::Missing,
+            Rejected::V1TooLong | Rejected::V2TooLong(_) => Outcome::TooLong,
+            Rejected::V1(_) | Rejected::V2(_) => Outcome::Malformed,
+            Rejected::Truncated(_) => Outcome::Truncated,
+            Rejected::Timeout(_) => Outcome::Timeout,
+            Rejected::Read(_) => Outcome::ReadError,
+        }
+    }
+}
+
 /// Where the bytes read so far leave the header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {

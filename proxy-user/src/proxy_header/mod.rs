@@ -44,6 +44,61 @@ impl fmt::Display for Version {
     }
 }
 
+/// How reading a trusted source's header ended: the `outcome` label of
+/// `spliced_proxy_header_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A PROXY command: the connection is the header's client's.
+    Proxied,
+    /// v2 `LOCAL` or v1 `UNKNOWN`: the front proxy's own connection.
+    Local,
+    /// Rejected (the connection is closed): the first bytes are not a header.
+    Missing,
+    /// Rejected: longer than the bounds ([`MAX_V1`], [`MAX_V2_PAYLOAD`]).
+    TooLong,
+    /// Rejected: a header that breaks its format.
+    Malformed,
+    /// Rejected: the front proxy closed before the header was complete.
+    Truncated,
+    /// Rejected: no complete header within the route's `peek_timeout`.
+    Timeout,
+    /// Rejected: reading failed (a reset).
+    ReadError,
+}
+
+impl Outcome {
+    /// Every outcome, in label order.
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Proxied,
+        Outcome::Local,
+        Outcome::Missing,
+        Outcome::TooLong,
+        Outcome::Malformed,
+        Outcome::Truncated,
+        Outcome::Timeout,
+        Outcome::ReadError,
+    ];
+
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Proxied => "proxied",
+            Outcome::Local => "local",
+            Outcome::Missing => "missing",
+            Outcome::TooLong => "too_long",
+            Outcome::Malformed => "malformed",
+            Outcome::Truncated => "truncated",
+            Outcome::Timeout => "timeout",
+            Outcome::ReadError => "read_error",
+        }
+    }
+
+    /// The index in [`Outcome::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Where a connection really comes from and goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {

@@ -150,3 +150,38 @@ async fn read_header_outcomes() {
         Err(Rejected::Truncated(20))
     );
 }
+
+#[test]
+fn every_rejection_has_its_counter() {
+    use super::Outcome;
+    let cases = [
+        (Rejected::Missing, Outcome::Missing),
+        (Rejected::V1TooLong, Outcome::TooLong),
+        (Rejected::V2TooLong(5000), Outcome::TooLong),
+        (Rejected::V1("x".into()), Outcome::Malformed),
+        (Rejected::V2("x".into()), Outcome::Malformed),
+        (Rejected::Truncated(3), Outcome::Truncated),
+        (Rejected::Timeout(Duration::from_secs(1)), Outcome::Timeout),
+        (Rejected::Read("reset".into()), Outcome::ReadError),
+    ];
+    for (rejected, outcome) in cases {
+        assert_eq!(rejected.outcome(), outcome, "{rejected}");
+    }
+    for (i, o) in Outcome::ALL.iter().enumerate() {
+        assert_eq!(o.index(), i);
+    }
+    let labels: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "proxied",
+            "local",
+            "missing",
+            "too_long",
+            "malformed",
+            "truncated",
+            "timeout",
+            "read_error"
+        ]
+    );
+}

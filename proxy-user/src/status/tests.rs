@@ -33,6 +33,7 @@ fn table_is_aligned() {
         Sample {
             route: "web".into(),
             client: "127.0.0.1:50000".parse().unwrap(),
+            via: Some("[2001:db8::7]:4000".parse().unwrap()),
             upstream: Some("[fe80::2%7]:80".parse().unwrap()),
             path: Some(DataPath::Sockmap),
             bytes_up: 12,
@@ -44,6 +45,7 @@ fn table_is_aligned() {
         Sample {
             route: "a-much-longer-name".into(),
             client: "[::1]:1".parse().unwrap(),
+            via: None,
             upstream: None,
             path: None,
             bytes_up: 0,
@@ -69,7 +71,8 @@ fn table_is_aligned() {
             "3456789",
             "12.3s",
             "0.1s",
-            "rule=match[0],peek=matched,sni=a.example.com"
+            "rule=match[0],peek=matched,sni=a.example.com",
+            "[2001:db8::7]:4000"
         ]
     );
     assert!(lines[3].contains("(dialing)"), "{text}");
@@ -78,7 +81,7 @@ fn table_is_aligned() {
     assert_eq!(lines[2].find("[fe80").unwrap(), col);
     assert_eq!(
         render(&[]),
-        "0 live connection(s)\nROUTE  CLIENT  UPSTREAM  PATH  BYTES_UP  BYTES_DOWN  AGE  IDLE  ROUTING\n"
+        "0 live connection(s)\nROUTE  CLIENT  UPSTREAM  PATH  BYTES_UP  BYTES_DOWN  AGE  IDLE  ROUTING  VIA\n"
     );
 }
 
