@@ -293,7 +293,11 @@ impl Conn {
         let mut sample = Sample {
             route: self.route.clone(),
             client: self.proxied.get().copied().unwrap_or(self.client),
-            via: self.proxied.get().map(|_| self.client),
+            // An IPv4 front of a `[::]` listener shown as IPv4, as `accept_proxy` matched it.
+            via: self
+                .proxied
+                .get()
+                .map(|_| SocketAddr::new(self.client.ip().to_canonical(), self.client.port())),
             upstream: None,
             path: None,
             bytes_up: 0,

@@ -50,7 +50,7 @@ pub(super) async fn front(
             counters.proxy_header(outcome);
             counters.fail(Failure::ProxyHeader);
             warn!(
-                route = %route.route.name, client = %peer, reason = outcome.as_str(),
+                route = %route.route.name, client = %peer, reason = %outcome.as_str(),
                 "PROXY header refused: {rejected}; accept_proxy requires a v1 or v2 header \
                  from this source; closed"
             );
@@ -66,7 +66,8 @@ pub(super) async fn front(
             conn.proxied(origin.source);
             front.client = origin.source;
             front.destination = Some(origin.destination);
-            front.via = Some(peer);
+            // As the prefixes matched it: an IPv4 front of a `[::]` listener is shown as IPv4.
+            front.via = Some(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
         }
         Parsed::Local => {
             counters.proxy_header(Outcome::Local);
