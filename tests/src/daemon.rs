@@ -79,6 +79,16 @@ impl Spliced {
         Spliced::launch(&mut cmd, routes)
     }
 
+    /// [`Spliced::start_mode`] inside network namespace `netns`.
+    pub fn start_mode_in_netns(
+        mode: &str,
+        netns: &str,
+        args: &[&str],
+        routes: usize,
+    ) -> Option<Spliced> {
+        Self::start_mode_with(mode, Self::try_start_in_netns(netns, args, routes), args)
+    }
+
     /// Spawns `cmd` and waits (at most [`start_limit`]) until it has logged `routes` listeners.
     fn launch(cmd: &mut Command, routes: usize) -> Result<Spliced, NotStarted> {
         let mut spliced = Spliced {

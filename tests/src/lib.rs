@@ -18,12 +18,15 @@
 //!   ends.
 //! - [`TempDir`], [`TempConfig`] (`temp`): configuration files and a control socket;
 //!   `metrics`: the Prometheus endpoint ([`scrape`], [`wait_metric`]).
+//! - [`Lab`] (`lab`): several namespaces of the test's own joined by veths (client, front
+//!   proxy, spliced, upstreams each in its own), processes started inside them.
 //! - `xdp_net`: two namespaces joined by a veth and hand-made frames, for the XDP front.
 //! - [`per_mode!`]: one `#[test]` per data path; [`wait_until`]: a bounded poll.
 //!
 //! Every wait is bounded: sockets get read/write timeouts, polls have a deadline.
 mod daemon;
 mod forward;
+mod lab;
 mod metrics;
 mod netns;
 mod payload;
@@ -34,6 +37,7 @@ pub mod xdp_net;
 
 pub use daemon::*;
 pub use forward::*;
+pub use lab::*;
 pub use metrics::*;
 pub use netns::*;
 pub use payload::*;

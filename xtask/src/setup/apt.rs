@@ -1,7 +1,10 @@
 //! The Debian packages the tests and the demo call: `ip`, `curl`, `python3 -m http.server`,
 //! `ps`/`kill`, `nsenter`/`unshare`/`runuser`, `iperf3`, `systemd-socket-activate` and
-//! `systemd-analyze` (the daemon tests), `groff` (the man page test); and, for `cargo xtask
-//! bench` only, the forwarders it compares spliced with.
+//! `systemd-analyze` (the daemon tests), `groff` (the man page test), HAProxy and nginx (the
+//! PROXY protocol tests: real backends and a real front proxy); and, for `cargo xtask bench`
+//! only, the forwarders it compares spliced with. The tests start their own HAProxy and nginx in
+//! namespaces of their own; the system services the packages bring are not used (where an init
+//! runs, nginx's default site answers on port 80 after the install).
 use std::process::Command;
 
 use anyhow::Result;
@@ -18,6 +21,8 @@ const PACKAGES: &[&str] = &[
     "iperf3",
     "systemd",
     "groff-base",
+    "haproxy",
+    "nginx-light",
 ];
 
 /// What `cargo xtask bench` adds: HAProxy, socat, systemd (for `systemd-socket-activate` and
