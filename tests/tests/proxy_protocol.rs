@@ -13,6 +13,7 @@
 //!   client's address from spliced's v1 and v2 headers; HAProxy also reads the v2 AUTHORITY the
 //!   peek saw. 64 MiB after the header reach a raw upstream (reading the header with spliced's
 //!   parser) intact (SHA-256).
+//! - `spliced check` lists `accept_proxy`; a bad prefix is an error at its line and column.
 //! - Accepting (`accept_proxy = ["198.51.100.0/28"]`, spliced listening on `[::]`, so IPv4
 //!   sources arrive IPv4-mapped): behind a real HAProxy `send-proxy-v2` front, the upstream (from
 //!   spliced's own v2 header) and spliced's log and status see the original client, and 64 MiB
@@ -737,4 +738,38 @@ fn silent_from(lab: &Lab, to: SocketAddr) -> (SocketAddr, String) {
         assert!(!end.as_ref().is_err_and(timed_out), "not closed: {end:?}");
         (local, String::new())
     })
+}
+
+/// `spliced check` lists a route's `accept_proxy`; a bad prefix is an error at its column.
+#[test]
+fn check_lists_accept_proxy() {
+    let dir = TempDir::new();
+    let good = dir.write_file(
+        "good.toml",
+        "[[route]]\nname = \"web\"\nlisten = \"[::]:443\"\nupstream = \"[::1]:8443\"\n\
+         accept_proxy = [\"198.51.100.0/24\", \"2001:db8::/32\"]\n",
+    );
+    let out = tests::run(&["check", "--config", &good]);
+    assert_eq!(out.code, Some(0), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains(
+            "  accept_proxy 198.51.100.0/24, 2001:db8::/32: a PROXY v1/v2 header required from \
+             these sources within 5s"
+        ),
+        "{}",
+        out.stdout
+    );
+    let bad = dir.write_file(
+        "bad.toml",
+        "[[route]]\nname = \"web\"\nlisten = \"[::]:443\"\nupstream = \"[::1]:8443\"\n\
+         accept_proxy = [\"198.51.100.0/24\", \"198.51.100.7/24\"]\n",
+    );
+    let out = tests::run(&["check", "--config", &bad]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("bad.toml:5:36: route[0].accept_proxy: 198.51.100.7/24 has bits set"),
+        "{}",
+        out.stderr
+    );
 }
