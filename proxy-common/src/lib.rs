@@ -52,7 +52,20 @@ pub struct SockStats {
     /// back to redirecting only once the daemon has consumed every held byte and raised the
     /// limit: all redirected bytes come before all held ones, and back, without reordering.
     pub held: u64,
+    /// The TCP sequence number just past the last payload byte the verdict took from this
+    /// socket (low 32 bits), valid once [`SEQ_KNOWN`] is set; 0 before the first skb.
+    pub next_seq: u64,
+    /// Payload bytes the verdict cut off the front of skbs because it had taken them already:
+    /// a retransmission that overlaps received bytes is queued whole (sockmap.md, trap 11).
+    pub trimmed: u64,
+    /// skbs whose already-taken front the kernel would not let the verdict cut off. Must stay
+    /// 0: the stream is broken past that point, the verdict drops everything after it and the
+    /// daemon resets the connection.
+    pub trim_failed: u64,
 }
+
+/// Set in [`SockStats::next_seq`] once it holds a sequence number.
+pub const SEQ_KNOWN: u64 = 1 << 32;
 
 /// The daemon's side of one source socket's backpressure (key: its socket cookie); written only
 /// by the daemon, so the verdict's [`SockStats`] are never overwritten.
@@ -75,7 +88,7 @@ pub struct SockLimit {
 // The verdict (BPF) and the daemon (x86_64 or aarch64) must agree on these byte for byte: every
 // field is a u64, so no target adds padding. Checked wherever this crate is compiled.
 const _: () =
-    assert!(core::mem::size_of::<SockStats>() == 48 && core::mem::align_of::<SockStats>() == 8);
+    assert!(core::mem::size_of::<SockStats>() == 72 && core::mem::align_of::<SockStats>() == 8);
 const _: () =
     assert!(core::mem::size_of::<SockLimit>() == 32 && core::mem::align_of::<SockLimit>() == 8);
 

@@ -12,7 +12,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 use aya_log_ebpf::{debug, warn};
-use proxy_common::{SockLimit, SockStats, MAX_SOCKETS};
+use proxy_common::{SockLimit, SockStats, MAX_SOCKETS, SEQ_KNOWN};
 
 /// Source cookie -> peer socket. Filled by the daemon for both sockets *before* either is put
 /// into `ACTIVE`: a verdict that finds no target would lose the bytes (sockmap.md, trap 2).
@@ -68,6 +68,10 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     let stats = unsafe { &mut *stats };
     // SAFETY: ktime has no preconditions.
     stats.last_ns = unsafe { bpf_ktime_get_ns() };
+    let len = match new_bytes(ctx, stats, len, cookie) {
+        Some(len) => len,
+        None => return SK_DROP,
+    };
     let limit = LIMITS
         .get_ptr(cookie)
         // SAFETY: as above; the daemon replaces the value whole, each field is read once.
@@ -113,6 +117,79 @@ fn verdict(ctx: &SkBuffContext) -> u32 {
     stats.held = 1;
     let _ = PRESSURE.output::<u64>(cookie, 0);
     hold(stats, len)
+}
+
+/// Most bytes one `bpf_skb_adjust_room` call may cut (`sk_skb_adjust_room` refuses more).
+const TRIM_STEP: u32 = 0xfff;
+/// Most calls for one skb: 64 steps cut 262,080 bytes, more than any one skb carries here
+/// (64 KiB GSO, or a few coalesced ones).
+const TRIM_STEPS: u32 = 64;
+
+/// Trap 11: `tcp_read_skb` hands the verdict whole skbs, whatever the socket's `copied_seq`.
+/// A retransmission that overlaps bytes already received (`seq < rcv_nxt < end_seq`, after a
+/// lost ACK or a spurious RTO) is queued whole by `tcp_data_queue` ("partial packet ... goto
+/// queue_and_out"; `tcp_ofo_queue` moves such skbs whole too), where `recvmsg` would skip the
+/// old part by `copied_seq`; the verdict would forward that part a second time (seen once,
+/// most likely this: 64,260 bytes, 45 segments, doubled in a 256 MiB transfer under CPU load;
+/// reproduced with TCP_REPAIR in `forward::sockmap::overlap_tests`). So the verdict
+/// remembers where the last skb it took ended and cuts the front of any skb that starts before
+/// that. The skb's sequence numbers are `TCP_SKB_CB(skb)->seq`/`end_seq`, which `__sk_buff.cb[0]`
+/// and `cb[1]` read in sk_skb programs (`sk_skb_convert_ctx_access`: `struct sk_skb_cb` starts
+/// the skb's cb); where they do not add up to the skb's length (5.10 maps `cb` 8 bytes further
+/// in) nothing is cut. Returns the payload length left, or `None` to drop the skb.
+fn new_bytes(ctx: &SkBuffContext, stats: &mut SockStats, len: u64, cookie: u64) -> Option<u64> {
+    if stats.trim_failed != 0 {
+        // The stream already has a hole: nothing after it may reach the peer.
+        return None;
+    }
+    // SAFETY: reads of the context's cb words, which every sk_skb program may read.
+    let (seq, end_seq) = unsafe { ((*ctx.skb.skb).cb[0], (*ctx.skb.skb).cb[1]) };
+    // An skb is at most 4 GiB (`len` is a u32 in the kernel).
+    let len32 = len as u32;
+    let span = end_seq.wrapping_sub(seq);
+    if span != len32 && span != len32.wrapping_add(1) {
+        // Not TCP sequence numbers (a FIN adds one): nothing to compare.
+        return Some(len);
+    }
+    let end = SEQ_KNOWN | u64::from(seq.wrapping_add(len32));
+    let known = stats.next_seq & SEQ_KNOWN != 0;
+    let overlap = (stats.next_seq as u32).wrapping_sub(seq) as i32;
+    if !known || overlap <= 0 {
+        stats.next_seq = end;
+        return Some(len);
+    }
+    let overlap = overlap as u32;
+    if overlap >= len32 {
+        // Nothing new (TCP drops such skbs before queueing them; never seen).
+        stats.trimmed += len;
+        return None;
+    }
+    let mut left = overlap;
+    let mut steps = 0;
+    while left > 0 && steps < TRIM_STEPS {
+        let step = left.min(TRIM_STEP);
+        if ctx.adjust_room(-(step as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= step;
+        steps += 1;
+    }
+    if left != 0 {
+        stats.trim_failed += 1;
+        warn!(
+            ctx,
+            "socket {}: could not cut {} already-forwarded bytes; connection broken", cookie, left
+        );
+        let _ = PRESSURE.output::<u64>(cookie, 0);
+        return None;
+    }
+    stats.trimmed += u64::from(overlap);
+    stats.next_seq = end;
+    debug!(
+        ctx,
+        "socket {}: cut {} already-forwarded bytes off a retransmission", cookie, overlap
+    );
+    Some(len - u64::from(overlap))
 }
 
 /// Passes the skb to the socket's own receive path (its psock ingress queue).

@@ -137,6 +137,14 @@ impl Direction<'_> {
         }
         let mut progress = false;
         let mut stats = sockmap.stats(self.src_cookie);
+        if stats.trim_failed != 0 {
+            // Trap 11: the verdict could not cut an already-forwarded front off an skb and
+            // drops everything from there on; the connection cannot go on without a hole.
+            return Err(io::Error::other(
+                "the kernel handed the verdict bytes it had forwarded already and would not let \
+                 it cut them off (sockmap.md, trap 11); the connection is reset",
+            ));
+        }
         if self.active && stats.held == 0 && self.pending_from == self.pending.len() {
             self.unclamp()?;
             self.busy = false;

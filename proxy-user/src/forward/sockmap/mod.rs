@@ -202,6 +202,9 @@ async fn splice_pair(
     tracing::debug!(
         held_up = up.consumed,
         held_down = down.consumed,
+        // Bytes of retransmissions the verdict had forwarded already (trap 11).
+        trimmed_up = sockmap.stats(pair.client_cookie).trimmed,
+        trimmed_down = sockmap.stats(pair.upstream_cookie).trimmed,
         limits_up = up.generation,
         limits_down = down.generation,
         "sockmap connection done"
@@ -350,5 +353,7 @@ fn socket_error(s: &TcpStream) -> io::Error {
     }
 }
 
+#[cfg(test)]
+mod overlap_tests;
 #[cfg(test)]
 mod tests;

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use super::*;
 
-fn required() -> bool {
+pub(super) fn required() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
         || std::env::var("SPLICED_REQUIRE_EBPF").is_ok_and(|v| v == "1")
 }
 
-fn load() -> Option<Sockmap> {
+pub(super) fn load() -> Option<Sockmap> {
     match Sockmap::load(crate::EBPF_OBJECT) {
         Ok(s) => Some(s),
         Err(e) if !required() => {
@@ -27,7 +27,7 @@ fn load() -> Option<Sockmap> {
 }
 
 /// (client end, proxy's client socket, proxy's upstream socket, upstream end)
-fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
+pub(super) fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let a = TcpStream::connect(addr).unwrap();
@@ -57,14 +57,14 @@ fn send_pattern(s: &mut TcpStream, n: u64) {
 }
 
 /// `per_direction` bytes per direction from a 64 MiB pool.
-fn budget(per_direction: u64) -> Budget {
+pub(super) fn budget(per_direction: u64) -> Budget {
     Budget {
         per_direction,
         pool: Arc::new(Pool::new(64 << 20)),
     }
 }
 
-fn pattern(i: u64) -> u8 {
+pub(super) fn pattern(i: u64) -> u8 {
     (i.wrapping_mul(2654435761) >> 13) as u8
 }
 
