@@ -8,6 +8,9 @@ fn exposition_format() {
     web.fail(Failure::RouteMaxConnections);
     web.closed(DataPath::Sockmap, 100, 2000);
     web.set_path(DataPath::Sockmap);
+    web.proxy_header(crate::proxy_header::Outcome::Proxied);
+    web.proxy_header(crate::proxy_header::Outcome::Timeout);
+    web.fail(Failure::ProxyHeader);
     let text = render(&registry);
     for line in [
         "# TYPE spliced_connections_total counter",
@@ -20,6 +23,11 @@ fn exposition_format() {
         "spliced_connections_closed_total{route=\"web\",path=\"sockmap\"} 1",
         "spliced_connections_closed_total{route=\"web\",path=\"copy\"} 0",
         "spliced_route_data_path{route=\"web\",path=\"sockmap\"} 1",
+        "# TYPE spliced_proxy_header_total counter",
+        "spliced_proxy_header_total{route=\"web\",outcome=\"proxied\"} 1",
+        "spliced_proxy_header_total{route=\"web\",outcome=\"timeout\"} 1",
+        "spliced_proxy_header_total{route=\"web\",outcome=\"local\"} 0",
+        "spliced_connections_failed_total{route=\"web\",reason=\"proxy_header\"} 1",
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} missing:\n{text}");
     }

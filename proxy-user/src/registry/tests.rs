@@ -27,6 +27,20 @@ fn entries_leave_when_dropped() {
 }
 
 #[test]
+fn a_proxied_connection_is_its_headers_client_via_the_front() {
+    let registry = Registry::default();
+    let entry = registry.add("r", "[::ffff:198.51.100.2]:40000".parse().unwrap());
+    let before = &registry.samples()[0];
+    assert_eq!(before.client.to_string(), "[::ffff:198.51.100.2]:40000");
+    assert!(before.via.is_none());
+    entry.conn.proxied("203.0.113.7:5555".parse().unwrap());
+    let after = &registry.samples()[0];
+    assert_eq!(after.client.to_string(), "203.0.113.7:5555");
+    // The front as its prefix matched it: IPv4, not IPv4-mapped.
+    assert_eq!(after.via.unwrap().to_string(), "198.51.100.2:40000");
+}
+
+#[test]
 fn established_connection_reads_tcp_info() {
     use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
