@@ -11,8 +11,9 @@
 //!   systemd unit, example configuration, man page; debug info in `spliced-dbgsym`);
 //! - `system-test [--arch amd64|arm64]`: the package installed in a Debian guest under systemd;
 //! - `demo`: a link-local HTTP upstream in a namespace, spliced in front of it, a curl through it;
-//! - `bench [--quick] [--output FILE]`: spliced against direct, socat, HAProxy and
-//!   systemd-socket-proxyd; writes docs/benchmarks.md and docs/benchmarks.svg.
+//! - `bench [--quick] [--output FILE] [--perf DIR]`: spliced against direct, socat, HAProxy and
+//!   systemd-socket-proxyd; writes docs/benchmarks.md and docs/benchmarks.svg (and, with
+//!   `--perf`, perf profiles of each case into DIR).
 mod arch;
 mod bench;
 mod build;

@@ -1,4 +1,5 @@
-//! Bulk throughput with iperf3 (the server runs in the namespace), and the CPU it costs.
+//! Bulk throughput with iperf3 (the server runs in the namespace), and the CPU it costs: the
+//! forwarder's and every task's on the machine.
 use std::{
     fs,
     net::SocketAddr,
@@ -11,6 +12,8 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{
     contenders::Instance,
+    cpu,
+    perf::{self, Perf},
     sys,
     topology::{check_stop, die_with_parent, sleep},
 };
@@ -19,45 +22,56 @@ use super::{
 pub struct Bulk {
     pub up_gbps: f64,
     pub down_gbps: f64,
-    /// The forwarder's (and its children's) CPU seconds per GB moved; none for `direct`.
+    /// The forwarder's (and its children's) CPU seconds per GB moved, both ways; none for
+    /// `direct`.
     pub daemon_cpu_per_gb: Option<f64>,
-    /// The whole machine's busy CPU seconds (softirq included) per GB moved.
-    pub system_cpu_per_gb: f64,
+    /// Every task's CPU seconds (see `cpu`) per GB, over the upload and over the download.
+    pub all_cpu_per_gb: [f64; 2],
 }
 
-/// `iperf3 -c` through `inst`, `amount` (`-t SECS` or `-n BYTES`) each way. The CPU counters are read right
-/// before the upload and right after the download (and a pause for per-connection processes to
-/// be reaped).
-pub fn measure(inst: &mut Instance, amount: &[&str], dir: &Path, tag: &str) -> Result<Bulk> {
+/// `iperf3 -c` through `inst`, `amount` (`-t SECS` or `-n BYTES`) each way. Each direction's
+/// window starts right before iperf3 and ends after it and a pause for per-connection processes
+/// to be reaped; `perf` profiles each as `TAG-upload` and `TAG-download`.
+pub fn measure(
+    inst: &mut Instance,
+    amount: &[&str],
+    dir: &Path,
+    tag: &str,
+    perf: Option<&Perf>,
+) -> Result<Bulk> {
     let pid = inst.pid();
     let daemon0 = pid.map(sys::tree_cpu_seconds);
-    let system0 = sys::system_busy_seconds()?;
-    let (up_bps, up_bytes) = iperf(
-        inst.addr,
-        amount,
-        false,
-        &dir.join(format!("{tag}-up.json")),
-    )?;
-    inst.check_alive()?;
-    let (down_bps, down_bytes) = iperf(
-        inst.addr,
-        amount,
-        true,
-        &dir.join(format!("{tag}-down.json")),
-    )?;
-    inst.check_alive()?;
-    sleep(Duration::from_millis(200))?;
-    let system1 = sys::system_busy_seconds()?;
-    let daemon1 = pid.map(sys::tree_cpu_seconds);
-    let gb = (up_bytes + down_bytes) / 1e9;
-    if gb <= 0.0 {
-        bail!("iperf3 moved no bytes");
+    let mut gbps = [0.0; 2];
+    let mut all_cpu_per_gb = [0.0; 2];
+    let mut total_gb = 0.0;
+    for (i, (reverse, case)) in [(false, "upload"), (true, "download")]
+        .into_iter()
+        .enumerate()
+    {
+        let json = dir.join(format!("{tag}-{case}.json"));
+        let (bps, bytes, secs) = perf::during(perf, &format!("{tag}-{case}"), pid, || {
+            let all0 = cpu::snapshot();
+            let (bps, bytes) = iperf(inst.addr, amount, reverse, &json)?;
+            sleep(Duration::from_millis(100))?;
+            Ok((bps, bytes, all0.seconds_until(&cpu::snapshot())))
+        })?;
+        inst.check_alive()?;
+        let gb = bytes / 1e9;
+        if gb <= 0.0 {
+            bail!("iperf3 ({case}) moved no bytes");
+        }
+        gbps[i] = bps / 1e9;
+        all_cpu_per_gb[i] = secs / gb;
+        total_gb += gb;
     }
+    let daemon1 = pid.map(sys::tree_cpu_seconds);
     Ok(Bulk {
-        up_gbps: up_bps / 1e9,
-        down_gbps: down_bps / 1e9,
-        daemon_cpu_per_gb: daemon0.zip(daemon1).map(|(a, b)| (b - a).max(0.0) / gb),
-        system_cpu_per_gb: (system1 - system0).max(0.0) / gb,
+        up_gbps: gbps[0],
+        down_gbps: gbps[1],
+        daemon_cpu_per_gb: daemon0
+            .zip(daemon1)
+            .map(|(a, b)| (b - a).max(0.0) / total_gb),
+        all_cpu_per_gb,
     })
 }
 

@@ -15,20 +15,41 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{
-    server::{GREETING, QUIT, SHORT, SHORT_LEN},
+    server::{CLIENT_CLOSES, GREETING, QUIT, SHORT, SHORT_LEN},
     topology::{check_stop, STOP},
 };
 
 /// How long one connect, or one read, may take before the connection counts as failed.
 const IO_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Connects and reads the greeting; returns the stream and the connect-to-first-byte time.
-pub fn greet(addr: SocketAddr) -> Result<(TcpStream, Duration)> {
+/// Where a client connects, and what it sends first on every connection: nothing, or a TLS
+/// ClientHello for a route that routes by server name (the upstream skips it).
+#[derive(Clone, Copy)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub hello: &'static [u8],
+}
+
+impl Target {
+    pub fn plain(addr: SocketAddr) -> Target {
+        Target { addr, hello: &[] }
+    }
+}
+
+/// Connects, sends the target's ClientHello if it has one, and reads the greeting; returns the
+/// stream and the time from `connect()` to the greeting (the ClientHello's write inside: a
+/// route that peeks dials the upstream only once it has it).
+pub fn greet(t: Target) -> Result<(TcpStream, Duration)> {
+    let addr = t.addr;
     let start = Instant::now();
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
         .with_context(|| format!("connect to {addr}"))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
+    if !t.hello.is_empty() {
+        s.write_all(t.hello)
+            .with_context(|| format!("writing the ClientHello to {addr}"))?;
+    }
     let mut b = [0u8; 1];
     s.read_exact(&mut b)
         .with_context(|| format!("no greeting through {addr} within {IO_TIMEOUT:?}"))?;
@@ -81,8 +102,8 @@ pub struct RoundTrips {
 }
 
 /// `size`-byte requests, each answered (echoed) before the next, for `dur` or `max` requests.
-pub fn round_trips(addr: SocketAddr, size: usize, dur: Duration, max: usize) -> Result<RoundTrips> {
-    let (mut s, _) = greet(addr)?;
+pub fn round_trips(t: Target, size: usize, dur: Duration, max: usize) -> Result<RoundTrips> {
+    let (mut s, _) = greet(t)?;
     let mut req = vec![b'R'; size];
     req[size - 1] = b'\n';
     let mut resp = vec![0u8; size];
@@ -122,17 +143,34 @@ pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
 
-/// One short connection: connect, [`SHORT_LEN`] bytes each way, the upstream closes, close.
-fn short_one(addr: SocketAddr, msg: &[u8]) -> Result<()> {
+/// Who closes a short connection first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Closer {
+    /// The upstream, after its echo; the client closes on its EOF. The forwarder's upstream
+    /// socket is then the passive side and keeps no TIME_WAIT.
+    Upstream,
+    /// The client, right after the echo (the upstream waits for it): the forwarder's upstream
+    /// socket closes first and stays in TIME_WAIT for 60 s, holding its port.
+    Client,
+}
+
+/// One short connection: connect, the ClientHello if any and [`SHORT_LEN`] bytes in one write,
+/// the greeting and the echo back, then the close `how` says.
+fn short_one(addr: SocketAddr, first: &[u8], how: Closer) -> Result<()> {
+    let msg = &first[first.len() - SHORT_LEN..];
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(msg)?;
+    s.write_all(first)?;
     let mut got = [0u8; SHORT_LEN + 2];
+    let want = match how {
+        Closer::Upstream => got.len(),
+        Closer::Client => SHORT_LEN + 1,
+    };
     let mut n = 0;
     // Bounded: each read returns at least one byte or ends the loop.
-    while n < got.len() {
-        let k = s.read(&mut got[n..])?;
+    while n < want {
+        let k = s.read(&mut got[n..want])?;
         if k == 0 {
             break;
         }
@@ -156,13 +194,19 @@ pub struct Shorts {
 /// connections in all (a connection that fails costs its thread up to the I/O timeout). More
 /// than 1% failures is an error; fewer are returned to be reported.
 pub fn short_connections(
-    addr: SocketAddr,
+    t: Target,
+    how: Closer,
     workers: usize,
     dur: Duration,
     max: usize,
 ) -> Result<Shorts> {
-    let mut msg = vec![b's'; SHORT_LEN];
-    msg[0] = SHORT;
+    let mut msg = t.hello.to_vec();
+    msg.push(match how {
+        Closer::Upstream => SHORT,
+        Closer::Client => CLIENT_CLOSES,
+    });
+    msg.resize(t.hello.len() + SHORT_LEN, b's');
+    let addr = t.addr;
     let done = AtomicUsize::new(0);
     let failed = AtomicUsize::new(0);
     let first_error = Mutex::new(None::<String>);
@@ -174,7 +218,7 @@ pub fn short_connections(
                     && done.load(Ordering::Relaxed) < max
                     && !STOP.load(Ordering::Relaxed)
                 {
-                    match short_one(addr, &msg) {
+                    match short_one(addr, &msg, how) {
                         Ok(()) => {
                             done.fetch_add(1, Ordering::Relaxed);
                         }
@@ -215,7 +259,7 @@ pub fn short_connections(
 /// Opens idle connections (each greeted, so it reaches the upstream) on `threads` threads until
 /// `conns` holds `target`. Stops at the first failure and says why: the contender's limit.
 pub fn open_idle(
-    addr: SocketAddr,
+    t: Target,
     conns: &mut Vec<TcpStream>,
     target: usize,
     threads: usize,
@@ -228,8 +272,8 @@ pub fn open_idle(
     let opened = Mutex::new(Vec::with_capacity(missing));
     let first_error = Mutex::new(None::<String>);
     thread::scope(|scope| {
-        for t in 0..threads {
-            let n = per.min(missing.saturating_sub(t * per));
+        for i in 0..threads {
+            let n = per.min(missing.saturating_sub(i * per));
             let (opened, first_error) = (&opened, &first_error);
             scope.spawn(move || {
                 let mut mine = Vec::with_capacity(n);
@@ -237,7 +281,7 @@ pub fn open_idle(
                     if STOP.load(Ordering::Relaxed) {
                         break;
                     }
-                    match greet(addr) {
+                    match greet(t) {
                         Ok((s, _)) => mine.push(s),
                         Err(e) => {
                             first_error
@@ -267,11 +311,11 @@ pub fn open_idle(
 
 /// `count` connections one after the other, each timed from connect to the greeting, then
 /// closed (upstream first); returns the median in µs.
-pub fn setup_probes(addr: SocketAddr, count: usize) -> Result<f64> {
+pub fn setup_probes(t: Target, count: usize) -> Result<f64> {
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
         check_stop()?;
-        let (s, took) = greet(addr)?;
+        let (s, took) = greet(t)?;
         times.push(took);
         quit(s)?;
     }

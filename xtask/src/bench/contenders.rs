@@ -11,13 +11,19 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::topology::{check_stop, Guard, Proc};
+use super::{
+    client::Target,
+    hello,
+    topology::{check_stop, Guard, Proc},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Contender {
     Direct,
     /// spliced's default: `auto`, which starts connections on copy and moves them to sockmap.
     Auto,
+    /// `auto` on a route that routes by TLS server name: its clients send a ClientHello first.
+    AutoSni,
     /// `auto` with the XDP front on the veth and rules that pass everything: its cost.
     AutoXdp,
     Sockmap,
@@ -29,9 +35,10 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 9] = [
+    pub const ALL: [Contender; 10] = [
         Contender::Direct,
         Contender::Auto,
+        Contender::AutoSni,
         Contender::AutoXdp,
         Contender::Sockmap,
         Contender::Splice,
@@ -46,6 +53,7 @@ impl Contender {
         match self {
             Contender::Direct => "direct",
             Contender::Auto => "spliced auto",
+            Contender::AutoSni => "spliced auto (SNI route)",
             Contender::AutoXdp => "spliced auto + XDP",
             Contender::Sockmap => "spliced sockmap",
             Contender::Splice => "spliced splice",
@@ -57,10 +65,11 @@ impl Contender {
     }
 
     /// A file-name-safe short name.
-    fn slug(self) -> &'static str {
+    pub fn slug(self) -> &'static str {
         match self {
             Contender::Direct => "direct",
             Contender::Auto => "auto",
+            Contender::AutoSni => "auto-sni",
             Contender::AutoXdp => "auto-xdp",
             Contender::Sockmap => "sockmap",
             Contender::Splice => "splice",
@@ -110,9 +119,19 @@ pub struct Instance {
     pub proc: Option<Proc>,
     /// Its log (stdout and stderr).
     pub log: Option<PathBuf>,
+    /// What its clients send first (the SNI route's ClientHello), or nothing.
+    pub hello: &'static [u8],
 }
 
 impl Instance {
+    /// Where and how clients connect.
+    pub fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            hello: self.hello,
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
     }
@@ -136,6 +155,17 @@ pub fn describe(c: Contender, form: ProxydForm) -> String {
              `max_connections = 100000`, one route `listen = \"127.0.0.1:PORT\"`, \
              `upstream = \"[fe80::2%IF]:PORT\"`; other settings default (log level info, to a file)",
             c.slug()
+        ),
+        Contender::AutoSni => format!(
+            "as `spliced auto`, but the route has no `upstream`; it has `[[route.match]] sni = \
+             [\"{sni}\"]` and `[[route.match]] protocol = \"other\"`, both with \
+             `upstream = \"[fe80::2%IF]:PORT\"`. Its small-message clients send a TLS \
+             ClientHello for `{sni}` (one {len}-byte record, TLS 1.3-like, padded; no handshake \
+             follows, the upstream drops it) first on every connection, so they take the `sni` \
+             match; iperf3's connections (a cookie first: not TLS, not HTTP) take the `other` \
+             match. Both go through the peek and the routing decision, then the same data paths",
+            sni = hello::SNI,
+            len = hello::client_hello().len()
         ),
         Contender::AutoXdp => "as `spliced auto`, plus `xdp = [\"IF\"]` (the XDP front on the \
              host side of the veth, where the upstream's packets arrive: each is parsed and looked \
@@ -172,6 +202,7 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
             addr: env.upstream_addr(up),
             proc: None,
             log: None,
+            hello: &[],
         });
     }
     let dir = &env.guard.dir;
@@ -181,25 +212,36 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
     let mut cmd = match c {
         Contender::Direct => unreachable!(),
         Contender::Auto
+        | Contender::AutoSni
         | Contender::AutoXdp
         | Contender::Sockmap
         | Contender::Splice
         | Contender::Copy => {
             let config = dir.join(format!("{}-{tag}.toml", c.slug()));
+            let upstream = format!("upstream = \"[fe80::2%{iface}]:{up}\"\n");
             let (mode, xdp, rules) = match c {
                 Contender::AutoXdp => (
                     "auto",
                     format!("xdp = [\"{iface}\"]\n"),
                     "allow = [\"0.0.0.0/0\", \"::/0\"]\nsyn_rate = 1000000\n",
                 ),
+                Contender::AutoSni => ("auto", String::new(), ""),
                 _ => (c.slug(), String::new(), ""),
+            };
+            let routing = if c == Contender::AutoSni {
+                format!(
+                    "\n[[route.match]]\nsni = [\"{}\"]\n{upstream}\n\
+                     [[route.match]]\nprotocol = \"other\"\n{upstream}",
+                    hello::SNI
+                )
+            } else {
+                upstream
             };
             fs::write(
                 &config,
                 format!(
                     "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n{xdp}\n\
-                     [[route]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     upstream = \"[fe80::2%{iface}]:{up}\"\n{rules}",
+                     [[route]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n{rules}{routing}",
                 ),
             )?;
             let mut cmd = Command::new(env.spliced);
@@ -256,6 +298,11 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         proc: Some(proc),
         log: Some(log),
+        hello: if c == Contender::AutoSni {
+            hello::client_hello()
+        } else {
+            &[]
+        },
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !listening(None, port) {

@@ -1,20 +1,26 @@
-//! `cargo xtask bench [--quick] [--output FILE]`: spliced's three data paths against a direct
-//! connection, socat, HAProxy and systemd-socket-proxyd, on the situation spliced is for: a
-//! client on the host, a forwarder on 127.0.0.1, an upstream at an IPv6 link-local address
-//! (fe80::2, `nodad`) in a network namespace behind a veth pair.
+//! `cargo xtask bench [--quick] [--output FILE] [--perf DIR]`: spliced's data paths (and its
+//! SNI-routed route) against a direct connection, socat, HAProxy and systemd-socket-proxyd, on
+//! the situation spliced is for: a client on the host, a forwarder on 127.0.0.1, an upstream at
+//! an IPv6 link-local address (fe80::2, `nodad`) in a network namespace behind a veth pair.
 //!
 //! Contenders are interleaved round by round (A B C … A B C …) and every figure is the median
 //! over the rounds. Per round and contender: an upload and a download with iperf3 (and the CPU
-//! they cost, the forwarder's and the machine's), then, on a fresh forwarder, idle connections
-//! ramped to 100, 1,000 and N with set-up probes at each level and memory at N, 64-byte round
-//! trips on one connection, and short connections. The report goes to `docs/benchmarks.md`
-//! with a chart in `docs/benchmarks.svg`, and the table to stdout; the table is parsed back
-//! and checked before the command succeeds.
+//! they cost, the forwarder's and every task's on the machine), then, on a fresh forwarder, idle
+//! connections ramped to 100, 1,000 and N with set-up probes at each level and memory at N,
+//! 64-byte round trips on one connection, and short connections the upstream closes first
+//! (their rate and every task's CPU per connection); last, on another fresh forwarder in front
+//! of an upstream port of its own, short connections the client closes first. The report goes
+//! to `docs/benchmarks.md` with a chart in `docs/benchmarks.svg`, and the table to stdout; the
+//! table is parsed back and checked before the command succeeds.
 mod bulk;
 mod client;
 mod contenders;
+mod cpu;
+mod hello;
+mod perf;
 mod report;
 mod server;
+mod shorts;
 mod sys;
 mod topology;
 
@@ -29,8 +35,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use self::{
+    client::{Closer, Target},
     contenders::{Contender, Env, Instance, ProxydForm},
+    perf::Perf,
     report::{Figure, Row, Sample},
+    shorts::{Amount, TimeWait},
     topology::{check_stop, sleep, Guard, Proc},
 };
 use crate::util::{is_root, reexec_as_root, workspace_root};
@@ -39,7 +48,8 @@ pub use report::validate;
 
 /// iperf3's server port in the namespace.
 const IPERF_PORT: u16 = 5201;
-/// The echo server's port in the namespace.
+/// The echo server's port in the namespace. It also listens on the ports after it, one for each
+/// contender in each round, for the client-closes-first case (see [`close_port`]).
 const ECHO_PORT: u16 = 7000;
 /// Idle connections of a full run, if the open-file limit allows.
 const FULL_IDLE: usize = 10_000;
@@ -53,9 +63,26 @@ pub struct Args {
     /// with .svg.
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Profile each case (upload, download, round trips, short connections) of each
+    /// contender's first round with `perf record -g`, on the forwarder and machine-wide, and
+    /// write `perf report --stdio` summaries into DIR. Off by default: perf's load would show
+    /// in the figures.
+    #[arg(long, value_name = "DIR")]
+    pub perf: Option<PathBuf>,
     /// Internal: serve the echo protocol on [::]:PORT (run inside the namespace).
     #[arg(long, hide = true, value_name = "PORT")]
     pub serve: Option<u16>,
+    /// Internal: with --serve, also serve every port after PORT up to this one.
+    #[arg(long, hide = true, value_name = "PORT")]
+    pub serve_last: Option<u16>,
+}
+
+/// The upstream port of `c`'s client-closes-first case in `round` (from 1): a port of its own,
+/// so that the forwarder's upstream sockets another contender left in TIME_WAIT (60 s) never
+/// share its port range.
+fn close_port(round: usize, c: Contender) -> u16 {
+    let i = Contender::ALL.iter().position(|&x| x == c).unwrap_or(0);
+    ECHO_PORT + 1 + ((round - 1) * Contender::ALL.len() + i) as u16
 }
 
 /// What the report says below the table: remarks in order, and the connection counts each
@@ -67,6 +94,55 @@ struct Notes {
     /// Connections spliced broke (reset, or left hanging): a bug, not a slow figure. The bench
     /// still writes its report, then fails.
     spliced_broke: Vec<String>,
+    /// TIME_WAIT left by each short-connection case, per contender and round.
+    time_wait: Vec<(Closer, Contender, TimeWait)>,
+}
+
+impl Notes {
+    /// One line per short-connection case: the TIME_WAIT sockets it left on the host, per
+    /// contender, the median over the rounds.
+    fn time_wait_lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (how, what) in [
+            (Closer::Upstream, "short conn/s (the upstream closes first)"),
+            (Closer::Client, "short conn/s client closes first"),
+        ] {
+            let mut parts = Vec::new();
+            for c in Contender::ALL {
+                let tw: Vec<&TimeWait> = self
+                    .time_wait
+                    .iter()
+                    .filter(|(h, k, _)| *h == how && *k == c)
+                    .map(|(_, _, t)| t)
+                    .collect();
+                if tw.is_empty() {
+                    continue;
+                }
+                let med = |f: fn(&TimeWait) -> usize| {
+                    let mut v: Vec<usize> = tw.iter().map(|t| f(t)).collect();
+                    v.sort_unstable();
+                    report::group(v[v.len() / 2] as u64)
+                };
+                parts.push(format!(
+                    "{} {} / {} / {}",
+                    c.name(),
+                    med(|t| t.upstream_side),
+                    med(|t| t.client),
+                    med(|t| t.forwarder_client_side)
+                ));
+            }
+            if !parts.is_empty() {
+                out.push(format!(
+                    "TIME_WAIT sockets on the host that the {what} case left (growth over the \
+                     case, median over the rounds): toward the upstream's port (the forwarder's \
+                     upstream sockets, which hold its ephemeral ports; direct: the client's) / \
+                     the client's toward the forwarder / the forwarder's accepted sockets: {}.",
+                    parts.join("; ")
+                ));
+            }
+        }
+        out
+    }
 }
 
 /// A contender stuck below a target: round, connections held, the target, why the next failed.
@@ -82,6 +158,7 @@ impl Notes {
         if matches!(
             c,
             Contender::Auto
+                | Contender::AutoSni
                 | Contender::AutoXdp
                 | Contender::Sockmap
                 | Contender::Splice
@@ -103,9 +180,10 @@ impl Notes {
         entry.push((round, held, target, why));
     }
 
-    /// Every line, the capacity ones last.
+    /// Every line, the TIME_WAIT and capacity ones last.
     fn lines(&self) -> Vec<String> {
         let mut out = self.lines.clone();
+        out.extend(self.time_wait_lines());
         for (c, caps) in &self.caps {
             let held: Vec<String> = caps
                 .iter()
@@ -134,13 +212,24 @@ struct Plan {
     iperf_amount: [&'static str; 2],
     rr_dur: Duration,
     rr_max: usize,
-    short_dur: Duration,
-    short_max: usize,
-    short_workers: usize,
+    /// Short connections, the upstream closing first.
+    short: Amount,
+    /// Short connections, the client closing first: fewer than 10,000, so the TIME_WAIT they
+    /// leave (two per connection for a forwarder) stays well inside the ephemeral port range.
+    client_closes: Amount,
     /// The live connection counts the ramp stops at, in order, and what is measured there.
     levels: Vec<Level>,
     probes: usize,
     open_threads: usize,
+    /// `--perf DIR`.
+    perf: Option<Perf>,
+}
+
+impl Plan {
+    /// The profiler for cases of `round`: the first round only.
+    fn perf(&self, round: usize) -> Option<&Perf> {
+        self.perf.as_ref().filter(|_| round == 1)
+    }
 }
 
 /// A stop of the idle-connection ramp, with the figure columns it fills.
@@ -219,12 +308,20 @@ impl Plan {
             iperf_amount: if quick { ["-n", "256M"] } else { ["-t", "4"] },
             rr_dur: Duration::from_millis(if quick { 300 } else { 2000 }),
             rr_max: 1_000_000,
-            short_dur: Duration::from_millis(if quick { 400 } else { 2000 }),
-            short_max: if quick { 4000 } else { 20_000 },
-            short_workers: 4,
+            short: Amount {
+                workers: 4,
+                dur: Duration::from_millis(if quick { 400 } else { 2000 }),
+                max: if quick { 4000 } else { 20_000 },
+            },
+            client_closes: Amount {
+                workers: 4,
+                dur: Duration::from_millis(if quick { 300 } else { 2000 }),
+                max: if quick { 1500 } else { 6000 },
+            },
             levels,
             probes: if quick { 30 } else { 200 },
             open_threads: 8,
+            perf: None,
         }
     }
 }
@@ -237,9 +334,12 @@ const RR: usize = 2;
 const RR_P50: usize = 3;
 const RR_P99: usize = 4;
 const SHORT: usize = 5;
-const DAEMON_CPU: usize = 6;
-const SYSTEM_CPU: usize = 7;
-const FIRST_MEMORY: usize = 8;
+const SHORT_CLIENT_CLOSES: usize = 6;
+const DAEMON_CPU: usize = 7;
+const ALL_CPU_UP: usize = 8;
+const ALL_CPU_DOWN: usize = 9;
+const ALL_CPU_CONN: usize = 10;
+const FIRST_MEMORY: usize = 11;
 
 fn figures(plan: &Plan) -> Vec<Figure> {
     let f = |title: String, higher_better, daemon_only| Figure {
@@ -254,8 +354,11 @@ fn figures(plan: &Plan) -> Vec<Figure> {
         f("round trip p50 µs".into(), false, false),
         f("round trip p99 µs".into(), false, false),
         f("short conn/s".into(), true, false),
+        f("short conn/s client closes first".into(), true, false),
         f("daemon CPU s/GB".into(), false, true),
-        f("system CPU s/GB".into(), false, false),
+        f("all tasks CPU s/GB up".into(), false, false),
+        f("all tasks CPU s/GB down".into(), false, false),
+        f("all tasks CPU µs per conn".into(), false, false),
     ];
     let mut memory: Vec<&Level> = plan
         .levels
@@ -283,7 +386,7 @@ fn figures(plan: &Plan) -> Vec<Figure> {
 
 pub fn command(args: Args) -> Result<()> {
     if let Some(port) = args.serve {
-        return server::serve(port);
+        return server::serve(port, args.serve_last.unwrap_or(port));
     }
     if !is_root() {
         reexec_as_root()?;
@@ -291,6 +394,9 @@ pub fn command(args: Args) -> Result<()> {
     let started = Instant::now();
     crate::setup::run()?;
     crate::setup::bench_packages()?;
+    if args.perf.is_some() {
+        crate::setup::perf_package()?;
+    }
     let spliced = crate::build::build_spliced(true)?;
     let output = args
         .output
@@ -298,7 +404,15 @@ pub fn command(args: Args) -> Result<()> {
     let chart = output.with_extension("svg");
     let mut notes = Notes::default();
     let nofile = sys::raise_nofile(1 << 20);
-    let plan = Plan::new(args.quick, nofile, &mut notes);
+    let mut plan = Plan::new(args.quick, nofile, &mut notes);
+    if let Some(dir) = &args.perf {
+        plan.perf = Some(Perf::new(dir)?);
+        notes.push(format!(
+            "Profiled with `--perf {}`: perf's sampling ran during every case of each \
+             contender's first round and is in that round's figures.",
+            dir.display()
+        ));
+    }
     topology::catch_signals();
     topology::remove_stale()?;
     let figures = figures(&plan);
@@ -314,6 +428,9 @@ pub fn command(args: Args) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     let cells = report::cells(&figures, &rows);
+    if let Some(line) = sni_note(&figures, &rows, &cells) {
+        notes.push(line);
+    }
     let table = report::table(&figures, &rows, &cells);
     let machine = sys::machine();
     let date = report::today();
@@ -362,6 +479,45 @@ pub fn command(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The SNI route against the plain one, from the table's medians: the set-up time each way
+/// and the ratios of the other figures issue 12 asks about.
+fn sni_note(figures: &[Figure], rows: &[Row], cells: &[Vec<report::Cell>]) -> Option<String> {
+    let find = |c| rows.iter().position(|r: &Row| r.contender == c);
+    let (plain, sni) = (find(Contender::Auto)?, find(Contender::AutoSni)?);
+    let mut parts = Vec::new();
+    for (i, f) in figures.iter().enumerate() {
+        let (report::Cell::Value { v: x, .. }, report::Cell::Value { v: y, .. }) =
+            (&cells[plain][i], &cells[sni][i])
+        else {
+            continue;
+        };
+        if f.title.starts_with("set-up") {
+            parts.push(format!(
+                "{} {} against {} ({:+.0} µs per connection)",
+                f.title,
+                report::number(*y),
+                report::number(*x),
+                y - x
+            ));
+        } else if ["upload", "download", "short conn/s", "all tasks"]
+            .iter()
+            .any(|p| f.title.starts_with(p))
+            && *x > 0.0
+        {
+            parts.push(format!("{} {:.2}×", f.title, y / x));
+        }
+    }
+    (!parts.is_empty()).then(|| {
+        format!(
+            "SNI route against plain route (`spliced auto (SNI route)` against `spliced auto`, \
+             medians of this run): {}. After the routing decision both run the same data path; \
+             the set-up difference is the peek (the ClientHello read and parsed) before the \
+             dial, and its bytes written to the upstream first.",
+            parts.join("; ")
+        )
+    })
+}
+
 /// The rows, and how each contender was run.
 type Measured = (Vec<Row>, Vec<(Contender, String)>);
 
@@ -391,7 +547,9 @@ fn measure(
     let exe = std::env::current_exe().context("cannot find the xtask binary")?;
     let (out, err) = log("echo-server.log")?;
     let mut echo = guard.exec_in_ns(&exe);
+    let last = close_port(plan.rounds, Contender::ALL[Contender::ALL.len() - 1]);
     echo.args(["bench", "--serve", &ECHO_PORT.to_string()])
+        .args(["--serve-last", &last.to_string()])
         .stdin(Stdio::piped())
         .stdout(out)
         .stderr(err);
@@ -400,7 +558,8 @@ fn measure(
     guard.procs.push(echo);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(contenders::listening(Some(iperf_pid), IPERF_PORT)
-        && contenders::listening(Some(echo_pid), ECHO_PORT))
+        && contenders::listening(Some(echo_pid), ECHO_PORT)
+        && contenders::listening(Some(echo_pid), last))
     {
         check_stop()?;
         for p in &mut guard.procs {
@@ -428,7 +587,7 @@ fn measure(
         proxyd: &proxyd,
         proxyd_form: ProxydForm::Bracketed,
     };
-    client::quit(client::greet(env.upstream_addr(ECHO_PORT))?.0)
+    client::quit(client::greet(Target::plain(env.upstream_addr(ECHO_PORT)))?.0)
         .context("the echo server does not answer at fe80::2")?;
 
     let mut rows: Vec<Row> = Contender::ALL
@@ -453,7 +612,7 @@ fn measure(
             let c = row.contender;
             let t0 = Instant::now();
             let tag = format!("r{round}");
-            if let Err(e) = bulk_round(c, &env, plan, &tag, &mut row.samples) {
+            if let Err(e) = bulk_round(c, &env, plan, round, &mut row.samples) {
                 check_stop()?;
                 notes.push(format!(
                     "{}, round {round}, iperf3: {}",
@@ -497,7 +656,7 @@ fn preflight(c: Contender, env: &mut Env, notes: &mut Notes) -> Result<()> {
     }
     let attempt = |env: &Env| -> Result<()> {
         let mut inst = contenders::start(c, env, ECHO_PORT, "preflight")?;
-        let r = client::greet(inst.addr).and_then(|(s, _)| client::quit(s));
+        let r = client::greet(inst.target()).and_then(|(s, _)| client::quit(s));
         r.with_context(|| contenders::log_tail(inst.log.as_deref()))?;
         inst.check_alive()
     };
@@ -530,19 +689,26 @@ fn bulk_round(
     c: Contender,
     env: &Env,
     plan: &Plan,
-    tag: &str,
+    round: usize,
     samples: &mut [Vec<Sample>],
 ) -> Result<()> {
-    let mut inst = contenders::start(c, env, IPERF_PORT, &format!("{tag}-bulk"))?;
-    let tag = format!("{}-{tag}", c.name().replace(' ', "-"));
-    let b = bulk::measure(&mut inst, &plan.iperf_amount, &env.guard.dir, &tag)
-        .with_context(|| contenders::log_tail(inst.log.as_deref()))?;
+    let mut inst = contenders::start(c, env, IPERF_PORT, &format!("r{round}-bulk"))?;
+    let tag = format!("{}-r{round}", c.slug());
+    let b = bulk::measure(
+        &mut inst,
+        &plan.iperf_amount,
+        &env.guard.dir,
+        &tag,
+        plan.perf(round),
+    )
+    .with_context(|| contenders::log_tail(inst.log.as_deref()))?;
     samples[UP].push(Sample::Value(b.up_gbps));
     samples[DOWN].push(Sample::Value(b.down_gbps));
     if let Some(cpu) = b.daemon_cpu_per_gb {
         samples[DAEMON_CPU].push(Sample::Value(cpu));
     }
-    samples[SYSTEM_CPU].push(Sample::Value(b.system_cpu_per_gb));
+    samples[ALL_CPU_UP].push(Sample::Value(b.all_cpu_per_gb[0]));
+    samples[ALL_CPU_DOWN].push(Sample::Value(b.all_cpu_per_gb[1]));
     Ok(())
 }
 
@@ -568,7 +734,7 @@ fn small_round(
     let mut inst =
         match contenders::start(c, env, ECHO_PORT, &format!("{tag}-small")).and_then(|inst| {
             // Warm-up: systemd-socket-activate execs proxyd at the first connection.
-            client::quit(client::greet(inst.addr)?.0)?;
+            client::quit(client::greet(inst.target())?.0)?;
             Ok(inst)
         }) {
             Ok(inst) => inst,
@@ -596,7 +762,11 @@ fn small_round(
         ));
     };
     let t_rr = Instant::now();
-    match client::round_trips(inst.addr, 64, plan.rr_dur, plan.rr_max) {
+    let name = |case: &str| format!("{}-r{round}-{case}", c.slug());
+    let rr = perf::during(plan.perf(round), &name("round-trips"), inst.pid(), || {
+        client::round_trips(inst.target(), 64, plan.rr_dur, plan.rr_max)
+    });
+    match rr {
         Ok(rt) => {
             samples[RR].push(Sample::Value(rt.per_sec));
             samples[RR_P50].push(Sample::Value(rt.p50_us));
@@ -608,27 +778,22 @@ fn small_round(
         }
     }
     let t_short = Instant::now();
-    match client::short_connections(
-        inst.addr,
-        plan.short_workers,
-        plan.short_dur,
-        plan.short_max,
-    ) {
+    let case = shorts::run(
+        &inst,
+        ECHO_PORT,
+        Closer::Upstream,
+        plan.short,
+        plan.perf(round),
+        &name("short"),
+    )?;
+    match case.shorts {
         Ok(shorts) => {
             samples[SHORT].push(Sample::Value(shorts.per_sec));
-            if shorts.failed > 0 {
-                notes.broke(
-                    c,
-                    format!(
-                        "{}, round {round}, short connections: {} of {} failed (each stalls its \
-                         client thread up to 3 s); first: {}",
-                        c.name(),
-                        shorts.failed,
-                        shorts.done + shorts.failed,
-                        shorts.first_error.unwrap_or_default()
-                    ),
-                );
+            if let Some(us) = case.cpu_us_per_conn {
+                samples[ALL_CPU_CONN].push(Sample::Value(us));
             }
+            notes.time_wait.push((Closer::Upstream, c, case.time_wait));
+            broke_some(notes, c, round, "short connections", &shorts);
         }
         Err(e) => {
             check_stop()?;
@@ -641,15 +806,91 @@ fn small_round(
     }
     let t_end = Instant::now();
     drop(inst);
+    let t_close = Instant::now();
+    client_closes_round(c, env, plan, round, samples, notes)?;
     eprintln!(
         "bench: round {round}: {}: idle+set-up {:.1} s, round trips {:.1} s, short {:.1} s, \
-         stop {:.1} s",
+         stop {:.1} s, client closes first {:.1} s",
         c.name(),
         (t_rr - t_idle).as_secs_f64(),
         (t_short - t_rr).as_secs_f64(),
         (t_end - t_short).as_secs_f64(),
-        t_end.elapsed().as_secs_f64()
+        (t_close - t_end).as_secs_f64(),
+        t_close.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// Notes the connections of a short-connection run that failed; spliced's fail the bench.
+fn broke_some(notes: &mut Notes, c: Contender, round: usize, what: &str, s: &client::Shorts) {
+    if s.failed > 0 {
+        notes.broke(
+            c,
+            format!(
+                "{}, round {round}, {what}: {} of {} failed (each stalls its client thread up \
+                 to 3 s); first: {}",
+                c.name(),
+                s.failed,
+                s.done + s.failed,
+                s.first_error.as_deref().unwrap_or_default()
+            ),
+        );
+    }
+}
+
+/// Short connections that the client closes first, through a fresh instance in front of an
+/// upstream port of this contender's and round's own ([`close_port`]); the last case of a
+/// round, so the TIME_WAIT it leaves is the last thing the contender does.
+fn client_closes_round(
+    c: Contender,
+    env: &Env,
+    plan: &Plan,
+    round: usize,
+    samples: &mut [Vec<Sample>],
+    notes: &mut Notes,
+) -> Result<()> {
+    let port = close_port(round, c);
+    let what = "short connections, client closes first";
+    let inst = contenders::start(c, env, port, &format!("r{round}-close")).and_then(|inst| {
+        client::quit(client::greet(inst.target())?.0)?;
+        Ok(inst)
+    });
+    let mut inst = match inst {
+        Ok(inst) => inst,
+        Err(e) => {
+            check_stop()?;
+            let e = short_error(&e);
+            notes.push(format!("{}, round {round}, {what}: start: {e}", c.name()));
+            return Ok(());
+        }
+    };
+    let name = format!("{}-r{round}-client-closes", c.slug());
+    let case = shorts::run(
+        &inst,
+        port,
+        Closer::Client,
+        plan.client_closes,
+        plan.perf(round),
+        &name,
+    )?;
+    match case.shorts {
+        Ok(shorts) => {
+            samples[SHORT_CLIENT_CLOSES].push(Sample::Value(shorts.per_sec));
+            notes.time_wait.push((Closer::Client, c, case.time_wait));
+            broke_some(notes, c, round, what, &shorts);
+        }
+        Err(e) => {
+            check_stop()?;
+            notes.broke(c, format!("{}, round {round}, {what}: {e:#}", c.name()));
+        }
+    }
+    if let Err(e) = inst.check_alive() {
+        notes.push(format!(
+            "{}, round {round}, {what}: {}",
+            c.name(),
+            short_error(&e)
+        ));
+    }
     Ok(())
 }
 
@@ -673,7 +914,7 @@ fn idle_and_setup(
         if capped.is_none() {
             check_stop()?;
             if let Err(why) =
-                client::open_idle(inst.addr, &mut conns, level.count, plan.open_threads)
+                client::open_idle(inst.target(), &mut conns, level.count, plan.open_threads)
             {
                 check_stop()?;
                 let n = conns.len();
@@ -703,7 +944,7 @@ fn idle_and_setup(
             samples[kernel].push(Sample::Value(mib(kernel1 as f64 - kernel0 as f64)));
         }
         if let Some(fig) = level.setup_fig {
-            match client::setup_probes(inst.addr, plan.probes) {
+            match client::setup_probes(inst.target(), plan.probes) {
                 Ok(p50) => samples[fig].push(Sample::Value(p50)),
                 Err(e) => {
                     check_stop()?;
@@ -821,19 +1062,47 @@ fn document(
         ),
         format!(
             "**short conn/s**: {} client threads, each in turn: connect, 100 bytes up, 100 back \
-             (after a 1-byte greeting), the upstream closes, the client closes; for {:.1} s or \
-             {} connections.",
-            plan.short_workers,
-            plan.short_dur.as_secs_f64(),
-            report::group(plan.short_max as u64)
+             (after a 1-byte greeting), the upstream closes, the client closes on its EOF; for \
+             {:.1} s or {} connections. The upstream closes first so that the forwarder's \
+             upstream sockets are the passive side and keep no TIME_WAIT (which would fill its \
+             ephemeral ports toward the one upstream and slow every later dial); the TIME_WAIT \
+             each case left is in the notes.",
+            plan.short.workers,
+            plan.short.dur.as_secs_f64(),
+            report::group(plan.short.max as u64)
+        ),
+        format!(
+            "**short conn/s client closes first**: the same exchange, but the client closes \
+             right after the echo and the upstream closes on its EOF, as most HTTP keep-alive \
+             connections end: the forwarder's upstream socket closes first and stays in \
+             TIME_WAIT for 60 s. {} threads, for {:.1} s or {} connections (fewer than 10,000, \
+             well inside the ephemeral port range), through a fresh instance whose upstream is a \
+             port no other contender or round dials, and as the last case of the contender's \
+             round, so no run meets the TIME_WAIT of another.",
+            plan.client_closes.workers,
+            plan.client_closes.dur.as_secs_f64(),
+            report::group(plan.client_closes.max as u64)
         ),
         "**daemon CPU s/GB**: user+system CPU seconds of the forwarder's processes \
          (`/proc/PID/stat` utime+stime of the process and its children, reaped ones included) \
          over the upload and the download, per GB moved (both directions)."
             .into(),
-        "**system CPU s/GB**: busy CPU seconds of the whole machine over the same runs (user, \
-         nice, system, irq and softirq from `/proc/stat`; steal excluded) per GB: the iperf3 \
-         client and server and the kernel's TCP, veth and sockmap work included."
+        "**all tasks CPU s/GB up / down**: the CPU time charged to every task on the machine, \
+         kernel threads included (kworkers, ksoftirqd, the sockmap psock backlog workers, \
+         softirq work charged to whatever task it interrupted), over the upload and, \
+         separately, the download, per GB moved that way: the iperf3 client and server, the \
+         forwarder and the kernel's TCP, veth, splice and sockmap work. From each process's \
+         `/proc/PID/stat`: utime+stime (all its threads, live and exited) plus cutime+cstime \
+         (the children it reaped), the growth from just before iperf3 starts to 0.1 s after it \
+         ends; a process born in the window counts whole, one that exited counts through its \
+         parent's cutime+cstime, less what it had at the start. Lost: the in-window CPU of \
+         kernel threads that exited in the window (a retiring kworker) and of processes no \
+         parent waits for. Not `/proc/stat` busy time, which is unreliable on these virtual \
+         machines. Resolution: one clock tick (10 ms) per process; other work on the machine \
+         is counted too (the medians damp it)."
+            .into(),
+        "**all tasks CPU µs per conn**: the same count over the short-connection run (the \
+         upstream closes first), per connection: client, forwarder, upstream and kernel."
             .into(),
         format!(
             "**daemon MiB @K idle** (K = {n}): the forwarder's memory with K idle connections \
@@ -853,7 +1122,9 @@ fn document(
             "**set-up µs @K live**: with K idle connections open through the contender, {} \
              connections one after the other, each timed from `connect()` to the first byte, a \
              greeting the upstream sends on accept (so the forwarder's accept, its dial and its \
-             splice set-up are all inside); the median. Levels: {}.",
+             splice set-up are all inside); the median. For the SNI route the client writes its \
+             ClientHello right after `connect()`, inside the time: that route dials the upstream \
+             only once it has read and parsed it. Levels: {}.",
             plan.probes,
             levels.join(", ")
         ),

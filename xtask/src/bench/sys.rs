@@ -1,5 +1,6 @@
-//! What the kernel tells about CPU time and memory: `/proc/PID/stat`, `/proc/PID/smaps_rollup`,
-//! `/proc/stat`, `/proc/meminfo`, `/proc/net/sockstat`; and the machine's description.
+//! What the kernel tells about a process tree's CPU time and memory (`/proc/PID/stat`,
+//! `/proc/PID/smaps_rollup`), kernel memory (`/proc/meminfo`, `/proc/net/sockstat`), TIME_WAIT
+//! sockets (`/proc/net/tcp{,6}`); and the machine's description.
 use std::{collections::HashMap, fs};
 
 use anyhow::{Context as _, Result};
@@ -120,26 +121,31 @@ fn kib_field(text: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Busy CPU seconds of the whole machine since boot: user, nice, system, irq and softirq (steal,
-/// the hypervisor's, and idle/iowait left out). Softirq is where much of TCP, veth and the
-/// sockmap verdict run.
-pub fn system_busy_seconds() -> Result<f64> {
-    let text = fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with("cpu "))
-        .context("/proc/stat has no cpu line")?;
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|w| w.parse().unwrap_or(0))
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let busy = [0, 1, 2, 5, 6]
+/// The TIME_WAIT sockets of this network namespace as (local port, remote port), from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (state 06).
+pub fn time_wait_ports() -> Vec<(u16, u16)> {
+    let port = |addr: &str| {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+    };
+    ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
-        .map(|&i| v.get(i).copied().unwrap_or(0))
-        .sum::<u64>();
-    Ok(busy as f64 / clk_tck())
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+                .filter_map(|l| {
+                    let w: Vec<&str> = l.split_whitespace().collect();
+                    if w.len() > 3 && w[3] == "06" {
+                        Some((port(w[1])?, port(w[2])?))
+                    } else {
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// Kernel memory that connections and processes cost, in bytes: slab (socket structs, inodes,
@@ -240,7 +246,17 @@ mod tests {
         assert!(tree(me).iter().any(|&(p, _)| p == me));
         assert!(tree_cpu_seconds(me) >= 0.0);
         assert!(tree_pss_bytes(me) > 0);
-        assert!(system_busy_seconds().unwrap() > 0.0);
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (a, _) = l.accept().unwrap();
+        let client_port = c.local_addr().unwrap().port();
+        // The side that closes first keeps the TIME_WAIT.
+        drop(a);
+        let mut b = [0u8; 1];
+        assert_eq!(std::io::Read::read(&mut &c, &mut b).unwrap(), 0);
+        drop(c);
+        assert!(time_wait_ports().contains(&(port, client_port)));
         assert!(kernel_memory_bytes().unwrap() > 0);
         let start = tree(me)[0].1;
         assert!(is_same_live(me, start));

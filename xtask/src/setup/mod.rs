@@ -67,3 +67,8 @@ pub fn system(arch: crate::arch::Arch) -> Result<()> {
 pub fn bench_packages() -> Result<()> {
     apt::ensure_bench()
 }
+
+/// What `cargo xtask bench --perf DIR` adds: `perf` (Debian's linux-perf).
+pub fn perf_package() -> Result<()> {
+    apt::ensure_packages(&["linux-perf"])
+}
