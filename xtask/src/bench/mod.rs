@@ -49,14 +49,15 @@ pub use report::validate;
 /// iperf3's server port in the namespace.
 const IPERF_PORT: u16 = 5201;
 /// The echo server's port in the namespace. It also listens on the ports after it, one for each
-/// contender in each round, for the client-closes-first case (see [`close_port`]).
+/// contender in each round, for the small-message cases (see [`small_port`]).
 const ECHO_PORT: u16 = 7000;
 /// Idle connections of a full run, if the open-file limit allows.
 const FULL_IDLE: usize = 10_000;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A short run (under 2 minutes): 3 rounds, 1 s iperf3 runs, 500 idle connections.
+    /// A short run (about 2 minutes on an idle machine; CI runs it): 3 rounds, 128 MiB iperf3
+    /// runs each way, 500 idle connections, well under a second per small-message case.
     #[arg(long)]
     pub quick: bool,
     /// The markdown report (default docs/benchmarks.md); the chart goes beside it, same name
@@ -77,10 +78,10 @@ pub struct Args {
     pub serve_last: Option<u16>,
 }
 
-/// The upstream port of `c`'s client-closes-first case in `round` (from 1): a port of its own,
-/// so that the forwarder's upstream sockets another contender left in TIME_WAIT (60 s) never
-/// share its port range.
-fn close_port(round: usize, c: Contender) -> u16 {
+/// The upstream port of `c`'s small-message cases in `round` (from 1): a port of its own, so
+/// that the forwarder's upstream sockets that another contender's client-closes-first case left
+/// in TIME_WAIT (60 s) never share its ephemeral port range toward the upstream.
+fn small_port(round: usize, c: Contender) -> u16 {
     let i = Contender::ALL.iter().position(|&x| x == c).unwrap_or(0);
     ECHO_PORT + 1 + ((round - 1) * Contender::ALL.len() + i) as u16
 }
@@ -305,7 +306,7 @@ impl Plan {
         Plan {
             quick,
             rounds: if quick { 3 } else { 5 },
-            iperf_amount: if quick { ["-n", "256M"] } else { ["-t", "4"] },
+            iperf_amount: if quick { ["-n", "128M"] } else { ["-t", "4"] },
             rr_dur: Duration::from_millis(if quick { 300 } else { 2000 }),
             rr_max: 1_000_000,
             short: Amount {
@@ -547,7 +548,7 @@ fn measure(
     let exe = std::env::current_exe().context("cannot find the xtask binary")?;
     let (out, err) = log("echo-server.log")?;
     let mut echo = guard.exec_in_ns(&exe);
-    let last = close_port(plan.rounds, Contender::ALL[Contender::ALL.len() - 1]);
+    let last = small_port(plan.rounds, Contender::ALL[Contender::ALL.len() - 1]);
     echo.args(["bench", "--serve", &ECHO_PORT.to_string()])
         .args(["--serve-last", &last.to_string()])
         .stdin(Stdio::piped())
@@ -731,19 +732,19 @@ fn small_round(
             short_error(e)
         ));
     };
-    let mut inst =
-        match contenders::start(c, env, ECHO_PORT, &format!("{tag}-small")).and_then(|inst| {
-            // Warm-up: systemd-socket-activate execs proxyd at the first connection.
-            client::quit(client::greet(inst.target())?.0)?;
-            Ok(inst)
-        }) {
-            Ok(inst) => inst,
-            Err(e) => {
-                check_stop()?;
-                note(notes, "start", &e);
-                return Ok(());
-            }
-        };
+    let port = small_port(round, c);
+    let mut inst = match contenders::start(c, env, port, &format!("{tag}-small")).and_then(|inst| {
+        // Warm-up: systemd-socket-activate execs proxyd at the first connection.
+        client::quit(client::greet(inst.target())?.0)?;
+        Ok(inst)
+    }) {
+        Ok(inst) => inst,
+        Err(e) => {
+            check_stop()?;
+            note(notes, "start", &e);
+            return Ok(());
+        }
+    };
     let t_idle = Instant::now();
     if let Err(e) = idle_and_setup(&mut inst, plan, samples, round, c, notes) {
         check_stop()?;
@@ -778,21 +779,32 @@ fn small_round(
         }
     }
     let t_short = Instant::now();
+    let tw0 = TimeWait::count(&inst, port);
+    let mut tw_before = tw0;
     let case = shorts::run(
         &inst,
-        ECHO_PORT,
+        port,
         Closer::Upstream,
         plan.short,
         plan.perf(round),
         &name("short"),
     )?;
+    eprintln!(
+        "bench: round {round}: {}: short connections {:.2} s, TIME_WAIT count {:.2} s",
+        c.name(),
+        case.took[0].as_secs_f64(),
+        case.took[1].as_secs_f64()
+    );
     match case.shorts {
         Ok(shorts) => {
             samples[SHORT].push(Sample::Value(shorts.per_sec));
             if let Some(us) = case.cpu_us_per_conn {
                 samples[ALL_CPU_CONN].push(Sample::Value(us));
             }
-            notes.time_wait.push((Closer::Upstream, c, case.time_wait));
+            notes
+                .time_wait
+                .push((Closer::Upstream, c, case.time_wait.since(tw0)));
+            tw_before = case.time_wait;
             broke_some(notes, c, round, "short connections", &shorts);
         }
         Err(e) => {
@@ -801,22 +813,22 @@ fn small_round(
             notes.broke(c, line);
         }
     }
+    let t_close = Instant::now();
+    client_closes(c, &inst, plan, round, tw_before, samples, notes)?;
     if let Err(e) = inst.check_alive() {
         note(notes, "end of round", &e);
     }
     let t_end = Instant::now();
     drop(inst);
-    let t_close = Instant::now();
-    client_closes_round(c, env, plan, round, samples, notes)?;
     eprintln!(
         "bench: round {round}: {}: idle+set-up {:.1} s, round trips {:.1} s, short {:.1} s, \
-         stop {:.1} s, client closes first {:.1} s",
+         client closes first {:.1} s, stop {:.1} s",
         c.name(),
         (t_rr - t_idle).as_secs_f64(),
         (t_short - t_rr).as_secs_f64(),
-        (t_end - t_short).as_secs_f64(),
-        (t_close - t_end).as_secs_f64(),
-        t_close.elapsed().as_secs_f64()
+        (t_close - t_short).as_secs_f64(),
+        (t_end - t_close).as_secs_f64(),
+        t_end.elapsed().as_secs_f64()
     );
     Ok(())
 }
@@ -838,36 +850,24 @@ fn broke_some(notes: &mut Notes, c: Contender, round: usize, what: &str, s: &cli
     }
 }
 
-/// Short connections that the client closes first, through a fresh instance in front of an
-/// upstream port of this contender's and round's own ([`close_port`]); the last case of a
-/// round, so the TIME_WAIT it leaves is the last thing the contender does.
-fn client_closes_round(
+/// Short connections that the client closes first: the last case of the round, on the small
+/// instance, whose upstream port ([`small_port`]) no other contender or round dials, so neither
+/// this case nor any other meets the TIME_WAIT of another. `before`: the TIME_WAIT the earlier
+/// cases left toward the instance's ports.
+fn client_closes(
     c: Contender,
-    env: &Env,
+    inst: &Instance,
     plan: &Plan,
     round: usize,
+    before: TimeWait,
     samples: &mut [Vec<Sample>],
     notes: &mut Notes,
 ) -> Result<()> {
-    let port = close_port(round, c);
     let what = "short connections, client closes first";
-    let inst = contenders::start(c, env, port, &format!("r{round}-close")).and_then(|inst| {
-        client::quit(client::greet(inst.target())?.0)?;
-        Ok(inst)
-    });
-    let mut inst = match inst {
-        Ok(inst) => inst,
-        Err(e) => {
-            check_stop()?;
-            let e = short_error(&e);
-            notes.push(format!("{}, round {round}, {what}: start: {e}", c.name()));
-            return Ok(());
-        }
-    };
     let name = format!("{}-r{round}-client-closes", c.slug());
     let case = shorts::run(
-        &inst,
-        port,
+        inst,
+        small_port(round, c),
         Closer::Client,
         plan.client_closes,
         plan.perf(round),
@@ -876,20 +876,14 @@ fn client_closes_round(
     match case.shorts {
         Ok(shorts) => {
             samples[SHORT_CLIENT_CLOSES].push(Sample::Value(shorts.per_sec));
-            notes.time_wait.push((Closer::Client, c, case.time_wait));
+            let tw = case.time_wait.since(before);
+            notes.time_wait.push((Closer::Client, c, tw));
             broke_some(notes, c, round, what, &shorts);
         }
         Err(e) => {
             check_stop()?;
             notes.broke(c, format!("{}, round {round}, {what}: {e:#}", c.name()));
         }
-    }
-    if let Err(e) = inst.check_alive() {
-        notes.push(format!(
-            "{}, round {round}, {what}: {}",
-            c.name(),
-            short_error(&e)
-        ));
     }
     Ok(())
 }
@@ -1076,9 +1070,10 @@ fn document(
              right after the echo and the upstream closes on its EOF, as most HTTP keep-alive \
              connections end: the forwarder's upstream socket closes first and stays in \
              TIME_WAIT for 60 s. {} threads, for {:.1} s or {} connections (fewer than 10,000, \
-             well inside the ephemeral port range), through a fresh instance whose upstream is a \
-             port no other contender or round dials, and as the last case of the contender's \
-             round, so no run meets the TIME_WAIT of another.",
+             well inside the ephemeral port range), as the last case of the contender's round. \
+             Every contender in every round runs its small-message cases against an upstream \
+             port of its own (the echo server listens on one per contender and round), so no \
+             case meets the TIME_WAIT another left toward its upstream.",
             plan.client_closes.workers,
             plan.client_closes.dur.as_secs_f64(),
             report::group(plan.client_closes.max as u64)
