@@ -10,7 +10,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpStream;
 
 use super::{
-    ports::{PortPressure, SLOW_CONNECT},
+    ports::{self, PortPressure, Timed, Timer, SLOW_CONNECT},
     Lease, Server, Upstreams,
 };
 use crate::addr::AddrError;
@@ -139,8 +139,8 @@ pub async fn dial(
         let share = left / (plan.len() - i) as u32;
         match connect(target.addr, opts.interface, share).await {
             Ok(Connected { stream, syscall }) => {
-                if syscall >= SLOW_CONNECT {
-                    port_search(&target.server, || format!("connect() took {syscall:.1?}"));
+                if syscall.wall >= SLOW_CONNECT {
+                    slow_connect(&target.server, syscall);
                 }
                 target.server.dial_succeeded(checks);
                 return Ok(Dialed {
@@ -180,7 +180,7 @@ pub async fn dial(
 #[derive(Debug)]
 pub(super) struct Connected {
     pub stream: TcpStream,
-    pub syscall: Duration,
+    pub syscall: Timed,
 }
 
 /// One TCP connect to `addr` (bound to `interface` if given), at most `limit` long. Also the
@@ -218,9 +218,9 @@ pub(super) async fn connect(
                 },
             })?;
     }
-    let started = Instant::now();
+    let timer = Timer::start();
     let begun = socket.connect(&addr.into());
-    let syscall = started.elapsed();
+    let syscall = timer.stop();
     match begun {
         Ok(()) => {}
         Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -237,6 +237,28 @@ pub(super) async fn connect(
         return Err(failed(err));
     }
     Ok(Connected { stream, syscall })
+}
+
+/// A connect() slower than [`SLOW_CONNECT`]. Timed on the thread's CPU clock too (while
+/// [`ports`] suspects a port search), over the limit there as well: the kernel searched, counted
+/// and warned about. Without the CPU time (the first such dial): the thread may only have waited
+/// for a CPU on a busy machine, so this dial is not counted; if TIME_WAIT fills the port range,
+/// the next dials are timed on the CPU clock.
+fn slow_connect(server: &Server, syscall: Timed) {
+    match syscall.cpu {
+        Some(cpu) if cpu >= SLOW_CONNECT => port_search(server, || {
+            format!(
+                "connect() took {:.1?}, {cpu:.1?} of it on the CPU (the kernel's port search)",
+                syscall.wall
+            )
+        }),
+        Some(_) => {}
+        None => {
+            if PortPressure::read().is_some_and(|p| p.explains_slow_dials()) {
+                ports::suspect();
+            }
+        }
+    }
 }
 
 /// A dial to `server` was slow in connect() or found no local port: counted and warned about

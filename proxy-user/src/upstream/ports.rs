@@ -15,12 +15,78 @@
 //! carry the client's half-close, and by the time the upstream's FIN arrives the kernel has
 //! already turned the socket into a TIME_WAIT entry (`tcp_fin()` → `tcp_time_wait()`), even
 //! while spliced still holds the descriptor. So spliced finds the condition, counts it and says
-//! once per server what to change.
-use std::{fs, time::Duration};
+//! once per server what to change. A connect() slow on the wall clock may only have waited for
+//! a CPU (a busy machine), so a dial counts only when its time was spent on the CPU too, or
+//! when it found no port at all.
+use std::{
+    fs,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
 
 /// A connect() system call that took longer than this is looked into (a plain one takes tens
 /// of microseconds; a full port search takes milliseconds).
 pub const SLOW_CONNECT: Duration = Duration::from_millis(1);
+
+/// Dials still to be timed on the thread's CPU clock too. Zero (no suspicion) costs two
+/// vDSO clock reads per dial; a suspicion adds two `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`
+/// system calls to each of the next [`SUSPICION`] dials.
+static CPU_TIMED: AtomicU32 = AtomicU32::new(0);
+/// How many dials one suspicion times on the CPU clock.
+const SUSPICION: u32 = 10_000;
+
+/// A slow connect() while TIME_WAIT fills the port range: time the next dials on the CPU.
+pub fn suspect() {
+    CPU_TIMED.store(SUSPICION, Ordering::Relaxed);
+}
+
+/// This thread's CPU time (user and system), from `CLOCK_THREAD_CPUTIME_ID`.
+fn thread_cpu() -> Option<Duration> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ret == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+}
+
+/// How long one system call took: on the wall clock, and on the thread's CPU clock when a
+/// port search is suspected (see [`suspect`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Timed {
+    pub wall: Duration,
+    /// The CPU time spent in the call: a thread that waited for a CPU (a busy machine) has a
+    /// long wall time and a short CPU time; the kernel's port search is all CPU.
+    pub cpu: Option<Duration>,
+}
+
+/// Times one system call; see [`Timed`].
+pub struct Timer {
+    wall: Instant,
+    cpu: Option<Duration>,
+}
+
+impl Timer {
+    pub fn start() -> Timer {
+        let timed = CPU_TIMED.load(Ordering::Relaxed) > 0
+            && CPU_TIMED
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+        Timer {
+            cpu: if timed { thread_cpu() } else { None },
+            wall: Instant::now(),
+        }
+    }
+
+    pub fn stop(self) -> Timed {
+        let wall = self.wall.elapsed();
+        let cpu = self
+            .cpu
+            .and_then(|before| Some(thread_cpu()?.saturating_sub(before)));
+        Timed { wall, cpu }
+    }
+}
 
 /// What the kernel says of the local ports of this network namespace when a dial was slow.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +207,27 @@ mod tests {
         let text = p.advice("no local port was free");
         assert!(text.contains("is 1 already"), "{text}");
         assert!(text.contains("ip_local_port_range"), "{text}");
+    }
+
+    #[test]
+    fn a_suspicion_times_dials_on_the_cpu_clock() {
+        let plain = Timer::start().stop();
+        assert!(plain.cpu.is_none());
+        suspect();
+        let t = Timer::start();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(3) {}
+        let timed = t.stop();
+        let cpu = timed.cpu.expect("timed on the CPU clock");
+        assert!(timed.wall >= Duration::from_millis(3), "{timed:?}");
+        assert!(cpu > Duration::ZERO && cpu <= timed.wall, "{timed:?}");
+        let t = Timer::start();
+        std::thread::sleep(Duration::from_millis(3));
+        let slept = t.stop();
+        assert!(
+            slept.cpu.expect("still suspected") < Duration::from_millis(1),
+            "{slept:?}"
+        );
     }
 
     #[test]
