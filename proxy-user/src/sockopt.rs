@@ -148,6 +148,11 @@ pub fn set_linger_zero(fd: &impl AsFd) -> io::Result<()> {
     SockRef::from(fd).set_linger(Some(Duration::ZERO))
 }
 
+/// Sets `TCP_NODELAY` (on a listener: every socket it accepts has it too).
+pub fn set_nodelay(fd: &impl AsFd) -> io::Result<()> {
+    SockRef::from(fd).set_nodelay(true)
+}
+
 /// `shutdown(fd, SHUT_WR)`: sends our FIN once the send queue is out.
 pub fn shutdown_write(fd: &impl AsFd) -> io::Result<()> {
     SockRef::from(fd).shutdown(Shutdown::Write)
@@ -218,4 +223,26 @@ pub fn lock_receive_buffer(fd: &impl AsRawFd) -> io::Result<()> {
     let now: libc::c_int = getsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF)?;
     // The kernel doubles what is set; `now` is already the doubled value.
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, now / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// The kernel fact `listen::accept_loop` relies on: an accepted socket starts with its
+    /// listener's TCP_NODELAY (the listener's tcp_sock is cloned).
+    #[test]
+    fn accepted_sockets_inherit_nodelay() {
+        for set in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            if set {
+                set_nodelay(&listener).unwrap();
+            }
+            let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            assert_eq!(accepted.nodelay().unwrap(), set);
+        }
+    }
 }

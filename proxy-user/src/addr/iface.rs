@@ -1,38 +1,57 @@
 //! Interfaces by name and index, looked up at every use (a re-created interface has a new
-//! index). libc's if_nametoindex and if_indextoname are kept: rustix's equivalents need a socket
-//! of their own and are no shorter.
-use std::ffi::{CStr, CString};
+//! index), by the `SIOCGIFINDEX` / `SIOCGIFNAME` ioctls (rustix's `netdevice`) on one socket
+//! kept for the purpose. libc's if_nametoindex opens and closes a socket for each lookup: with
+//! a zoned upstream that was three system calls and a socket's set-up and teardown per dial
+//! (issue 17's profile), now one ioctl. The socket belongs to the namespace spliced started in,
+//! the one its dials use.
+use std::{
+    io,
+    os::fd::{AsFd, OwnedFd},
+    sync::OnceLock,
+};
+
+use rustix::net::{netdevice, socket_with, AddressFamily, SocketFlags, SocketType};
 
 use super::{AddrError, MAX_INTERFACE_NAME};
 
-/// The current index of the interface `name`, by `if_nametoindex(3)`.
+/// The socket the interface ioctls go through, opened at the first lookup.
+static IOCTL_SOCKET: OnceLock<OwnedFd> = OnceLock::new();
+
+/// The kept socket, opened now if it is not yet (an error, e.g. out of descriptors, is
+/// returned and the next lookup tries again).
+fn ioctl_socket() -> io::Result<&'static OwnedFd> {
+    if let Some(fd) = IOCTL_SOCKET.get() {
+        return Ok(fd);
+    }
+    // Any socket will do for these ioctls (netdevice(7)); a Unix datagram socket has no port.
+    let fd = socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    Ok(IOCTL_SOCKET.get_or_init(|| fd))
+}
+
+/// The current index of the interface `name` (`SIOCGIFINDEX`).
 ///
 /// The index changes when an interface is deleted and created again, so look it up at every
 /// use.
 pub fn interface_index(name: &str) -> Result<u32, AddrError> {
+    // Also refuses a NUL byte (a control character).
     validate_interface_name(name)?;
-    let c_name = CString::new(name).map_err(|_| {
-        AddrError::Invalid(format!(
-            "interface name {name:?} contains a NUL byte; remove it"
-        ))
-    })?;
-    // SAFETY: `c_name` is a valid NUL-terminated string that outlives the call.
-    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-    if index == 0 {
-        // if_nametoindex opens a socket for its ioctl: out of descriptors is not "no such
-        // interface".
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENODEV) {
-            return Err(AddrError::InterfaceLookup {
-                name: name.to_owned(),
-                source: e,
-            });
-        }
-        return Err(AddrError::NoInterface {
+    let lookup = ioctl_socket().and_then(|fd| Ok(netdevice::name_to_index(fd.as_fd(), name)?));
+    match lookup {
+        Ok(index) => Ok(index),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(AddrError::NoInterface {
             name: name.to_owned(),
-        });
+        }),
+        // Out of descriptors (opening the socket) is not "no such interface".
+        Err(source) => Err(AddrError::InterfaceLookup {
+            name: name.to_owned(),
+            source,
+        }),
     }
-    Ok(index)
 }
 
 /// Whether an interface called `name` exists right now.
@@ -40,17 +59,9 @@ pub fn interface_exists(name: &str) -> bool {
     interface_index(name).is_ok()
 }
 
-/// The name of the interface with index `index`, if there is one, by `if_indextoname(3)`.
+/// The name of the interface with index `index`, if there is one (`SIOCGIFNAME`).
 pub fn interface_name(index: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: `buf` has the IF_NAMESIZE bytes if_indextoname may write.
-    let ret = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
-    if ret.is_null() {
-        return None;
-    }
-    // SAFETY: on success if_indextoname wrote a NUL-terminated name into `buf`.
-    let name = unsafe { CStr::from_ptr(buf.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
+    netdevice::index_to_name(ioctl_socket().ok()?.as_fd(), index).ok()
 }
 
 /// Checks `name` the way the kernel's `dev_valid_name` does: 1 to 15 bytes, no '/', ':' or

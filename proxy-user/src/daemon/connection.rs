@@ -64,7 +64,7 @@ pub(super) async fn run(
         return;
     };
     let plan = route.plan_of(chosen.rule);
-    let _ = client.set_nodelay(true);
+    // The client's TCP_NODELAY came from the listener (see `listen::accept_loop`).
     let _ = upstream.set_nodelay(true);
     entry
         .conn

@@ -98,6 +98,9 @@ pub(super) async fn accept_loop(
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
+    // Accepted sockets inherit TCP_NODELAY from their listener (the kernel clones the
+    // listener's tcp_sock): one setsockopt here instead of one per connection.
+    let inherits_nodelay = sockopt::set_nodelay(&listener).is_ok();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -121,6 +124,9 @@ pub(super) async fn accept_loop(
                     let _ = sockopt::set_linger_zero(&client);
                     continue;
                 };
+                if !inherits_nodelay {
+                    let _ = client.set_nodelay(true);
+                }
                 connections.spawn(connection::run(client, peer, route, shared.clone(), live));
             }
             Err(e) if is_resource_exhaustion(&e) => {

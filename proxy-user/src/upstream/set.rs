@@ -107,6 +107,9 @@ impl Upstreams {
         let mut first_error = None;
         for ((entry, slot), r) in self.spec.servers.iter().zip(resolved.iter_mut()).zip(fresh) {
             match r {
+                // Unchanged (the usual case): the same servers, nothing to rebuild. This runs at
+                // every dial; rebuilding named each server again and looked it up in the table.
+                Some(Ok(addrs)) if slot.iter().map(|t| t.addr).eq(addrs.iter().copied()) => {}
                 Some(Ok(addrs)) => *slot = targets(&self.table, &self.scope, entry, &addrs),
                 Some(Err(e)) => {
                     first_error.get_or_insert(e);
