@@ -243,15 +243,20 @@ pub(super) async fn connect(
 /// [`ports`] suspects a port search), over the limit there as well: the kernel searched, counted
 /// and warned about. Without the CPU time (the first such dial): the thread may only have waited
 /// for a CPU on a busy machine, so this dial is not counted; if TIME_WAIT fills the port range,
-/// the next dials are timed on the CPU clock.
+/// the next 1,000 dials are timed on the CPU clock (and if none searched, no new suspicion
+/// starts for 100,000 dials).
 fn slow_connect(server: &Server, syscall: Timed) {
     match syscall.cpu {
-        Some(cpu) if cpu >= SLOW_CONNECT => port_search(server, || {
-            format!(
-                "connect() took {:.1?}, {cpu:.1?} of it on the CPU (the kernel's port search)",
-                syscall.wall
-            )
-        }),
+        Some(cpu) if cpu >= SLOW_CONNECT => {
+            ports::confirmed();
+            port_search(server, || {
+                format!(
+                    "connect() took {:.1?}, {cpu:.1?} of it on the CPU (the kernel's port \
+                     search)",
+                    syscall.wall
+                )
+            });
+        }
         Some(_) => {}
         None => {
             if PortPressure::read().is_some_and(|p| p.explains_slow_dials()) {
