@@ -259,7 +259,8 @@ fn slow_connect(server: &Server, syscall: Timed) {
         }
         Some(_) => {}
         None => {
-            if PortPressure::read().is_some_and(|p| p.explains_slow_dials()) {
+            if ports::may_suspect() && PortPressure::read().is_some_and(|p| p.explains_slow_dials())
+            {
                 ports::suspect();
             }
         }

@@ -20,7 +20,10 @@
 //! when it found no port at all.
 use std::{
     fs,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        atomic::{AtomicU32, AtomicU64, Ordering},
+        OnceLock,
+    },
     time::{Duration, Instant},
 };
 
@@ -42,6 +45,24 @@ const SUSPICION: u32 = 1_000;
 /// How many dials a suspicion that found nothing keeps the next one off: at most 1% of dials
 /// are timed on the CPU clock. `EADDRNOTAVAIL` is counted whatever this says.
 const QUIET_DIALS: u32 = 100_000;
+
+/// Whether a wall-slow dial should look at the port range now: not while a suspicion runs or
+/// keeps quiet, and at most once a second (on a busy machine many dials wait for a CPU; each
+/// look is three /proc files).
+pub fn may_suspect() -> bool {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    static LAST_LOOK: AtomicU64 = AtomicU64::new(0);
+    if QUIET.load(Ordering::Relaxed) > 0 || CPU_TIMED.load(Ordering::Relaxed) > 0 {
+        return false;
+    }
+    // Seconds since the first call, plus one (0 means never looked).
+    let now = BASE.get_or_init(Instant::now).elapsed().as_secs() + 1;
+    let last = LAST_LOOK.load(Ordering::Relaxed);
+    last != now
+        && LAST_LOOK
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
 
 /// A slow connect() while TIME_WAIT fills the port range: time the next dials on the CPU
 /// (unless a recent suspicion found nothing).
