@@ -22,6 +22,7 @@ mod report;
 mod server;
 mod shorts;
 mod sys;
+mod time_wait;
 mod topology;
 
 use std::{
@@ -70,6 +71,17 @@ pub struct Args {
     /// in the figures.
     #[arg(long, value_name = "DIR")]
     pub perf: Option<PathBuf>,
+    /// Instead of the figures: sustained short connections where the client closes first
+    /// (TIME_WAIT on the forwarder), spliced and HAProxy with `tcp_tw_reuse` 2 and 1; writes
+    /// its own section of the report. Not part of `--quick`.
+    #[arg(long)]
+    pub time_wait: bool,
+    /// With --time-wait: seconds per run.
+    #[arg(long, default_value_t = 60, requires = "time_wait")]
+    pub seconds: u64,
+    /// With --time-wait: connections per second asked for.
+    #[arg(long, default_value_t = 2000.0, requires = "time_wait")]
+    pub rate: f64,
     /// Internal: serve the echo protocol on [::]:PORT (run inside the namespace).
     #[arg(long, hide = true, value_name = "PORT")]
     pub serve: Option<u16>,
@@ -403,6 +415,21 @@ pub fn command(args: Args) -> Result<()> {
         .output
         .unwrap_or_else(|| workspace_root().join("docs").join("benchmarks.md"));
     let chart = output.with_extension("svg");
+    if args.time_wait {
+        sys::raise_nofile(1 << 20);
+        topology::catch_signals();
+        let params = time_wait::Params {
+            spliced,
+            dir: std::env::temp_dir().join(format!("spliced-bench-tw-{}", std::process::id())),
+            rate: args.rate,
+            dur: Duration::from_secs(args.seconds),
+        };
+        let result = time_wait::command(&params, &output);
+        if std::env::var_os("SPLICED_BENCH_KEEP").is_none() {
+            let _ = fs::remove_dir_all(&params.dir);
+        }
+        return result;
+    }
     let mut notes = Notes::default();
     let nofile = sys::raise_nofile(1 << 20);
     let mut plan = Plan::new(args.quick, nofile, &mut notes);
@@ -438,6 +465,7 @@ pub fn command(args: Args) -> Result<()> {
     let chart_name = chart.file_name().map_or("benchmarks.svg".into(), |n| {
         n.to_string_lossy().into_owned()
     });
+    let kept = fs::read_to_string(&output).unwrap_or_default();
     let md = document(
         &plan,
         &table,
@@ -448,6 +476,11 @@ pub fn command(args: Args) -> Result<()> {
         &rows,
         &notes.lines(),
     );
+    // The --time-wait case's section stays until that case runs again.
+    let md = match time_wait::kept_section(&kept) {
+        Some(section) => time_wait::replace_section(&md, section),
+        None => md,
+    };
     let subtitle = format!(
         "{date}; {machine}; medians of {} rounds{}",
         plan.rounds,
