@@ -437,7 +437,10 @@ pub fn command(args: Args) -> Result<()> {
         plan.perf = Some(Perf::new(dir)?);
         notes.push(format!(
             "Profiled with `--perf {}`: perf's sampling ran during every case of each \
-             contender's first round and is in that round's figures.",
+             contender's first round and is in that round's figures. Without a hardware PMU \
+             (as on this virtual machine) perf samples on `cpu-clock`, a timer: time spent \
+             with interrupts off is charged to where they come back on \
+             (`_raw_spin_unlock_irqrestore`, `handle_softirqs`), not to the work done then.",
             dir.display()
         ));
     }

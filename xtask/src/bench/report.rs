@@ -306,8 +306,9 @@ fn parse_number(s: &str, signed: bool) -> Result<f64> {
     Ok(v)
 }
 
-const COLORS: [&str; 7] = [
-    "#7f7f7f", "#1f77b4", "#2ca02c", "#17becf", "#ff7f0e", "#d62728", "#9467bd",
+const COLORS: [&str; 10] = [
+    "#7f7f7f", "#1f77b4", "#aec7e8", "#2ca02c", "#17becf", "#98df8a", "#8c564b", "#ff7f0e",
+    "#d62728", "#9467bd",
 ];
 
 fn esc(s: &str) -> String {
