@@ -323,12 +323,12 @@ impl Plan {
             rr_max: 1_000_000,
             short: Amount {
                 workers: 4,
-                dur: Duration::from_millis(if quick { 400 } else { 2000 }),
-                max: if quick { 4000 } else { 20_000 },
+                dur: Duration::from_millis(if quick { 300 } else { 2000 }),
+                max: if quick { 3000 } else { 20_000 },
             },
             client_closes: Amount {
                 workers: 4,
-                dur: Duration::from_millis(if quick { 300 } else { 2000 }),
+                dur: Duration::from_millis(if quick { 250 } else { 2000 }),
                 max: if quick { 1500 } else { 6000 },
             },
             levels,
