@@ -35,7 +35,9 @@ fn check(path: &Path) -> ExitCode {
         Ok(c) => {
             println!("{}: ok, {} route(s)", path.display(), c.routes.len());
             if !c.xdp.is_empty() {
-                println!("xdp: the XDP front on {}", c.xdp.join(", "));
+                let generic = c.xdp_mode == spliced::xdp::config::XdpModeChoice::Generic;
+                let mode = if generic { " in generic mode" } else { "" };
+                println!("xdp: the XDP front on {}{mode}", c.xdp.join(", "));
             }
             for route in &c.routes {
                 for rule in route.rules.describe() {

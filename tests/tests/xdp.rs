@@ -268,6 +268,51 @@ fn reload_adds_and_removes_the_interface() {
     assert!(!xdp_on(&net), "detached on exit");
 }
 
+/// `xdp_mode = "generic"` attaches in generic mode where the driver has native XDP (a veth);
+/// a reload that drops it re-attaches in native mode, and the rules hold in both.
+#[test]
+fn xdp_mode_generic_and_back_at_reload() {
+    if !can_run() {
+        return;
+    }
+    let net = Net::new();
+    let dir = TempDir::new();
+    let up = upstream(Some(&net.server));
+    let route = route_toml("[::]:0", up, &format!("deny = [\"{DENIED4}/32\"]\n"));
+    let body = format!("xdp = [\"vs\"]\n{route}");
+    let config = write_config(&dir, &format!("xdp_mode = \"generic\"\n{body}"));
+    let spliced = start(&net, &config);
+    spliced.wait_log("XDP front attached to vs in generic mode", 1, WAIT);
+    let link = || sh(&["ip", "-n", &net.server, "link", "show", "vs"]);
+    assert!(link().contains("xdpgeneric"), "{}", link());
+    assert!(
+        status(&dir.socket()).contains("XDP front on vs (generic)"),
+        "{}",
+        status(&dir.socket())
+    );
+    let port = spliced.listening[0].port();
+    let denied = |net: &Net| {
+        let dest = SocketAddr::new(S4.parse().unwrap(), port);
+        Net::run_in(&net.client, move || {
+            connect_from(DENIED4, dest, Duration::from_millis(1500)).map(drop)
+        })
+    };
+    let e = denied(&net).expect_err("denied in generic mode");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "no SYN-ACK: {e}");
+    write_config(&dir, &body);
+    // SAFETY: kill on our own child.
+    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
+    spliced.wait_log("XDP front attached to vs in native mode", 1, WAIT);
+    assert!(
+        link().contains(" xdp ") || link().contains("prog/xdp"),
+        "{}",
+        link()
+    );
+    assert!(!link().contains("xdpgeneric"), "{}", link());
+    let e = denied(&net).expect_err("denied in native mode");
+    assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "no SYN-ACK: {e}");
+}
+
 /// A second spliced on the same interface stops with an error naming the program there.
 #[test]
 fn occupied_interface_stops_the_daemon() {
@@ -297,7 +342,8 @@ fn check_lists_rules_and_reports_bad_prefixes() {
     let dir = TempDir::new();
     let config = write_config(
         &dir,
-        "[[route]]\nname = \"admin\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+        "xdp = [\"lo\"]\nxdp_mode = \"generic\"\n\
+         [[route]]\nname = \"admin\"\nlisten = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
          allow = [\"198.51.100.0/24\", \"2001:db8:1::/48\"]\ndeny = [\"198.51.100.66/32\"]\n\
          syn_rate = 20\n",
     );
@@ -312,6 +358,7 @@ fn check_lists_rules_and_reports_bad_prefixes() {
         String::from_utf8_lossy(&out.stderr)
     );
     for want in [
+        "xdp: the XDP front on lo in generic mode",
         "route admin: deny 198.51.100.66/32",
         "route admin: allow only 198.51.100.0/24, 2001:db8:1::/48",
         "route admin: syn_rate 20/s per source (IPv4 /32, IPv6 /64), bursts up to 40",

@@ -12,7 +12,7 @@ use crate::{
     xdp::{self, config::ListError},
 };
 
-pub(super) const TOP_KEYS: [&str; 11] = [
+pub(super) const TOP_KEYS: [&str; 12] = [
     "mode",
     "grace_period",
     "send_buffer",
@@ -23,6 +23,7 @@ pub(super) const TOP_KEYS: [&str; 11] = [
     "metrics",
     "user",
     "xdp",
+    "xdp_mode",
     "route",
 ];
 const ROUTE_KEYS: [&str; 18] = [
@@ -109,6 +110,7 @@ fn top_key(entry: &Entry, config: &mut Config, defaults: &mut Defaults) -> Resul
         "max_buffered" => defaults.max_buffered = value::max_buffered(item)?,
         "max_buffered_total" => config.max_buffered_total = value::max_buffered_total(item)?,
         "control_socket" => config.control_socket = value::control_socket(item)?,
+        "xdp_mode" => config.xdp_mode = value::xdp_mode(item)?,
         "metrics" => config.metrics = Some(value::metrics(item)?),
         "user" => config.user = Some(value::user(item)?),
         key => return Err(unknown_key(key, &TOP_KEYS, "top-level")),

@@ -14,6 +14,7 @@
 //! metrics = "127.0.0.1:9180"  # Prometheus text on http://ADDR/metrics; off when absent
 //! user = "spliced"         # after start-up, run as this user (see crate::privdrop)
 //! xdp = ["eth0"]           # interfaces where the XDP front enforces the routes' rules
+//! xdp_mode = "auto"        # or "generic": generic XDP everywhere (for a veth; docs/xdp.md)
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
@@ -201,6 +202,8 @@ pub struct Config {
     pub user: Option<String>,
     /// `xdp`: interfaces where the XDP front enforces the routes' rules; empty: none.
     pub xdp: Vec<String>,
+    /// `xdp_mode`: native where the driver has it (`auto`), or generic everywhere.
+    pub xdp_mode: crate::xdp::config::XdpModeChoice,
 }
 
 /// One configuration problem: where it is, which key, what is wrong and how to fix it.
@@ -388,6 +391,7 @@ impl Config {
             metrics: None,
             user: None,
             xdp: Vec::new(),
+            xdp_mode: crate::xdp::config::XdpModeChoice::Auto,
         }
     }
 

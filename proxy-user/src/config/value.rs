@@ -10,7 +10,10 @@ use super::{
     Mode, DEFAULT_CONTROL_SOCKET, MAX_CONNECTIONS, MAX_CONNECT_TIMEOUT, MAX_IDLE_TIMEOUT,
     MAX_MAX_BUFFERED, MAX_MAX_BUFFERED_TOTAL, MAX_SEND_BUFFER, MIN_MAX_BUFFERED,
 };
-use crate::addr::{self, Endpoint};
+use crate::{
+    addr::{self, Endpoint},
+    xdp::config::XdpModeChoice,
+};
 
 use crate::problem::problem;
 pub use crate::problem::Problem;
@@ -63,6 +66,21 @@ pub(super) fn mode(value: &Item) -> Result<Mode, Problem> {
         .into_iter()
         .find(|m| m.as_str() == s)
         .ok_or_else(|| problem!("{s:?} is not a mode; use one of {valid}"))
+}
+
+/// `xdp_mode = "auto" | "generic"`.
+pub(super) fn xdp_mode(value: &Item) -> Result<XdpModeChoice, Problem> {
+    let s = expect_str(value, "xdp_mode = \"generic\"")?;
+    XdpModeChoice::ALL
+        .into_iter()
+        .find(|m| m.as_str() == s)
+        .ok_or_else(|| {
+            problem!(
+                "{s:?} is not an XDP mode; use \"auto\" (native where the driver has it, else \
+                 generic) or \"generic\" (generic everywhere: for a veth, whose peer loses its \
+                 segmentation offload under native XDP)"
+            )
+        })
 }
 
 pub(super) fn route_name(value: &Item) -> Result<String, Problem> {

@@ -123,7 +123,12 @@ impl Daemon {
         let sockmap = data_path(&config).await?.map(Arc::new);
         // Attached (or refused) before anything is bound; the rules follow once the listeners'
         // addresses are known.
-        let filters = Arc::new(Filters::start(XDP_OBJECT, &config.xdp, &[])?);
+        let filters = Arc::new(Filters::start(
+            XDP_OBJECT,
+            &config.xdp,
+            config.xdp_mode,
+            &[],
+        )?);
         let shared = Arc::new(Shared {
             registry: Arc::new(Registry::new(sockmap.clone()).with_filters(filters.clone())),
             filters,
@@ -153,6 +158,7 @@ impl Daemon {
         daemon.shared.filters.apply(
             XDP_OBJECT,
             &config.xdp,
+            config.xdp_mode,
             &route_rules(&config.routes, &addrs),
         )?;
         daemon.start_services(&config).await?;

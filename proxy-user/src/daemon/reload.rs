@@ -103,7 +103,11 @@ impl Daemon {
             // The rules, before any listener changes: on a failure nothing else does.
             let addrs = self.bound_addrs(&plan, &fresh);
             let rules = super::route_rules(&config.routes, &addrs);
-            if let Err(e) = self.shared.filters.apply(XDP_OBJECT, &config.xdp, &rules) {
+            if let Err(e) =
+                self.shared
+                    .filters
+                    .apply(XDP_OBJECT, &config.xdp, config.xdp_mode, &rules)
+            {
                 errors.push(e.into());
             }
         }

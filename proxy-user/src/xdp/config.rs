@@ -62,6 +62,28 @@ pub fn parse_interfaces(names: &[&str]) -> Result<Vec<String>, ListError> {
     Ok(names.iter().map(|n| n.to_string()).collect())
 }
 
+/// `xdp_mode`: how the front attaches to the interfaces in `xdp`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum XdpModeChoice {
+    /// Native mode where the driver has it, else generic (the default).
+    #[default]
+    Auto,
+    /// Generic mode everywhere. For a veth: native XDP on it turns off segmentation offload on
+    /// its peer, which makes transfers into it several times slower (docs/xdp.md, "Cost").
+    Generic,
+}
+
+impl XdpModeChoice {
+    pub const ALL: [XdpModeChoice; 2] = [XdpModeChoice::Auto, XdpModeChoice::Generic];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpModeChoice::Auto => "auto",
+            XdpModeChoice::Generic => "generic",
+        }
+    }
+}
+
 /// `allow` (`key == "allow"`) or `deny`: a list of prefixes. An empty `allow` would refuse
 /// every source, so it is an error; an empty `deny` denies nothing.
 pub fn parse_prefixes(texts: &[&str], key: &str) -> Result<Vec<Prefix>, ListError> {

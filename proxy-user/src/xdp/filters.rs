@@ -9,6 +9,7 @@ use std::{
 };
 
 use super::{
+    config::XdpModeChoice,
     front::{AttachMode, XdpError, XdpFront},
     guard::{AcceptGuard, LogLimiter},
     rules::{Reason, RouteRules, SourceRules},
@@ -49,33 +50,43 @@ impl Filters {
     pub fn start(
         object: &[u8],
         interfaces: &[String],
+        mode: XdpModeChoice,
         routes: &[RouteRules],
     ) -> Result<Filters, XdpError> {
         let filters = Filters {
             front: Mutex::new(None),
             routes: Mutex::new(BTreeMap::new()),
         };
-        filters.apply(object, interfaces, routes)?;
+        filters.apply(object, interfaces, mode, routes)?;
         Ok(filters)
     }
 
     /// Makes the rules, guards and interfaces those of the new configuration. The XDP maps are
     /// updated in place; on an error the front keeps what it had (the caller keeps the old
     /// configuration running).
+    /// A changed `mode` detaches and re-attaches every interface: a moment without the front
+    /// on them, while the accept check keeps enforcing the rules.
     pub fn apply(
         &self,
         object: &[u8],
         interfaces: &[String],
+        mode: XdpModeChoice,
         routes: &[RouteRules],
     ) -> Result<(), XdpError> {
+        let generic = mode == XdpModeChoice::Generic;
         {
             let mut front = self.front.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(f) = front.as_mut() {
+                if f.generic_only() != generic {
+                    f.set_interfaces(&[])?;
+                    f.set_generic_only(generic);
+                }
                 f.set_interfaces(interfaces)?;
                 f.set_routes(routes)?;
             } else if !interfaces.is_empty() {
                 // Kept only once attached everywhere: a failure drops it, which detaches.
                 let mut f = XdpFront::load(object)?;
+                f.set_generic_only(generic);
                 f.set_routes(routes)?;
                 f.set_interfaces(interfaces)?;
                 *front = Some(f);

@@ -239,6 +239,11 @@ impl XdpFront {
         self.kind
     }
 
+    /// Whether interfaces are attached in generic mode whatever the driver has.
+    pub fn generic_only(&self) -> bool {
+        self.generic_only
+    }
+
     fn program(&mut self) -> Result<&mut Xdp, XdpError> {
         program_of(&mut self.ebpf, self.kind)
     }

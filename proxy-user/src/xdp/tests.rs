@@ -287,6 +287,40 @@ fn config_values() {
 }
 
 #[test]
+fn xdp_mode_key() {
+    use super::config::XdpModeChoice;
+    let load = |top: &str| {
+        crate::config::Config::from_toml(
+            std::path::Path::new("spliced.toml"),
+            &format!(
+                "{top}\n[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:8080\"\n\
+                 upstream = \"10.0.0.2:80\"\n"
+            ),
+        )
+        .map_err(|e| e.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+    };
+    assert_eq!(load("").unwrap().xdp_mode, XdpModeChoice::Auto);
+    assert_eq!(
+        load("xdp_mode = \"generic\"").unwrap().xdp_mode,
+        XdpModeChoice::Generic
+    );
+    assert_eq!(
+        load("xdp_mode = \"auto\"").unwrap().xdp_mode,
+        XdpModeChoice::Auto
+    );
+    let e = load("xdp_mode = \"native\"").unwrap_err();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with(
+            "spliced.toml:1:12: xdp_mode: \"native\" is not an XDP mode; use \"auto\""
+        ),
+        "{e:?}"
+    );
+    let e = load("xdp_mode = 1").unwrap_err();
+    assert!(e[0].contains("write e.g. xdp_mode = \"generic\""), "{e:?}");
+}
+
+#[test]
 fn filters_without_xdp_check_at_accept_and_keep_counters_across_reloads() {
     let routes = |deny: &str| {
         vec![route(
@@ -298,19 +332,37 @@ fn filters_without_xdp_check_at_accept_and_keep_counters_across_reloads() {
             },
         )]
     };
-    let filters = Filters::start(&[], &[], &routes("198.51.100.66/32")).unwrap();
+    let filters = Filters::start(
+        &[],
+        &[],
+        config::XdpModeChoice::Auto,
+        &routes("198.51.100.66/32"),
+    )
+    .unwrap();
     assert!(filters.interfaces().is_empty());
     assert_eq!(filters.check("a", ip("198.51.100.66")), Err(Reason::Acl));
     assert_eq!(filters.check("a", ip("198.51.100.7")), Ok(()));
     assert_eq!(filters.check("unknown", ip("198.51.100.66")), Ok(()));
-    filters.apply(&[], &[], &routes("198.51.100.7/32")).unwrap();
+    filters
+        .apply(
+            &[],
+            &[],
+            config::XdpModeChoice::Auto,
+            &routes("198.51.100.7/32"),
+        )
+        .unwrap();
     assert_eq!(filters.check("a", ip("198.51.100.66")), Ok(()));
     assert_eq!(filters.check("a", ip("198.51.100.7")), Err(Reason::Acl));
     let r = filters.refusals("a", Reason::Acl);
     assert_eq!((r.xdp, r.accept), (0, 2));
-    filters.apply(&[], &[], &[]).unwrap();
+    filters
+        .apply(&[], &[], config::XdpModeChoice::Auto, &[])
+        .unwrap();
     assert_eq!(filters.refusals("a", Reason::Acl), Refusals::default());
     // Interfaces without an object: a clear error, nothing changed.
-    let e = filters.apply(&[], &["lo".into()], &[]).err().unwrap();
+    let e = filters
+        .apply(&[], &["lo".into()], config::XdpModeChoice::Auto, &[])
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("without its XDP object"), "{e}");
 }
