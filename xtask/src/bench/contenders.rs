@@ -1,6 +1,10 @@
 //! The contenders and how each is started in front of an upstream port in the namespace.
 //! Every forwarder listens on a fresh port of 127.0.0.1 and dials fe80::2 through the host side
-//! of the veth pair; `direct` has no forwarder, the client dials [fe80::2%IF] itself.
+//! of the veth pair; `direct` has no forwarder, the client dials [fe80::2%IF] itself. The two
+//! `… in the namespace` rows are the XDP front where it belongs, on the interface the clients
+//! arrive on: spliced runs in the upstream's namespace, clients dial [fe80::2%IF]:PORT across
+//! the veth, spliced dials [::1]:PORT; one with the front on the veth's namespace end, one
+//! without, so that their ratio is the front's cost within one run.
 use std::{
     fs,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener},
@@ -24,7 +28,10 @@ pub enum Contender {
     Auto,
     /// `auto` on a route that routes by TLS server name: its clients send a ClientHello first.
     AutoSni,
-    /// `auto` with the XDP front on the veth and rules that pass everything: its cost.
+    /// `auto` run in the namespace, the clients across the veth: the baseline of `AutoXdp`.
+    AutoNs,
+    /// As `AutoNs`, with the XDP front on the veth's namespace end (where the clients'
+    /// packets arrive) and rules that pass everything: its cost.
     AutoXdp,
     Sockmap,
     Splice,
@@ -35,10 +42,11 @@ pub enum Contender {
 }
 
 impl Contender {
-    pub const ALL: [Contender; 10] = [
+    pub const ALL: [Contender; 11] = [
         Contender::Direct,
         Contender::Auto,
         Contender::AutoSni,
+        Contender::AutoNs,
         Contender::AutoXdp,
         Contender::Sockmap,
         Contender::Splice,
@@ -54,7 +62,8 @@ impl Contender {
             Contender::Direct => "direct",
             Contender::Auto => "spliced auto",
             Contender::AutoSni => "spliced auto (SNI route)",
-            Contender::AutoXdp => "spliced auto + XDP",
+            Contender::AutoNs => "spliced auto in the namespace",
+            Contender::AutoXdp => "spliced auto + XDP in the namespace",
             Contender::Sockmap => "spliced sockmap",
             Contender::Splice => "spliced splice",
             Contender::Copy => "spliced copy",
@@ -70,6 +79,7 @@ impl Contender {
             Contender::Direct => "direct",
             Contender::Auto => "auto",
             Contender::AutoSni => "auto-sni",
+            Contender::AutoNs => "auto-ns",
             Contender::AutoXdp => "auto-xdp",
             Contender::Sockmap => "sockmap",
             Contender::Splice => "splice",
@@ -167,10 +177,19 @@ pub fn describe(c: Contender, form: ProxydForm) -> String {
             sni = hello::SNI,
             len = hello::client_hello().len()
         ),
-        Contender::AutoXdp => "as `spliced auto`, plus `xdp = [\"IF\"]` (the XDP front on the \
-             host side of the veth, where the upstream's packets arrive: each is parsed and looked \
-             up) and, on the route, `allow = [\"0.0.0.0/0\", \"::/0\"]`, `syn_rate = 1000000` \
-             (rules that pass everything, checked at accept too)"
+        Contender::AutoNs => "as `spliced auto`, but spliced runs in the upstream's namespace \
+             (`ip netns exec`): `listen = \"[::]:PORT\"`, `upstream = \"[::1]:PORT\"`; the client \
+             on the host dials `[fe80::2%IF]:PORT` across the veth. The same topology as the \
+             next row, without the XDP front"
+            .into(),
+        Contender::AutoXdp => "as `spliced auto in the namespace`, plus `xdp = [\"IFp\"]` and \
+             `xdp_mode = \"generic\"`: the XDP front on the namespace's end of the veth, the \
+             interface the clients' packets arrive on (each is parsed and looked up; multi-buffer \
+             program where the kernel has it; generic mode, which docs/xdp.md advises for a veth: \
+             native XDP on a veth turns off its peer's segmentation offload), and, on the route, \
+             `allow = [\"0.0.0.0/0\", \"::/0\"]`, `syn_rate = 1000000` (rules that pass \
+             everything, checked at accept too). Its ratio to the row above is the cost of the \
+             front (see the notes)"
             .into(),
         Contender::Socat => "`socat TCP-LISTEN:PORT,bind=127.0.0.1,fork,reuseaddr,backlog=4096 \
              TCP6:[fe80::2%IF]:PORT` (bind and backlog added: loopback only, and socat's default \
@@ -213,38 +232,18 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         Contender::Direct => unreachable!(),
         Contender::Auto
         | Contender::AutoSni
+        | Contender::AutoNs
         | Contender::AutoXdp
         | Contender::Sockmap
         | Contender::Splice
         | Contender::Copy => {
             let config = dir.join(format!("{}-{tag}.toml", c.slug()));
-            let upstream = format!("upstream = \"[fe80::2%{iface}]:{up}\"\n");
-            let (mode, xdp, rules) = match c {
-                Contender::AutoXdp => (
-                    "auto",
-                    format!("xdp = [\"{iface}\"]\n"),
-                    "allow = [\"0.0.0.0/0\", \"::/0\"]\nsyn_rate = 1000000\n",
-                ),
-                Contender::AutoSni => ("auto", String::new(), ""),
-                _ => (c.slug(), String::new(), ""),
-            };
-            let routing = if c == Contender::AutoSni {
-                format!(
-                    "\n[[route.match]]\nsni = [\"{}\"]\n{upstream}\n\
-                     [[route.match]]\nprotocol = \"other\"\n{upstream}",
-                    hello::SNI
-                )
+            fs::write(&config, spliced_config(c, env, port, up))?;
+            let mut cmd = if in_ns(c) {
+                env.guard.exec_in_ns(env.spliced)
             } else {
-                upstream
+                Command::new(env.spliced)
             };
-            fs::write(
-                &config,
-                format!(
-                    "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n{xdp}\n\
-                     [[route]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n{rules}{routing}",
-                ),
-            )?;
-            let mut cmd = Command::new(env.spliced);
             cmd.arg("--config").arg(&config).env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -294,8 +293,13 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         .stdout(file.try_clone()?)
         .stderr(file);
     let proc = Proc::spawn(c.name(), &mut cmd)?;
+    let (addr, ns_pid) = if in_ns(c) {
+        (env.upstream_addr(port), Some(proc.pid()))
+    } else {
+        (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), None)
+    };
     let mut inst = Instance {
-        addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        addr,
         proc: Some(proc),
         log: Some(log),
         hello: if c == Contender::AutoSni {
@@ -305,12 +309,12 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         },
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !listening(None, port) {
+    while !listening(ns_pid, port) {
         check_stop()?;
         inst.check_alive()?;
         if Instant::now() > deadline {
             bail!(
-                "{} does not listen on 127.0.0.1:{port} after 10 s; {}",
+                "{} does not listen on {addr} after 10 s; {}",
                 c.name(),
                 log_tail(inst.log.as_deref())
             );
@@ -318,6 +322,48 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(inst)
+}
+
+/// Whether `c` runs in the upstream's namespace (`ip netns exec`, which execs it: its pid is
+/// spliced's).
+fn in_ns(c: Contender) -> bool {
+    matches!(c, Contender::AutoNs | Contender::AutoXdp)
+}
+
+/// spliced's configuration for contender `c`, listening on `port`, upstream port `up`.
+fn spliced_config(c: Contender, env: &Env, port: u16, up: u16) -> String {
+    let iface = &env.guard.host_if;
+    let (listen, upstream) = if in_ns(c) {
+        (format!("[::]:{port}"), format!("[::1]:{up}"))
+    } else {
+        (
+            format!("127.0.0.1:{port}"),
+            format!("[fe80::2%{iface}]:{up}"),
+        )
+    };
+    let upstream = format!("upstream = \"{upstream}\"\n");
+    let (mode, xdp, rules) = match c {
+        Contender::AutoXdp => (
+            "auto",
+            format!("xdp = [\"{}\"]\nxdp_mode = \"generic\"\n", env.guard.ns_if),
+            "allow = [\"0.0.0.0/0\", \"::/0\"]\nsyn_rate = 1000000\n",
+        ),
+        Contender::AutoSni | Contender::AutoNs => ("auto", String::new(), ""),
+        _ => (c.slug(), String::new(), ""),
+    };
+    let routing = if c == Contender::AutoSni {
+        format!(
+            "\n[[route.match]]\nsni = [\"{}\"]\n{upstream}\n\
+             [[route.match]]\nprotocol = \"other\"\n{upstream}",
+            hello::SNI
+        )
+    } else {
+        upstream
+    };
+    format!(
+        "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n{xdp}\n\
+         [[route]]\nname = \"bench\"\nlisten = \"{listen}\"\n{rules}{routing}",
+    )
 }
 
 /// Whether a socket listens on `port` in the network namespace of `pid` (this one if none),

@@ -16,6 +16,7 @@ mod bulk;
 mod client;
 mod contenders;
 mod cpu;
+mod front_cost;
 mod hello;
 mod perf;
 mod report;
@@ -172,6 +173,7 @@ impl Notes {
             c,
             Contender::Auto
                 | Contender::AutoSni
+                | Contender::AutoNs
                 | Contender::AutoXdp
                 | Contender::Sockmap
                 | Contender::Splice
@@ -460,6 +462,9 @@ pub fn command(args: Args) -> Result<()> {
     ));
     let cells = report::cells(&figures, &rows);
     if let Some(line) = sni_note(&figures, &rows, &cells) {
+        notes.push(line);
+    }
+    if let Some(line) = front_cost::note(&figures, &rows, &cells) {
         notes.push(line);
     }
     let table = report::table(&figures, &rows, &cells);
@@ -1064,7 +1069,10 @@ fn document(
         "**Topology:** client on the host → forwarder listening on 127.0.0.1 → veth pair → \
          upstream at fe80::2 (link-local, `nodad`) in a network namespace. `direct` is the \
          client dialing `[fe80::2%IF]` itself, without a forwarder: the baseline of every \
-         ratio.\n"
+         ratio. The two `… in the namespace` rows run spliced in the upstream's namespace \
+         instead (client on the host → veth → spliced → loopback → upstream), one with the XDP \
+         front on the veth's namespace end, where the clients' packets arrive, one without: \
+         their ratio, in the notes, is the front's cost.\n"
     );
     let _ = writeln!(md, "![Each figure as a ratio to direct]({chart})\n");
     md.push_str(table);
