@@ -244,7 +244,8 @@ fn xtask_bounded(args: &[&str], more: &[String], limit: Duration) -> Result<()> 
     run_bounded(Command::new(exe).args(args).args(more), limit)
 }
 
-/// How long the quick bench may take (it takes about 100 s).
+/// How long the quick bench may take (its rounds took 136 s with the load average at 8 on 2
+/// cores, ten contenders; the release build is made before this step).
 const BENCH_LIMIT: Duration = Duration::from_secs(170);
 
 /// Runs `cmd` with inherited stdio; past `limit` sends it SIGTERM (the bench then cleans up),

@@ -8,7 +8,10 @@
 //! window counts whole; one that exited in it counts through its parent's cutime+cstime, which
 //! holds the child's whole life, less what the child had at the first snapshot. Lost: the
 //! in-window CPU of kernel threads that exit in the window (a retiring kworker; nobody reaps
-//! them with accounting), and of processes whose parent does not wait for them.
+//! them with accounting), of processes whose parent does not wait for them, and softirq work
+//! done on an idle CPU (charged to the idle task, pid 0, which /proc does not list). Where the
+//! kernel has `CONFIG_IRQ_TIME_ACCOUNTING`, irq and softirq time is in no task's time at all
+//! ([`irq_time_note`] says so in the report).
 use std::{collections::HashMap, fs};
 
 use super::sys::clk_tck;
@@ -89,6 +92,25 @@ impl Snapshot {
         }
         ticks.max(0) as f64 / clk_tck()
     }
+}
+
+/// A remark for the report when this kernel keeps irq and softirq time out of the tasks' times
+/// (`CONFIG_IRQ_TIME_ACCOUNTING=y` in `/proc/config.gz`); `None` when it does not or is unknown.
+pub fn irq_time_note() -> Option<String> {
+    let out = std::process::Command::new("zcat")
+        .arg("/proc/config.gz")
+        .output()
+        .ok()?;
+    let config = String::from_utf8_lossy(&out.stdout);
+    config
+        .lines()
+        .any(|l| l == "CONFIG_IRQ_TIME_ACCOUNTING=y")
+        .then(|| {
+            "This kernel has CONFIG_IRQ_TIME_ACCOUNTING=y: time in hard and soft interrupts \
+             (much of TCP, veth and the sockmap verdict) is charged to no task, so the all \
+             tasks CPU figures leave it out; ksoftirqd's share is still in."
+                .to_string()
+        })
 }
 
 #[cfg(test)]

@@ -433,6 +433,7 @@ pub fn command(args: Args) -> Result<()> {
         return result;
     }
     let mut notes = Notes::default();
+    notes.lines.extend(cpu::irq_time_note());
     let nofile = sys::raise_nofile(1 << 20);
     let mut plan = Plan::new(args.quick, nofile, &mut notes);
     if let Some(dir) = &args.perf {
@@ -1135,10 +1136,12 @@ fn document(
          (the children it reaped), the growth from just before iperf3 starts to 0.1 s after it \
          ends; a process born in the window counts whole, one that exited counts through its \
          parent's cutime+cstime, less what it had at the start. Lost: the in-window CPU of \
-         kernel threads that exited in the window (a retiring kworker) and of processes no \
-         parent waits for. Not `/proc/stat` busy time, which is unreliable on these virtual \
-         machines. Resolution: one clock tick (10 ms) per process; other work on the machine \
-         is counted too (the medians damp it)."
+         kernel threads that exited in the window (a retiring kworker), of processes no \
+         parent waits for, and softirq work done on an idle CPU (charged to the idle task, \
+         pid 0, which /proc does not list; on a busy machine CPUs are seldom idle). Not \
+         `/proc/stat` busy time, which is unreliable on these virtual machines. Resolution: \
+         one clock tick (10 ms) per process; other work on the machine (other users' builds \
+         and tests) is counted too, which the medians damp but do not remove."
             .into(),
         "**all tasks CPU µs per conn**: the same count over the short-connection run (the \
          upstream closes first), per connection: client, forwarder, upstream and kernel."
