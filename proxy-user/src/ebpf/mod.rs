@@ -98,6 +98,10 @@ pub enum InsertError {
     /// Any other map failure (map full, ...).
     #[error("sockmap insert failed: {0}")]
     Map(#[from] aya::maps::MapError),
+    /// The byte counters the FIN check starts from could not be read at a moment when no byte
+    /// arrived (a flood of small segments); nothing was inserted.
+    #[error("bytes kept arriving while the sockets' counters were read: {0}")]
+    Unsettled(std::io::Error),
 }
 
 struct Maps {

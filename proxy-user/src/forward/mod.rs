@@ -229,7 +229,6 @@ async fn kernel(
         upstream,
         cx.send_buffer,
         cx.budget,
-        before,
         cx.cancel,
     );
     match run.await {

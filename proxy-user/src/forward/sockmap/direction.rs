@@ -6,22 +6,42 @@ use proxy_common::SockLimit;
 
 use crate::{ebpf::Sockmap, sockopt};
 
-/// Bytes `src` has received (less its FIN) that are not yet in `dst`'s send queue: in flight
-/// through the verdict, waiting in `dst`'s psock backlog, or held on `src`.
-///
-/// Trap 6: shutting `dst` down, or removing it from the maps, while its backlog holds bytes
-/// drops them (a prototype lost 9.9 MB of 1 GiB). Every byte `src` received goes to `dst`, by the
-/// verdict or by the daemon, so `dst` has everything when
-/// `src.bytes_received - FIN == dst.bytes_acked - SYN(if dst called connect()) + SIOCOUTQ(dst)`.
-fn undelivered(
+/// What userspace moved before the sockets joined sockmap: the bytes it read from `src` (a
+/// front proxy's PROXY header, the routing peek, the copy path) and the bytes it wrote into
+/// `dst` (our PROXY header, the peeked bytes, the copy path). The two differ by the headers, so
+/// neither can stand for the other in the FIN check (trap 6): with a front proxy's header read
+/// and dropped, `src` always looked ahead by its length and the client's FIN never went out.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Before {
+    pub(super) consumed: u64,
+    pub(super) written: u64,
+}
+
+/// Looks at most this often for a moment when no byte arrives between two reads of `src`'s
+/// counters.
+const STABLE_TRIES: usize = 256;
+
+/// Measures [`Before`] for `src` -> `dst`, before the insert: nothing but userspace has moved a
+/// byte yet. `consumed` is `bytes_received - SIOCINQ` (less the FIN if it has arrived), read
+/// between two identical `bytes_received`, so that no byte arrived in between.
+pub(super) fn before_join(
     src: &TcpStream,
-    src_fin: bool,
     dst: &TcpStream,
     dst_connected: bool,
-) -> io::Result<u64> {
-    let s = sockopt::tcp_info(src)?;
-    let received = s.bytes_received - u64::from(src_fin && s.bytes_received > 0);
-    Ok(received.saturating_sub(written(dst, dst_connected)?))
+) -> io::Result<Before> {
+    let written = written(dst, dst_connected)?;
+    for _ in 0..STABLE_TRIES {
+        let received = sockopt::tcp_info(src)?.bytes_received;
+        let fin = super::poll_state(src.as_raw_fd())?.eof;
+        let queued = sockopt::inq(src)?;
+        if sockopt::tcp_info(src)?.bytes_received == received {
+            let consumed = received.saturating_sub(queued + u64::from(fin && received > 0));
+            return Ok(Before { consumed, written });
+        }
+    }
+    Err(io::Error::other(
+        "bytes kept arriving while the counters were read",
+    ))
 }
 
 /// Bytes that have entered `dst`'s send queue (acknowledged or still queued).
@@ -47,9 +67,8 @@ pub(super) struct Direction<'a> {
     pub(super) dst: &'a TcpStream,
     /// `dst` called connect(): its `bytes_acked` counts the SYN.
     pub(super) dst_connected: bool,
-    /// Bytes written into `dst` before the sockets joined sockmap (by the copy path, for a
-    /// promoted connection): not the verdict's, and not part of its counts.
-    pub(super) base: u64,
+    /// What userspace moved before the join: not the verdict's, and not part of its counts.
+    pub(super) before: Before,
     /// This direction's share of the global pool.
     pub(super) grant: u64,
     pub(super) generation: u64,
@@ -71,12 +90,12 @@ pub(super) struct Direction<'a> {
 }
 
 impl<'a> Direction<'a> {
-    /// A direction that starts with nothing held: `base` bytes were carried before the sockets
-    /// joined sockmap, `grant` is its share of the global pool.
+    /// A direction that starts with nothing held: `before` was moved before the sockets joined
+    /// sockmap, `grant` is its share of the global pool.
     pub(super) fn new(
         (src, src_cookie): (&'a TcpStream, u64),
         (dst, dst_connected): (&'a TcpStream, bool),
-        base: u64,
+        before: Before,
         grant: u64,
         active: bool,
     ) -> Self {
@@ -85,7 +104,7 @@ impl<'a> Direction<'a> {
             src_cookie,
             dst,
             dst_connected,
-            base,
+            before,
             grant,
             generation: 1,
             active,
@@ -103,7 +122,22 @@ impl Direction<'_> {
     /// Bytes that entered `dst`'s send queue since the sockets joined sockmap, counted like
     /// the verdict's `bytes` plus the daemon's `consumed`.
     pub(super) fn written(&self) -> io::Result<u64> {
-        Ok(written(self.dst, self.dst_connected)?.saturating_sub(self.base))
+        Ok(written(self.dst, self.dst_connected)?.saturating_sub(self.before.written))
+    }
+
+    /// Bytes `src` has received since the join (less its FIN) that are not yet in `dst`'s send
+    /// queue: in flight through the verdict, waiting in `dst`'s psock backlog, or held on `src`.
+    ///
+    /// Trap 6: shutting `dst` down, or removing it from the maps, while its backlog holds bytes
+    /// drops them (a prototype lost 9.9 MB of 1 GiB). Every byte `src` receives goes to `dst`,
+    /// by the verdict or by the daemon, so `dst` has everything when, counted from the join,
+    /// `src.bytes_received - FIN == dst.bytes_acked - SYN(if dst called connect()) +
+    /// SIOCOUTQ(dst)`.
+    fn undelivered(&self, src_fin: bool) -> io::Result<u64> {
+        let s = sockopt::tcp_info(self.src)?;
+        let received = s.bytes_received - u64::from(src_fin && s.bytes_received > 0);
+        let received = received.saturating_sub(self.before.consumed);
+        Ok(received.saturating_sub(self.written()?))
     }
 
     /// Tells the verdict what the daemon has written and how far it may go: the peer's progress
@@ -199,7 +233,7 @@ impl Direction<'_> {
             }
         }
         if src_eof && self.pending_from == self.pending.len() {
-            let left = undelivered(self.src, true, self.dst, self.dst_connected)?;
+            let left = self.undelivered(true)?;
             if left == 0 {
                 sockopt::shutdown_write(self.dst)?;
                 self.done = true;

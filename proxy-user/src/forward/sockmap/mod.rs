@@ -96,7 +96,6 @@ pub async fn run(
     upstream: TcpStream,
     send_buffer: Option<usize>,
     budget: &Budget,
-    carried: (u64, u64),
     cancel: &CancellationToken,
 ) -> Result<Outcome, Declined> {
     if let Some(bytes) = send_buffer {
@@ -141,7 +140,7 @@ pub async fn run(
         upstream: &upstream,
         pair: &pair,
     };
-    let result = splice_pair(joined, (grants, carried), cancel).await;
+    let result = splice_pair(joined, grants, cancel).await;
     // The epoll registrations go before the sockets close: `EPOLL_CTL_DEL` names an fd number,
     // and once closed that number may already belong to another connection's new socket,
     // whose registration it would delete (its FIN would then never be reported).
@@ -165,7 +164,7 @@ struct Joined<'a> {
 
 async fn splice_pair(
     joined: Joined<'_>,
-    (grants, carried): ([u64; 2], (u64, u64)),
+    grants: [u64; 2],
     cancel: &CancellationToken,
 ) -> Result<Outcome, InsertError> {
     let Joined {
@@ -179,18 +178,23 @@ async fn splice_pair(
     // its one-byte recv return payload. The real limits follow right after.
     // An error here: nothing was ever active, the sockets are untouched, a userspace path
     // takes them.
+    // Measured before the insert, while only userspace has moved bytes.
+    let before = direction::before_join(client, upstream, true)
+        .and_then(|up| Ok((up, direction::before_join(upstream, client, false)?)));
+    // A failure leaves the sockets untouched, for a userspace path.
+    let (before_up, before_down) = before.map_err(InsertError::Unsettled)?;
     let activation = sockmap.insert(pair, None)?;
     let mut up = Direction::new(
         (client, pair.client_cookie),
         (upstream, true),
-        carried.0,
+        before_up,
         grants[0],
         true,
     );
     let mut down = Direction::new(
         (upstream, pair.upstream_cookie),
         (client, false),
-        carried.1,
+        before_down,
         grants[1],
         activation == Activation::Both,
     );

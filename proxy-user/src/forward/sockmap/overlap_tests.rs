@@ -184,7 +184,7 @@ async fn overlapping_retransmission(old: u64, new: u64, mss: Option<u32>) {
     let budget = budget(4 << 20);
     let proxy = {
         let sockmap = sockmap.clone();
-        async move { run(&sockmap, b, c, None, &budget, (0, 0), &cancel).await }
+        async move { run(&sockmap, b, c, None, &budget, &cancel).await }
     };
     let map = sockmap.clone();
     let ends = tokio::task::spawn_blocking(move || {

@@ -35,7 +35,7 @@ pub(super) fn sockets() -> (TcpStream, TcpStream, TcpStream, TcpStream) {
     let c = TcpStream::connect(addr).unwrap();
     let (d, _) = l.accept().unwrap();
     for s in [&a, &d] {
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     }
     b.set_nonblocking(true).unwrap();
     c.set_nonblocking(true).unwrap();
@@ -75,7 +75,7 @@ async fn half_close_both_ways_keeps_every_byte() {
     const N: u64 = 64 << 20;
     let cancel = CancellationToken::new();
     let budget = budget(4 << 20);
-    let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, (0, 0), &cancel).await };
+    let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
         let writer = std::thread::spawn(move || {
             send_pattern(&mut a, N);
@@ -118,7 +118,7 @@ async fn stalled_reader_stalls_the_sender() {
         pool: pool.clone(),
     };
     let cancel = CancellationToken::new();
-    let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, (0, 0), &cancel).await };
+    let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
         // The upstream reads nothing for 2 s while the client writes what it can.
         a.set_nonblocking(true).unwrap();
@@ -183,7 +183,7 @@ async fn fin_while_paused_loses_nothing() {
         .set_recv_buffer_size(32 << 20)
         .unwrap();
     let cancel = CancellationToken::new();
-    let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, (0, 0), &cancel).await };
+    let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
         let writer = std::thread::spawn(move || {
             send_pattern(&mut a, N);
@@ -212,4 +212,74 @@ async fn fin_while_paused_loses_nothing() {
     let outcome = outcome.ok().expect("sockmap declined an established pair");
     assert!(matches!(outcome.end, End::Complete), "{:?}", outcome.end);
     assert_eq!(outcome.up, N);
+}
+
+/// Bytes userspace read from the client and wrote to the upstream before the join, in unequal
+/// amounts (a front proxy's PROXY header read and dropped, our own written): the FIN must still
+/// follow the last byte, neither early (trap 6) nor never.
+async fn headers_before_the_join(front: usize, ours: usize) {
+    let Some(sockmap) = load() else { return };
+    let (mut a, mut b, mut c, mut d) = sockets();
+    const N: u64 = 8 << 20;
+    a.write_all(&vec![b'F'; front]).unwrap();
+    b.set_nonblocking(false).unwrap();
+    let mut header = vec![0u8; front];
+    b.read_exact(&mut header).unwrap();
+    b.set_nonblocking(true).unwrap();
+    c.set_nonblocking(false).unwrap();
+    c.write_all(&vec![b'P'; ours]).unwrap();
+    c.set_nonblocking(true).unwrap();
+    let cancel = CancellationToken::new();
+    let budget = budget(1 << 20);
+    let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
+    let ends = tokio::task::spawn_blocking(move || {
+        let writer = std::thread::spawn(move || {
+            send_pattern(&mut a, N);
+            let mut rest = Vec::new();
+            a.read_to_end(&mut rest).unwrap();
+            rest
+        });
+        let mut ours_got = vec![0u8; ours];
+        d.read_exact(&mut ours_got).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut i = 0u64;
+        loop {
+            let n = d
+                .read(&mut buf)
+                .expect("the client's FIN never reached the upstream");
+            if n == 0 {
+                break;
+            }
+            for &x in &buf[..n] {
+                assert_eq!(x, pattern(i), "byte {i} corrupted");
+                i += 1;
+            }
+        }
+        d.shutdown(Shutdown::Write).unwrap();
+        (i, writer.join().unwrap())
+    });
+    // A failed end stops the connection, which would otherwise wait for a FIN for ever.
+    let ends = async {
+        let r = ends.await;
+        if r.is_err() {
+            cancel.cancel();
+        }
+        r
+    };
+    let (outcome, ends) = tokio::join!(proxy, ends);
+    let (got, rest) = ends.unwrap();
+    assert_eq!(got, N, "upstream got {got} of {N} bytes");
+    assert!(rest.is_empty());
+    let outcome = outcome.ok().expect("sockmap declined an established pair");
+    assert!(matches!(outcome.end, End::Complete), "{:?}", outcome.end);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn front_header_read_before_the_join() {
+    headers_before_the_join(52, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_header_written_before_the_join() {
+    headers_before_the_join(0, 108).await;
 }
