@@ -308,9 +308,10 @@ fn parse_number(s: &str, signed: bool) -> Result<f64> {
     Ok(v)
 }
 
-const COLORS: [&str; 10] = [
+/// One colour per contender, in `Contender::ALL` order.
+const COLORS: [&str; 11] = [
     "#7f7f7f", "#1f77b4", "#aec7e8", "#2ca02c", "#17becf", "#98df8a", "#8c564b", "#ff7f0e",
-    "#d62728", "#9467bd",
+    "#d62728", "#9467bd", "#e377c2",
 ];
 
 fn esc(s: &str) -> String {
@@ -511,6 +512,10 @@ mod tests {
         let t = table(&f, &r, &c);
         assert!(t.contains("| direct | 15.0 (1.00×) | n/a |"), "{t}");
         assert_eq!(validate(&t).unwrap(), 3);
+        assert!(
+            COLORS.len() >= Contender::ALL.len(),
+            "a colour for every contender"
+        );
         let svg = svg(&f, &r, &c, "x");
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
     }
