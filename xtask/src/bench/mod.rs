@@ -1154,11 +1154,13 @@ fn document(
         ),
         "**kernel MiB @K idle**: growth of kernel memory from before the first idle \
              connection to K idle connections: `Slab` + `KernelStack` + `PageTables` of \
-             `/proc/meminfo` plus TCP's buffer pages (`/proc/net/sockstat` `mem`). It includes \
-             both ends of every connection (the client's and the upstream's sockets), so \
-             direct's figure is the floor. Other work on the machine and TIME_WAIT sockets of \
-             earlier runs expiring move it by a few MiB either way (it can come out below zero \
-             when the growth is small)."
+             `/proc/meminfo` plus TCP's buffer pages (`/proc/net/sockstat` `mem`), less the \
+             pages of the TIME_WAIT socket slabs (`tw_sock_TCP`, `tw_sock_TCPv6` in \
+             `/proc/slabinfo`), which the short-connection cases of earlier contenders leave \
+             and which expire 60 s later, during someone else's ramp. It includes both ends of \
+             every connection (the client's and the upstream's sockets), so direct's figure is \
+             the floor. Other work on the machine moves it by a few MiB either way (it can come \
+             out below zero when the growth is small)."
             .into(),
         format!(
             "**set-up µs @K live**: with K idle connections open through the contender, {} \
