@@ -245,8 +245,10 @@ fn xtask_bounded(args: &[&str], more: &[String], limit: Duration) -> Result<()> 
 }
 
 /// How long the quick bench may take (its rounds took 136 s with the load average at 8 on 2
-/// cores, ten contenders; the release build is made before this step).
-const BENCH_LIMIT: Duration = Duration::from_secs(170);
+/// cores, ten contenders, and 164 s at load 10 with eleven; the release build is made before
+/// this step). A bound against a hang, not a speed check: a shared machine's load must not
+/// fail the run.
+const BENCH_LIMIT: Duration = Duration::from_secs(300);
 
 /// Runs `cmd` with inherited stdio; past `limit` sends it SIGTERM (the bench then cleans up),
 /// and SIGKILL 20 s later.

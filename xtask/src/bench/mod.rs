@@ -62,6 +62,10 @@ pub struct Args {
     /// runs each way, 500 idle connections, well under a second per small-message case.
     #[arg(long)]
     pub quick: bool,
+    /// Rounds instead of the default (5, or 3 with --quick); every figure is the median over
+    /// them.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub rounds: Option<u16>,
     /// The markdown report (default docs/benchmarks.md); the chart goes beside it, same name
     /// with .svg.
     #[arg(long, value_name = "FILE")]
@@ -436,6 +440,9 @@ pub fn command(args: Args) -> Result<()> {
     notes.lines.extend(cpu::irq_time_note());
     let nofile = sys::raise_nofile(1 << 20);
     let mut plan = Plan::new(args.quick, nofile, &mut notes);
+    if let Some(n) = args.rounds {
+        plan.rounds = usize::from(n);
+    }
     if let Some(dir) = &args.perf {
         plan.perf = Some(Perf::new(dir)?);
         notes.push(format!(
