@@ -27,9 +27,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// A connect() system call that took longer than this is looked into (a plain one takes tens
-/// of microseconds; a full port search takes milliseconds).
-pub const SLOW_CONNECT: Duration = Duration::from_millis(1);
+/// A connect() system call that took longer than this on the wall clock is looked into (a
+/// plain one takes tens of microseconds, the handshake over veth or loopback included, which
+/// the kernel runs inline; a search of the default 28,232 ports took 0.8-1 ms here).
+pub const SLOW_CONNECT: Duration = Duration::from_micros(500);
+/// A connect() that spent this much of this thread's CPU time was the kernel's port search.
+pub const SEARCH_CPU: Duration = Duration::from_micros(250);
 
 /// Dials still to be timed on the thread's CPU clock too. Zero (no suspicion) costs two
 /// vDSO clock reads per dial; a suspicion adds two `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`

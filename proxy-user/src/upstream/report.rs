@@ -99,7 +99,7 @@ pub fn render_metrics(servers: &[ServerStatus], out: &mut String) {
         (
             "spliced_upstream_port_search_dials_total",
             "counter",
-            "Dials to the server that spent over 1 ms on the CPU in connect() finding a free \
+            "Dials to the server that spent over 250 us on the CPU in connect() finding a free \
              local port, or found none, while TIME_WAIT sockets filled the port range.",
             |s| s.port_search_dials,
         ),
