@@ -241,10 +241,10 @@ pub(super) async fn connect(
 
 /// A connect() slower than [`SLOW_CONNECT`]. Timed on the thread's CPU clock too (while
 /// [`ports`] suspects a port search), at least [`SEARCH_CPU`] there: the kernel searched,
-/// counted and warned about. Without the CPU time (the first such dial): the thread may only have waited
-/// for a CPU on a busy machine, so this dial is not counted; if TIME_WAIT fills the port range,
-/// the next 1,000 dials are timed on the CPU clock (and if none searched, no new suspicion
-/// starts for 100,000 dials).
+/// counted and warned about. Without the CPU time (the first such dial): the thread may only
+/// have waited for a CPU on a busy machine, so this dial is not counted; if TIME_WAIT fills the
+/// port range, the next 1,000 dials are timed on the CPU clock (and if none searched, no new
+/// suspicion starts for 10 s).
 fn slow_connect(server: &Server, syscall: Timed) {
     match syscall.cpu {
         Some(cpu) if cpu >= SEARCH_CPU => {

@@ -38,28 +38,37 @@ pub const SEARCH_CPU: Duration = Duration::from_micros(250);
 /// vDSO clock reads per dial; a suspicion adds two `clock_gettime(CLOCK_THREAD_CPUTIME_ID)`
 /// system calls to each of the next [`SUSPICION`] dials.
 static CPU_TIMED: AtomicU32 = AtomicU32::new(0);
-/// Dials during which no new suspicion starts, after one that found no search: the TIME_WAIT
-/// count also holds entries that take no local port (a listener's side, where spliced's
-/// clients close last), so on a busy machine suspicions could otherwise run all the time.
-static QUIET: AtomicU32 = AtomicU32::new(0);
+/// Until when (seconds on [`clock`]) no new suspicion starts, after one that found no search:
+/// the TIME_WAIT count also holds entries that take no local port (a listener's side, where
+/// spliced's clients close last), so on a busy machine suspicions could otherwise run all the
+/// time. A time, not a number of dials: a range that fills up slowly is looked at again soon.
+static QUIET_UNTIL: AtomicU64 = AtomicU64::new(0);
 /// How many dials one suspicion times on the CPU clock (a real port search makes most dials
 /// slow, so a few suffice).
 const SUSPICION: u32 = 1_000;
-/// How many dials a suspicion that found nothing keeps the next one off: at most 1% of dials
-/// are timed on the CPU clock. `EADDRNOTAVAIL` is counted whatever this says.
-const QUIET_DIALS: u32 = 100_000;
+/// How long a suspicion that found nothing keeps the next one off. `EADDRNOTAVAIL` is counted
+/// whatever this says.
+const QUIET_SECS: u64 = 10;
+
+/// Whole seconds since the first call, plus one (so 0 means "never").
+fn clock() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_secs() + 1
+}
+
+fn quiet(now: u64) -> bool {
+    now < QUIET_UNTIL.load(Ordering::Relaxed)
+}
 
 /// Whether a wall-slow dial should look at the port range now: not while a suspicion runs or
 /// keeps quiet, and at most once a second (on a busy machine many dials wait for a CPU; each
 /// look is three /proc files).
 pub fn may_suspect() -> bool {
-    static BASE: OnceLock<Instant> = OnceLock::new();
     static LAST_LOOK: AtomicU64 = AtomicU64::new(0);
-    if QUIET.load(Ordering::Relaxed) > 0 || CPU_TIMED.load(Ordering::Relaxed) > 0 {
+    let now = clock();
+    if CPU_TIMED.load(Ordering::Relaxed) > 0 || quiet(now) {
         return false;
     }
-    // Seconds since the first call, plus one (0 means never looked).
-    let now = BASE.get_or_init(Instant::now).elapsed().as_secs() + 1;
     let last = LAST_LOOK.load(Ordering::Relaxed);
     last != now
         && LAST_LOOK
@@ -70,7 +79,7 @@ pub fn may_suspect() -> bool {
 /// A slow connect() while TIME_WAIT fills the port range: time the next dials on the CPU
 /// (unless a recent suspicion found nothing).
 pub fn suspect() {
-    if QUIET.load(Ordering::Relaxed) == 0 {
+    if !quiet(clock()) {
         CPU_TIMED.store(SUSPICION, Ordering::Relaxed);
     }
 }
@@ -80,18 +89,15 @@ pub fn confirmed() {
     CPU_TIMED.store(SUSPICION, Ordering::Relaxed);
 }
 
-/// Counts one dial against [`CPU_TIMED`] and [`QUIET`]; whether to time it on the CPU clock.
+/// Counts one dial against [`CPU_TIMED`]; whether to time it on the CPU clock.
 fn cpu_timed() -> bool {
-    if QUIET.load(Ordering::Relaxed) > 0 {
-        let _ = QUIET.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
-    }
     if CPU_TIMED.load(Ordering::Relaxed) == 0 {
         return false;
     }
     match CPU_TIMED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)) {
         // The suspicion's last dial, and no search confirmed it on the way.
         Ok(1) => {
-            QUIET.store(QUIET_DIALS, Ordering::Relaxed);
+            QUIET_UNTIL.store(clock() + QUIET_SECS, Ordering::Relaxed);
             true
         }
         Ok(_) => true,
@@ -173,9 +179,10 @@ impl PortPressure {
     }
 
     /// Whether TIME_WAIT sockets can explain a slow or failed connect(): they fill at least
-    /// half the port range (a slow connect with few of them is the machine being busy).
+    /// three quarters of the port range (a slow connect with fewer is the machine being busy;
+    /// with half the ports taken a search still finds one within a few).
     pub fn explains_slow_dials(&self) -> bool {
-        self.time_wait * 2 >= self.ports()
+        self.time_wait * 4 >= self.ports() * 3
     }
 
     /// The warning's text: what was seen, why, and the fix.
@@ -244,15 +251,15 @@ mod tests {
     }
 
     #[test]
-    fn pressure_needs_half_the_range_in_time_wait() {
+    fn pressure_needs_three_quarters_of_the_range_in_time_wait() {
         let mut p = PortPressure {
-            time_wait: 14_115,
+            time_wait: 21_173,
             range: (32768, 60999),
             tw_reuse: Some(2),
         };
         assert_eq!(p.ports(), 28_232);
         assert!(!p.explains_slow_dials());
-        p.time_wait = 14_116;
+        p.time_wait = 21_174;
         assert!(p.explains_slow_dials());
         let text = p.advice("connect() took 4.1 ms");
         assert!(text.contains("sysctl -w net.ipv4.tcp_tw_reuse=1"), "{text}");
@@ -285,21 +292,22 @@ mod tests {
             slept.cpu.expect("still suspected") < Duration::from_millis(1),
             "{slept:?}"
         );
-        // The rest of the suspicion finds nothing: then no new one starts for a while.
+        // The rest of the suspicion finds nothing: then no new one starts for a while. (Other
+        // tests' dials, in parallel, count against the same suspicion.)
         let timed = (0..SUSPICION)
             .filter(|_| Timer::start().stop().cpu.is_some())
-            .count();
-        assert_eq!(timed as u32, SUSPICION - 2);
+            .count() as u32;
+        assert!(
+            (SUSPICION - 200..=SUSPICION - 2).contains(&timed),
+            "{timed}"
+        );
         suspect();
         assert!(
             Timer::start().stop().cpu.is_none(),
             "a suspicion started while quiet"
         );
-        let quiet = QUIET.load(Ordering::Relaxed);
-        assert!(
-            (QUIET_DIALS - 1200..QUIET_DIALS).contains(&quiet),
-            "{quiet}"
-        );
+        assert!(quiet(clock()) && !may_suspect());
+        assert!(QUIET_UNTIL.load(Ordering::Relaxed) <= clock() + QUIET_SECS);
     }
 
     #[test]
