@@ -36,7 +36,7 @@ use super::{
     topology::{check_stop, Proc, STOP},
     ECHO_PORT,
 };
-use crate::util::run;
+use crate::util::{output, run};
 
 /// The client's threads (the issue's C client used 4).
 const THREADS: usize = 4;
@@ -197,12 +197,16 @@ fn start(w: &mut World, forwarder: Forwarder, spliced: &Path, tag: &str) -> Resu
     let mut cmd = match forwarder {
         Forwarder::Spliced => {
             let config = w.dir.join(format!("spliced-{tag}.toml"));
+            // A control socket of its own: the default path may be another daemon's.
+            let control = w.dir.join(format!("control-{tag}.sock"));
             fs::write(
                 &config,
                 format!(
-                    "mode = \"auto\"\ngrace_period = \"0s\"\nmax_connections = 100000\n\n\
+                    "mode = \"auto\"\ngrace_period = \"0s\"\nmax_connections = 100000\n\
+                     control_socket = \"{}\"\n\n\
                      [[route]]\nname = \"bench\"\nlisten = \"127.0.0.1:{port}\"\n\
-                     upstream = \"[fe80::2%{iface}]:{up}\"\n"
+                     upstream = \"[fe80::2%{iface}]:{up}\"\n",
+                    control.display()
                 ),
             )?;
             let mut cmd = w.exec_in(&w.fwd, spliced);
@@ -452,6 +456,20 @@ pub fn replace_section(old: &str, section: &str) -> String {
     format!("{}\n\n{section}\n", kept.trim_end())
 }
 
+/// The commit spliced was built from (`git rev-parse --short HEAD`, `+` when the tree has
+/// changes), or "unknown".
+fn commit() -> String {
+    let git = |args: &[&str]| output(Command::new("git").args(args)).unwrap_or_default();
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"])
+        .trim()
+        .is_empty();
+    match head.trim() {
+        "" => "unknown".into(),
+        h => format!("{h}{}", if dirty { "+" } else { "" }),
+    }
+}
+
 /// The time-wait section of `doc`, markers included, if it has one (the main bench keeps it).
 pub fn kept_section(doc: &str) -> Option<&str> {
     let (b, e) = (doc.find(BEGIN)?, doc.find(END)?);
@@ -466,7 +484,8 @@ fn section(p: &Params, outcomes: &[Outcome], load_before: &str) -> String {
     );
     let _ = writeln!(
         md,
-        "Measured by `cargo xtask bench --time-wait` on {}: {} s per run at {} connections/s \
+        "Measured by `cargo xtask bench --time-wait` on {} (spliced at commit {}): {} s per run \
+         at {} connections/s \
          asked for, {THREADS} client threads, each connection: connect, the greeting, 100 bytes \
          echoed, the **client** closes first. Forwarder and client share a namespace of their \
          own (fresh per run, so no run inherits another's TIME_WAIT entries) and dial the echo \
@@ -474,6 +493,7 @@ fn section(p: &Params, outcomes: &[Outcome], load_before: &str) -> String {
          forwarder's namespace only. Load average (1 min) {load_before} before, {} after, on a \
          shared 2-core machine.\n",
         today(),
+        commit(),
         p.dur.as_secs(),
         group(p.rate as u64),
         sys::load_average()
