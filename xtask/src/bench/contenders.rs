@@ -162,8 +162,9 @@ pub fn describe(c: Contender, form: ProxydForm) -> String {
         Contender::Direct => "no forwarder: the client dials `[fe80::2%IF]:PORT` itself".into(),
         Contender::Auto | Contender::Sockmap | Contender::Splice | Contender::Copy => format!(
             "`spliced --config FILE` with `mode = \"{}\"`, `grace_period = \"0s\"`, \
-             `max_connections = 100000`, one route `listen = \"127.0.0.1:PORT\"`, \
-             `upstream = \"[fe80::2%IF]:PORT\"`; other settings default (log level info, to a file)",
+             `max_connections = 100000`, a `control_socket` of its own, one route \
+             `listen = \"127.0.0.1:PORT\"`, `upstream = \"[fe80::2%IF]:PORT\"`; other settings \
+             default (log level info, to a file)",
             c.slug()
         ),
         Contender::AutoSni => format!(
@@ -238,7 +239,8 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         | Contender::Splice
         | Contender::Copy => {
             let config = dir.join(format!("{}-{tag}.toml", c.slug()));
-            fs::write(&config, spliced_config(c, env, port, up))?;
+            let control = dir.join(format!("{}-{tag}.sock", c.slug()));
+            fs::write(&config, spliced_config(c, env, port, up, &control))?;
             let mut cmd = if in_ns(c) {
                 env.guard.exec_in_ns(env.spliced)
             } else {
@@ -330,8 +332,10 @@ fn in_ns(c: Contender) -> bool {
     matches!(c, Contender::AutoNs | Contender::AutoXdp)
 }
 
-/// spliced's configuration for contender `c`, listening on `port`, upstream port `up`.
-fn spliced_config(c: Contender, env: &Env, port: u16, up: u16) -> String {
+/// spliced's configuration for contender `c`, listening on `port`, upstream port `up`, its
+/// control socket at `control` (not the default /run/spliced/control.sock, which another
+/// spliced on the machine may hold).
+fn spliced_config(c: Contender, env: &Env, port: u16, up: u16, control: &Path) -> String {
     let iface = &env.guard.host_if;
     let (listen, upstream) = if in_ns(c) {
         (format!("[::]:{port}"), format!("[::1]:{up}"))
@@ -361,8 +365,10 @@ fn spliced_config(c: Contender, env: &Env, port: u16, up: u16) -> String {
         upstream
     };
     format!(
-        "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n{xdp}\n\
+        "mode = \"{mode}\"\ngrace_period = \"0s\"\nmax_connections = 100000\n\
+         control_socket = \"{}\"\n{xdp}\n\
          [[route]]\nname = \"bench\"\nlisten = \"{listen}\"\n{rules}{routing}",
+        control.display()
     )
 }
 
