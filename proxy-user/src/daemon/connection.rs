@@ -10,7 +10,7 @@ use std::{
 
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     proxied, routing,
@@ -64,6 +64,12 @@ pub(super) async fn run(
         return;
     };
     let plan = route.plan_of(chosen.rule);
+    let plan = if chosen.mid_skb {
+        debug!(route = %route.route.name, "the client kept sending while it was read before the data path: splice, not sockmap");
+        plan.without_sockmap()
+    } else {
+        plan
+    };
     // The client's TCP_NODELAY came from the listener (see `listen::accept_loop`).
     let _ = upstream.set_nodelay(true);
     entry
@@ -128,6 +134,7 @@ async fn open(
     // From here on the client is the one the header named.
     let peer = front.client;
     let mut chosen = routing::choose(client, peer, route, front.early).await?;
+    chosen.mid_skb |= front.mid_skb;
     let target = route.route.target(chosen.rule)?;
     let opts = DialOptions {
         connect_timeout: target.connect_timeout,

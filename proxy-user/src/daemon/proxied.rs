@@ -23,6 +23,8 @@ pub(super) struct Front {
     /// The client's bytes that arrived with the header: the peek looks at them, the upstream
     /// gets them first.
     pub(super) early: Vec<u8>,
+    /// The header's reads ended inside an skb (see [`routing::take_partial_skb`]).
+    pub(super) mid_skb: bool,
 }
 
 /// Reads the PROXY header when `peer` is in the route's `accept_proxy`. `None` when the header
@@ -38,6 +40,7 @@ pub(super) async fn front(
         destination: None,
         via: None,
         early: Vec::new(),
+        mid_skb: false,
     };
     if !route.route.trusts(peer.ip()) {
         return Some(front);
@@ -59,7 +62,7 @@ pub(super) async fn front(
     };
     front.early = early;
     // The header's last read may have taken part of an skb (see take_partial_skb).
-    routing::take_partial_skb(client, &mut front.early);
+    front.mid_skb = !routing::take_partial_skb(client, &mut front.early);
     match parsed {
         Parsed::Proxied(origin) => {
             counters.proxy_header(Outcome::Proxied);

@@ -131,6 +131,14 @@ pub enum Plan {
 }
 
 impl Plan {
+    /// This plan for a connection that must not enter sockmap: splice instead.
+    pub fn without_sockmap(self) -> Plan {
+        match self {
+            Plan::Sockmap | Plan::CopyThenSockmap => Plan::Splice,
+            other => other,
+        }
+    }
+
     /// The path new connections of this plan are reported on.
     pub fn path(self) -> DataPath {
         match self {
