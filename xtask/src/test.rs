@@ -82,7 +82,15 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
                     .env("SPLICED_REQUIRE_EBPF", "1")
                     .env("SPLICED_BIN", &bin)
                     .env("PATH", path_with_cargo_bin()?)
-                    .args(["test", "--workspace", "--exclude", "proxy-ebpf"])
+                    // Every test binary runs even when one fails: a failure must not hide
+                    // the others' results.
+                    .args([
+                        "test",
+                        "--workspace",
+                        "--exclude",
+                        "proxy-ebpf",
+                        "--no-fail-fast",
+                    ])
                     .args(&args))
             });
             // The newest arm64 kernel under qemu-system-aarch64 runs beside the amd64 guests:
