@@ -262,17 +262,7 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         }
         Contender::Haproxy => {
             let config = dir.join(format!("haproxy-{tag}.cfg"));
-            fs::write(
-                &config,
-                format!(
-                    "global\n    # maxconn: derived by HAProxy from the open-file limit\n\
-                     defaults\n    mode tcp\n    maxconn 100000\n    timeout connect 5s\n    \
-                     timeout client 10m\n    timeout server 10m\n    option splice-request\n    \
-                     option splice-response\n\
-                     frontend bench\n    bind 127.0.0.1:{port}\n    default_backend up\n\
-                     backend up\n    server s1 fe80::2:{up} source [::]:0 interface {iface}\n"
-                ),
-            )?;
+            fs::write(&config, haproxy_config(port, up, iface))?;
             let mut cmd = Command::new("haproxy");
             cmd.arg("-f").arg(&config).arg("-db");
             cmd
@@ -324,6 +314,20 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(inst)
+}
+
+/// HAProxy's configuration as every bench run uses it (the main bench and `--time-wait`): TCP
+/// mode, splice both ways, listening on 127.0.0.1:`port`, dialling fe80::2 port `up` through
+/// `iface`.
+pub fn haproxy_config(port: u16, up: u16, iface: &str) -> String {
+    format!(
+        "global\n    # maxconn: derived by HAProxy from the open-file limit\n\
+         defaults\n    mode tcp\n    maxconn 100000\n    timeout connect 5s\n    \
+         timeout client 10m\n    timeout server 10m\n    option splice-request\n    \
+         option splice-response\n\
+         frontend bench\n    bind 127.0.0.1:{port}\n    default_backend up\n\
+         backend up\n    server s1 fe80::2:{up} source [::]:0 interface {iface}\n"
+    )
 }
 
 /// Whether `c` runs in the upstream's namespace (`ip netns exec`, which execs it: its pid is
@@ -404,4 +408,32 @@ pub fn log_tail(log: Option<&Path>) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let tail = lines[lines.len().saturating_sub(6)..].join("\n  ");
     format!("{}: {tail}", log.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration both bench runs give HAProxy is one HAProxy accepts (`haproxy -c`).
+    #[test]
+    fn haproxy_accepts_its_config() {
+        let text = haproxy_config(8443, 7000, "lo");
+        assert!(text.contains("bind 127.0.0.1:8443\n"));
+        assert!(text.contains("server s1 fe80::2:7000 source [::]:0 interface lo\n"));
+        let path = std::env::temp_dir().join(format!("spliced-haproxy-{}.cfg", std::process::id()));
+        fs::write(&path, &text).unwrap();
+        let out = Command::new("haproxy")
+            .arg("-c")
+            .arg("-f")
+            .arg(&path)
+            .output();
+        let _ = fs::remove_file(&path);
+        let out = out.expect("haproxy (from Debian's package; `cargo xtask test` installs it)");
+        assert!(
+            out.status.success(),
+            "haproxy -c rejects the bench's config: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -29,7 +29,7 @@ use anyhow::{bail, Context as _, Result};
 
 use super::{
     client::percentile,
-    contenders::{free_port, listening, log_tail},
+    contenders::{free_port, haproxy_config, listening, log_tail},
     report::{group, today},
     server::GREETING,
     sys,
@@ -215,17 +215,7 @@ fn start(w: &mut World, forwarder: Forwarder, spliced: &Path, tag: &str) -> Resu
         }
         Forwarder::Haproxy => {
             let config = w.dir.join(format!("haproxy-{tag}.cfg"));
-            fs::write(
-                &config,
-                format!(
-                    "global\n    # maxconn: derived by HAProxy from the open-file limit\n\
-                     defaults\n    mode tcp\n    maxconn 100000\n    timeout connect 5s\n    \
-                     timeout client 10m\n    timeout server 10m\n    option splice-request\n    \
-                     option splice-response\n\
-                     frontend bench\n    bind 127.0.0.1:{port}\n    default_backend up\n\
-                     backend up\n    server s1 fe80::2:{up} source [::]:0 interface {iface}\n"
-                ),
-            )?;
+            fs::write(&config, haproxy_config(port, up, iface))?;
             let mut cmd = w.exec_in(&w.fwd, "haproxy");
             cmd.arg("-f").arg(&config).arg("-db");
             cmd
