@@ -14,7 +14,7 @@
 //! ([`irq_time_note`] says so in the report).
 use std::{collections::HashMap, fs};
 
-use super::sys::clk_tck;
+use super::sys::{clk_tck, pids};
 
 /// `PF_KTHREAD` in the flags field of `/proc/PID/stat`.
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -34,23 +34,11 @@ pub struct Snapshot(HashMap<(u32, u64), Times>);
 
 /// Reads every `/proc/PID/stat` (about a millisecond per hundred processes).
 pub fn snapshot() -> Snapshot {
-    let mut map = HashMap::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Snapshot(map);
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some((start, t)) = read(pid) {
-            map.insert((pid, start), t);
-        }
-    }
-    Snapshot(map)
+    Snapshot(
+        pids()
+            .filter_map(|pid| read(pid).map(|(start, t)| ((pid, start), t)))
+            .collect(),
+    )
 }
 
 /// (start time, times) of one process, from the fields after the command name.

@@ -32,27 +32,24 @@ const PPID: usize = 1;
 const UTIME: usize = 11;
 const STARTTIME: usize = 19;
 
+/// The pid of every process on the machine (the numeric entries of `/proc`; none if it cannot
+/// be read). A process may exit before its files are read: callers skip what they cannot read.
+pub fn pids() -> impl Iterator<Item = u32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+}
+
 /// Every process on the machine as pid -> (ppid, starttime).
 fn process_table() -> HashMap<u32, (u32, u64)> {
-    let mut table = HashMap::new();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return table;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Some(f) = stat_fields(pid) {
-            if f.len() > STARTTIME {
-                table.insert(pid, (f[PPID] as u32, f[STARTTIME]));
-            }
-        }
-    }
-    table
+    pids()
+        .filter_map(|pid| {
+            let f = stat_fields(pid)?;
+            (f.len() > STARTTIME).then(|| (pid, (f[PPID] as u32, f[STARTTIME])))
+        })
+        .collect()
 }
 
 /// `root` and its descendants, with their start times.
@@ -296,6 +293,8 @@ mod tests {
         }
         let start = tree(me)[0].1;
         assert!(is_same_live(me, start));
+        assert!(pids().any(|p| p == me));
+        assert!(pids().any(|p| p == 1));
         assert!(!is_same_live(me, start + 1));
     }
 
