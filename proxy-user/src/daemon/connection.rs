@@ -1,6 +1,7 @@
 //! One connection: the upstream dial, the data path, the idle watchdog, the log line.
 use std::{
     net::SocketAddr,
+    os::fd::AsRawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -17,7 +18,7 @@ use super::{
     state::{Live, RouteState, Shared},
 };
 use crate::{
-    forward::{self, DataPath, End, Outcome},
+    forward::{self, DataPath, End, Outcome, Plan},
     proxy_header,
     registry::{Conn, Failure},
     sockopt,
@@ -57,18 +58,12 @@ pub(super) async fn run(
         addr: upstream_addr,
         lease: _lease,
         chosen,
+        plan,
         client: origin,
         via,
     }) = opened
     else {
         return;
-    };
-    let plan = route.plan_of(chosen.rule);
-    let plan = if chosen.mid_skb {
-        debug!(route = %route.route.name, "the client kept sending while it was read before the data path: splice, not sockmap");
-        plan.without_sockmap()
-    } else {
-        plan
     };
     // The client's TCP_NODELAY came from the listener (see `listen::accept_loop`).
     let _ = upstream.set_nodelay(true);
@@ -113,6 +108,9 @@ struct Opened {
     addr: SocketAddr,
     lease: Lease,
     chosen: routing::Chosen,
+    /// The data path to take: the match's or route's plan, or splice in its stead (see
+    /// [`end_reads_on_skb_boundary`]).
+    plan: Plan,
     /// The client: a trusted front proxy's PROXY header's source, or the peer.
     client: SocketAddr,
     /// The front proxy whose header named the client.
@@ -121,9 +119,10 @@ struct Opened {
 
 /// Reads a trusted front proxy's PROXY header, routes (peeking if the route has matches), dials
 /// the chosen upstream and writes to it what must precede the client's bytes: the PROXY header,
-/// then the bytes read so far. With sockmap this happens before the sockets enter the map, so
-/// those bytes cannot overtake them. `None` when the connection ended here (refused, or the
-/// upstream failed; counted and logged).
+/// then the bytes read so far, which end on an skb boundary ([`end_reads_on_skb_boundary`]).
+/// With sockmap this happens before the sockets enter the map, so those bytes cannot overtake
+/// them. `None` when the connection ended here (refused, or the upstream failed; counted and
+/// logged).
 async fn open(
     client: &mut TcpStream,
     peer: SocketAddr,
@@ -134,7 +133,6 @@ async fn open(
     // From here on the client is the one the header named.
     let peer = front.client;
     let mut chosen = routing::choose(client, peer, route, front.early).await?;
-    chosen.mid_skb |= front.mid_skb;
     let target = route.route.target(chosen.rule)?;
     let opts = DialOptions {
         connect_timeout: target.connect_timeout,
@@ -172,6 +170,12 @@ async fn open(
         }
         None => Vec::new(),
     };
+    // The last read of the client before its data path.
+    let planned = route.plan_of(chosen.rule);
+    let plan = end_reads_on_skb_boundary(client, &mut chosen.head, planned);
+    if plan != planned {
+        debug!(route = %route.route.name, client = %peer, "the client kept sending while it was read before the data path: splice, not sockmap");
+    }
     chosen.client_bytes = chosen.head.len();
     first.append(&mut chosen.head);
     if !first.is_empty() {
@@ -191,9 +195,63 @@ async fn open(
         addr,
         lease,
         chosen,
+        plan,
         client: peer,
         via: front.via,
     })
+}
+
+/// Kernel trap (docs/sockmap.md trap 11, *read before the insert*): a socket entering the
+/// sockmap hands a partly read skb to the verdict whole (`tcp_read_skb`), so when userspace's
+/// last read of the client (a front proxy's PROXY header, the routing peek, or any other read
+/// before the data path) stopped inside an skb, the part already read would reach the upstream
+/// twice (measured: 4,096 bytes doubled after the peek). Reading exactly the bytes queued
+/// (`SIOCINQ`) is not enough: data arriving meanwhile is appended to the queue's last skb
+/// (`tcp_try_coalesce`), so that read can still stop inside it (measured behind a front proxy
+/// streaming 64 MiB: 32,340 bytes doubled). A read that returns less than it asked for has
+/// emptied the queue (`tcp_recvmsg` stops early only then), and whatever arrives later comes in
+/// new skbs. So, when `plan` may enter sockmap and userspace has read any of the client's
+/// bytes: read until such a read, at most [`DRAIN_LIMIT`] bytes, appended to `head` (written
+/// to the upstream first). Returns `plan`, or splice in its stead when the client kept the
+/// queue full that long.
+fn end_reads_on_skb_boundary(client: &impl AsRawFd, head: &mut Vec<u8>, plan: Plan) -> Plan {
+    const CHUNK: usize = 64 * 1024;
+    // Copy and splice never insert; a client not read from yet has only whole skbs queued.
+    if plan == plan.without_sockmap() || !read_any(client) {
+        return plan;
+    }
+    let start = head.len();
+    while head.len() - start < DRAIN_LIMIT {
+        let at = head.len();
+        head.resize(at + CHUNK, 0);
+        let n = match sockopt::recv_nonblocking(client.as_raw_fd(), &mut head[at..]) {
+            Ok(Some(n)) => n,
+            // Nothing queued (or an error the data path will meet again): no partial skb.
+            Ok(None) | Err(_) => 0,
+        };
+        head.truncate(at + n);
+        if n < CHUNK {
+            return plan;
+        }
+    }
+    plan.without_sockmap()
+}
+
+/// The most [`end_reads_on_skb_boundary`] reads: a connection's worth of the copy path's
+/// buffer.
+const DRAIN_LIMIT: usize = 256 * 1024;
+
+/// Whether userspace has read any of the client's bytes: the kernel has received more than it
+/// still queues (`tcpi_bytes_received` against `SIOCINQ`). The queue is read first, so a byte
+/// (or the FIN, which `bytes_received` counts and `SIOCINQ` does not) arriving in between can
+/// only make this say yes, which costs one read; so does an error.
+fn read_any(client: &impl AsRawFd) -> bool {
+    let queued = sockopt::inq(client);
+    let received = sockopt::tcp_info(client).map(|info| info.bytes_received);
+    match (queued, received) {
+        (Ok(queued), Ok(received)) => received > queued,
+        _ => true,
+    }
 }
 
 /// The PROXY header for this connection: the client and the address it connected to (a front
@@ -297,5 +355,93 @@ fn report(route: &RouteState, ended: Ended, outcome: Outcome, idled: bool) {
     match failure {
         None | Some(Failure::Client | Failure::Upstream | Failure::IdleTimeout) => log_line!(info),
         _ => log_line!(warn),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{TcpListener, TcpStream},
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    /// A connected pair on loopback: (the client's end, ours). `rcvbuf`: our receive buffer.
+    fn pair(rcvbuf: usize) -> (TcpStream, TcpStream) {
+        let listener =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.set_recv_buffer_size(rcvbuf).unwrap();
+        listener
+            .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        listener.listen(1).unwrap();
+        let listener: TcpListener = listener.into();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (ours, _) = listener.accept().unwrap();
+        (client, ours)
+    }
+
+    /// Waits (at most 5 s) until `at_least` bytes are queued on `s`.
+    fn queued(s: &TcpStream, at_least: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sockopt::inq(s).unwrap() < at_least {
+            assert!(Instant::now() < deadline, "{at_least} bytes never queued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_client_not_read_from_is_left_alone() {
+        let (mut client, ours) = pair(1 << 20);
+        client.write_all(&[7; 100_000]).unwrap();
+        queued(&ours, 100_000);
+        let mut head = Vec::new();
+        let plan = end_reads_on_skb_boundary(&ours, &mut head, Plan::Sockmap);
+        assert_eq!(plan, Plan::Sockmap);
+        assert!(head.is_empty());
+        assert_eq!(sockopt::inq(&ours).unwrap(), 100_000);
+    }
+
+    #[test]
+    fn a_read_inside_an_skb_is_read_on_to_the_empty_queue() {
+        for plan in [Plan::Sockmap, Plan::CopyThenSockmap] {
+            let (mut client, mut ours) = pair(1 << 20);
+            let sent: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+            client.write_all(&sent).unwrap();
+            queued(&ours, 100_000);
+            let mut head = vec![0; 10];
+            ours.read_exact(&mut head).unwrap();
+            assert_eq!(end_reads_on_skb_boundary(&ours, &mut head, plan), plan);
+            assert_eq!(head, sent);
+            assert_eq!(sockopt::inq(&ours).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn copy_and_splice_are_not_read_on() {
+        for plan in [Plan::Copy, Plan::Splice] {
+            let (mut client, mut ours) = pair(1 << 20);
+            client.write_all(&[7; 100_000]).unwrap();
+            queued(&ours, 100_000);
+            let mut head = vec![0; 10];
+            ours.read_exact(&mut head).unwrap();
+            assert_eq!(end_reads_on_skb_boundary(&ours, &mut head, plan), plan);
+            assert_eq!(head.len(), 10);
+        }
+    }
+
+    #[test]
+    fn a_queue_that_stays_full_goes_to_splice() {
+        let (mut client, mut ours) = pair(4 << 20);
+        let more = DRAIN_LIMIT + 100_000;
+        client.write_all(&vec![7; more]).unwrap();
+        queued(&ours, more as u64);
+        let mut head = vec![0; 10];
+        ours.read_exact(&mut head).unwrap();
+        let plan = end_reads_on_skb_boundary(&ours, &mut head, Plan::CopyThenSockmap);
+        assert_eq!(plan, Plan::Splice);
+        assert_eq!(head.len(), 10 + DRAIN_LIMIT);
     }
 }

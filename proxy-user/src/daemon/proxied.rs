@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::{routing, state::RouteState};
+use super::state::RouteState;
 use crate::{
     proxy_header::{self, Outcome, Parsed},
     registry::{Conn, Failure},
@@ -23,8 +23,6 @@ pub(super) struct Front {
     /// The client's bytes that arrived with the header: the peek looks at them, the upstream
     /// gets them first.
     pub(super) early: Vec<u8>,
-    /// The header's reads ended inside an skb (see [`routing::take_partial_skb`]).
-    pub(super) mid_skb: bool,
 }
 
 /// Reads the PROXY header when `peer` is in the route's `accept_proxy`. `None` when the header
@@ -40,7 +38,6 @@ pub(super) async fn front(
         destination: None,
         via: None,
         early: Vec::new(),
-        mid_skb: false,
     };
     if !route.route.trusts(peer.ip()) {
         return Some(front);
@@ -61,8 +58,6 @@ pub(super) async fn front(
         }
     };
     front.early = early;
-    // The header's last read may have taken part of an skb (see take_partial_skb).
-    front.mid_skb = !routing::take_partial_skb(client, &mut front.early);
     match parsed {
         Parsed::Proxied(origin) => {
             counters.proxy_header(Outcome::Proxied);
