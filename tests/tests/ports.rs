@@ -107,6 +107,7 @@ fn ports_spent_by_time_wait_are_warned_once_counted_and_fixed_by_tw_reuse() {
         "sysctl -w net.ipv4.tcp_tw_reuse=1",
         "now 2: loopback addresses only",
         "ip_local_port_range 40000 40009",
+        "more than 10 connections a minute to one upstream address",
         "server=[fe80::2%eth0]",
     ] {
         assert!(

@@ -212,13 +212,24 @@ impl PortPressure {
             "dials are slow finding a free local port: {seen}, with {} sockets in TIME_WAIT \
              and {ports} local ports (net.ipv4.ip_local_port_range {} {}). Where clients \
              close first, spliced's side to the upstream stays in TIME_WAIT for 60 s, so more \
-             than {} connections/s to one upstream address spend the range; {fix}. Counted in \
+             than {} to one upstream address spend the range; {fix}. Counted in \
              spliced_upstream_port_search_dials_total; said once per server",
             self.time_wait,
             self.range.0,
             self.range.1,
-            ports / 60,
+            spending_rate(ports),
         )
+    }
+}
+
+/// The connection rate that spends `ports` local ports when each stays in TIME_WAIT for 60 s:
+/// `470 connections/s`; below 10 a second, exactly, as so many a minute (a range of 10 ports
+/// is spent by more than 10 connections a minute, not "more than 0 connections/s").
+fn spending_rate(ports: u64) -> String {
+    match ports {
+        1 => "1 connection a minute".to_owned(),
+        0..600 => format!("{ports} connections a minute"),
+        _ => format!("{} connections/s", ports / 60),
     }
 }
 
@@ -269,6 +280,25 @@ mod tests {
         let text = p.advice("no local port was free");
         assert!(text.contains("is 1 already"), "{text}");
         assert!(text.contains("ip_local_port_range"), "{text}");
+    }
+
+    #[test]
+    fn a_small_range_is_spent_at_so_many_connections_a_minute() {
+        let p = PortPressure {
+            time_wait: 10,
+            range: (40000, 40009),
+            tw_reuse: Some(2),
+        };
+        let text = p.advice("no local port was free");
+        assert!(
+            text.contains("more than 10 connections a minute to one"),
+            "{text}"
+        );
+        assert!(!text.contains("connections/s"), "{text}");
+        assert_eq!(spending_rate(1), "1 connection a minute");
+        assert_eq!(spending_rate(599), "599 connections a minute");
+        assert_eq!(spending_rate(600), "10 connections/s");
+        assert_eq!(spending_rate(28_232), "470 connections/s");
     }
 
     #[test]
