@@ -56,6 +56,36 @@ fn send_pattern(s: &mut TcpStream, n: u64) {
     s.shutdown(Shutdown::Write).unwrap();
 }
 
+/// The client's end on a thread of its own: [`send_pattern`] of `n` bytes, then everything
+/// the upstream sends back, to EOF.
+fn client_sends(mut a: TcpStream, n: u64) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        send_pattern(&mut a, n);
+        let mut reply = Vec::new();
+        a.read_to_end(&mut reply).unwrap();
+        reply
+    })
+}
+
+/// The upstream's end: reads to EOF, checking every byte against [`pattern`]; returns how
+/// many arrived.
+fn upstream_receives(d: &mut TcpStream) -> u64 {
+    let mut buf = vec![0u8; 65536];
+    let mut i = 0u64;
+    loop {
+        let n = d
+            .read(&mut buf)
+            .unwrap_or_else(|e| panic!("upstream read after {i} bytes (no FIN?): {e}"));
+        if n == 0 {
+            return i;
+        }
+        for &x in &buf[..n] {
+            assert_eq!(x, pattern(i), "byte {i} corrupted");
+            i += 1;
+        }
+    }
+}
+
 /// `per_direction` bytes per direction from a 64 MiB pool.
 pub(super) fn budget(per_direction: u64) -> Budget {
     Budget {
@@ -71,30 +101,14 @@ pub(super) fn pattern(i: u64) -> u8 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_both_ways_keeps_every_byte() {
     let Some(sockmap) = load() else { return };
-    let (mut a, b, c, mut d) = sockets();
+    let (a, b, c, mut d) = sockets();
     const N: u64 = 64 << 20;
     let cancel = CancellationToken::new();
     let budget = budget(4 << 20);
     let proxy = async { run(&sockmap, b, c, Some(16 << 20), &budget, &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
-        let writer = std::thread::spawn(move || {
-            send_pattern(&mut a, N);
-            let mut reply = Vec::new();
-            a.read_to_end(&mut reply).unwrap();
-            reply
-        });
-        let mut buf = vec![0u8; 65536];
-        let mut i = 0u64;
-        loop {
-            let n = d.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            for &x in &buf[..n] {
-                assert_eq!(x, pattern(i), "byte {i} corrupted");
-                i += 1;
-            }
-        }
+        let writer = client_sends(a, N);
+        let i = upstream_receives(&mut d);
         assert_eq!(i, N, "upstream got {i} of {N} bytes");
         d.write_all(b"reply after EOF").unwrap();
         d.shutdown(Shutdown::Write).unwrap();
@@ -141,18 +155,7 @@ async fn stalled_reader_stalls_the_sender() {
         }
         a.set_nonblocking(false).unwrap();
         a.shutdown(Shutdown::Write).unwrap();
-        let mut i = 0u64;
-        loop {
-            let n = d.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            for &x in &buf[..n] {
-                assert_eq!(x, pattern(i), "byte {i} corrupted");
-                i += 1;
-            }
-        }
-        assert_eq!(i, sent);
+        assert_eq!(upstream_receives(&mut d), sent);
         d.shutdown(Shutdown::Write).unwrap();
         sent
     });
@@ -174,7 +177,7 @@ async fn stalled_reader_stalls_the_sender() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fin_while_paused_loses_nothing() {
     let Some(sockmap) = load() else { return };
-    let (mut a, b, c, mut d) = sockets();
+    let (a, b, c, mut d) = sockets();
     const N: u64 = 8 << 20;
     let budget = budget(1 << 20);
     // A large receive buffer on the proxy's client socket, so that the rest of the data and
@@ -185,24 +188,9 @@ async fn fin_while_paused_loses_nothing() {
     let cancel = CancellationToken::new();
     let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
-        let writer = std::thread::spawn(move || {
-            send_pattern(&mut a, N);
-            let mut rest = Vec::new();
-            a.read_to_end(&mut rest).unwrap();
-        });
+        let writer = client_sends(a, N);
         std::thread::sleep(Duration::from_millis(1500));
-        let mut buf = vec![0u8; 65536];
-        let mut i = 0u64;
-        loop {
-            let n = d.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            for &x in &buf[..n] {
-                assert_eq!(x, pattern(i), "byte {i} corrupted");
-                i += 1;
-            }
-        }
+        let i = upstream_receives(&mut d);
         d.shutdown(Shutdown::Write).unwrap();
         writer.join().unwrap();
         i
@@ -233,28 +221,10 @@ async fn headers_before_the_join(front: usize, ours: usize) {
     let budget = budget(1 << 20);
     let proxy = async { run(&sockmap, b, c, Some(1 << 20), &budget, &cancel).await };
     let ends = tokio::task::spawn_blocking(move || {
-        let writer = std::thread::spawn(move || {
-            send_pattern(&mut a, N);
-            let mut rest = Vec::new();
-            a.read_to_end(&mut rest).unwrap();
-            rest
-        });
+        let writer = client_sends(a, N);
         let mut ours_got = vec![0u8; ours];
         d.read_exact(&mut ours_got).unwrap();
-        let mut buf = vec![0u8; 65536];
-        let mut i = 0u64;
-        loop {
-            let n = d
-                .read(&mut buf)
-                .expect("the client's FIN never reached the upstream");
-            if n == 0 {
-                break;
-            }
-            for &x in &buf[..n] {
-                assert_eq!(x, pattern(i), "byte {i} corrupted");
-                i += 1;
-            }
-        }
+        let i = upstream_receives(&mut d);
         d.shutdown(Shutdown::Write).unwrap();
         (i, writer.join().unwrap())
     });
