@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tests::{metric, metrics_addr, scrape, sh, spliced_bin, xdp_net::*, Spliced, TempDir};
+use tests::{hup, metric, metrics_addr, scrape, sh, spliced_bin, xdp_net::*, Spliced, TempDir};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -234,35 +234,38 @@ fn loopback_syn_rate_at_accept() {
     );
 }
 
-/// A reload attaches to an interface added to `xdp` and detaches from one removed; the rules
-/// themselves change in place.
-#[test]
-fn reload_adds_and_removes_the_interface() {
+/// The reload tests' start: the namespaces, a directory, the upstream in the server namespace,
+/// and a route on `[::]` to it that denies [`DENIED4`]; `None` where the XDP tests cannot run.
+fn denying_route() -> Option<(Net, TempDir, String)> {
     if !can_run() {
-        return;
+        return None;
     }
     let net = Net::new();
     let dir = TempDir::new();
     let up = upstream(Some(&net.server));
     let route = route_toml("[::]:0", up, &format!("deny = [\"{DENIED4}/32\"]\n"));
+    Some((net, dir, route))
+}
+
+/// A reload attaches to an interface added to `xdp` and detaches from one removed; the rules
+/// themselves change in place.
+#[test]
+fn reload_adds_and_removes_the_interface() {
+    let Some((net, dir, route)) = denying_route() else {
+        return;
+    };
     let config = write_config(&dir, &route);
     let mut spliced = start(&net, &config);
     let xdp_on = |net: &Net| sh(&["ip", "-n", &net.server, "link", "show", "vs"]).contains("xdp");
     assert!(!xdp_on(&net));
     write_config(&dir, &format!("xdp = [\"vs\"]\n{route}"));
-    // SAFETY: kill on our own child.
-    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
-    spliced.wait_log("XDP front attached to vs", 1, WAIT);
+    hup(&spliced, "XDP front attached to vs", 1);
     assert!(xdp_on(&net));
     write_config(&dir, &route);
-    // SAFETY: as above.
-    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
-    spliced.wait_log("XDP front detached from vs", 1, WAIT);
+    hup(&spliced, "XDP front detached from vs", 1);
     assert!(!xdp_on(&net));
     write_config(&dir, &format!("xdp = [\"vs\"]\n{route}"));
-    // SAFETY: as above.
-    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
-    spliced.wait_log("XDP front attached to vs", 2, WAIT);
+    hup(&spliced, "XDP front attached to vs", 2);
     let status = spliced.signal_and_wait(libc::SIGTERM, WAIT);
     assert!(status.success(), "{status}");
     assert!(!xdp_on(&net), "detached on exit");
@@ -272,13 +275,9 @@ fn reload_adds_and_removes_the_interface() {
 /// a reload that drops it re-attaches in native mode, and the rules hold in both.
 #[test]
 fn xdp_mode_generic_and_back_at_reload() {
-    if !can_run() {
+    let Some((net, dir, route)) = denying_route() else {
         return;
-    }
-    let net = Net::new();
-    let dir = TempDir::new();
-    let up = upstream(Some(&net.server));
-    let route = route_toml("[::]:0", up, &format!("deny = [\"{DENIED4}/32\"]\n"));
+    };
     let body = format!("xdp = [\"vs\"]\n{route}");
     let config = write_config(&dir, &format!("xdp_mode = \"generic\"\n{body}"));
     let spliced = start(&net, &config);
@@ -300,9 +299,7 @@ fn xdp_mode_generic_and_back_at_reload() {
     let e = denied(&net).expect_err("denied in generic mode");
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "no SYN-ACK: {e}");
     write_config(&dir, &body);
-    // SAFETY: kill on our own child.
-    unsafe { libc::kill(spliced.pid(), libc::SIGHUP) };
-    spliced.wait_log("XDP front attached to vs in native mode", 1, WAIT);
+    hup(&spliced, "XDP front attached to vs in native mode", 1);
     assert!(
         link().contains(" xdp ") || link().contains("prog/xdp"),
         "{}",
