@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-use crate::{sh, xdp_net::Net, Process};
+use crate::{run_in_netns, sh, Process};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -81,7 +81,7 @@ impl Lab {
 
     /// Runs `f` on a thread inside namespace `i`; sockets made there stay in it.
     pub fn run_in<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
-        Net::run_in(self.ns(i), f)
+        run_in_netns(self.ns(i), f)
     }
 
     /// Starts `program ARGS` inside namespace `i` (`ip netns exec` execs it, so the child is the

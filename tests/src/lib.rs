@@ -20,7 +20,8 @@
 //!   `metrics`: the Prometheus endpoint ([`scrape`], [`wait_metric`]).
 //! - [`Lab`] (`lab`): several namespaces of the test's own joined by veths (client, front
 //!   proxy, spliced, upstreams each in its own), processes started inside them.
-//! - `xdp_net`: two namespaces joined by a veth and hand-made frames, for the XDP front.
+//! - `xdp_net`: two namespaces joined by a veth (a [`Lab`] of two) and hand-made frames, for
+//!   the XDP front.
 //! - [`per_mode!`]: one `#[test]` per data path; [`wait_until`]: a bounded poll.
 //!
 //! Every wait is bounded: sockets get read/write timeouts, polls have a deadline.

@@ -93,16 +93,7 @@ impl Topology {
     /// Runs `f` on a thread that has joined the namespace; sockets created there stay in the
     /// namespace when handed back.
     pub fn in_netns<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.netns);
-        thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a valid namespace fd affects only this thread.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
+        run_in_netns(&self.netns, f)
     }
 
     /// A listener on `[::]:0` inside the namespace (reachable at `fe80::2` and the IPv4 address).
@@ -117,6 +108,21 @@ impl Topology {
         let upstream = self.upstream(listener.local_addr().unwrap().port());
         (listener, upstream)
     }
+}
+
+/// Runs `f` on a thread that has joined namespace `ns` (by its name under /var/run/netns);
+/// sockets created there stay in the namespace when handed back.
+pub fn run_in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{ns}");
+    thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a valid namespace fd affects only this thread.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .expect("namespace thread panicked")
 }
 
 impl Default for Topology {

@@ -1,24 +1,20 @@
 //! Namespaces, veths and hand-made packets for the XDP front's tests.
 //!
-//! Two namespaces of the test's own, `spl-<pid>-<9000+2n>` (the server, spliced's side) and
-//! `spl-<pid>-<9001+2n>` (clients), joined by a veth pair `vs`/`vc`. Addresses only from the
+//! Two namespaces of the test's own (a [`Lab`]: the server, spliced's side, and the clients),
+//! joined by a veth pair `vs`/`vc`. Addresses only from the
 //! documentation ranges: 198.51.100.0/25, 203.0.113.0/25 and
 //! 2001:db8:15::/64. Tagged frames are made by hand (AF_PACKET): the kernels here may have no
 //! 8021q, and the XDP program sees the frame before any VLAN device would.
 use std::{
-    fs::File,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsRawFd,
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
-    thread,
     time::Duration,
 };
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
-use crate::sh;
+use crate::{run_in_netns, sh, Lab};
 
 /// Whether this run must have XDP (CI or `cargo xtask test`): then a missing privilege fails
 /// the test instead of skipping it.
@@ -37,12 +33,11 @@ pub fn can_run() -> bool {
     root || required()
 }
 
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-/// The two namespaces and the veth between them; removed on drop, also on panic.
+/// The two namespaces and the veth between them; removed on drop (the lab's), also on panic.
 pub struct Net {
     pub server: String,
     pub client: String,
+    _lab: Lab,
 }
 
 pub const S4: &str = "198.51.100.1";
@@ -56,29 +51,17 @@ pub const DENIED6: &str = "2001:db8:15::66";
 
 impl Net {
     pub fn new() -> Net {
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        // `spl-<pid>-<n>`: `cargo xtask test` removes those of a killed run.
-        let pid = std::process::id();
-        let net = Net {
-            server: format!("spl-{pid}-{}", 9_000 + 2 * n),
-            client: format!("spl-{pid}-{}", 9_001 + 2 * n),
-        };
-        let (s, c) = (net.server.as_str(), net.client.as_str());
-        sh(&["ip", "netns", "add", s]);
-        sh(&["ip", "netns", "add", c]);
-        sh(&[
-            "ip", "-n", s, "link", "add", "vs", "type", "veth", "peer", "name", "vc", "netns", c,
-        ]);
-        for (ns, dev, addrs) in [
+        let lab = Lab::new(2);
+        lab.link(
             (
-                s,
+                0,
                 "vs",
-                vec!["198.51.100.1/25", "203.0.113.1/25", "2001:db8:15::1/64"],
+                &["198.51.100.1/25", "203.0.113.1/25", "2001:db8:15::1/64"],
             ),
             (
-                c,
+                1,
                 "vc",
-                vec![
+                &[
                     "198.51.100.10/25",
                     "198.51.100.66/25",
                     "203.0.113.10/25",
@@ -86,36 +69,17 @@ impl Net {
                     "2001:db8:15::66/64",
                 ],
             ),
-        ] {
-            net.up(ns, dev, &addrs);
-            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        );
+        Net {
+            server: lab.ns(0).to_owned(),
+            client: lab.ns(1).to_owned(),
+            _lab: lab,
         }
-        net
-    }
-
-    fn up(&self, ns: &str, dev: &str, addrs: &[&str]) {
-        for a in addrs {
-            let mut args = vec!["ip", "-n", ns, "addr", "add", a, "dev", dev];
-            if a.contains(':') {
-                args.push("nodad");
-            }
-            sh(&args);
-        }
-        sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
     }
 
     /// Runs `f` on a thread inside namespace `ns`; sockets made there stay in it.
     pub fn run_in<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{ns}");
-        thread::spawn(move || {
-            let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a valid namespace descriptor affects only this thread.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread panicked")
+        run_in_netns(ns, f)
     }
 
     /// Counters of namespace `ns` by their `nstat` names (`TcpPassiveOpens`,
@@ -173,14 +137,6 @@ impl Net {
 impl Default for Net {
     fn default() -> Net {
         Net::new()
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        for ns in [&self.server, &self.client] {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
     }
 }
 
