@@ -172,7 +172,14 @@ async fn open(
     };
     // The last read of the client before its data path.
     let planned = route.plan_of(chosen.rule);
-    let plan = end_reads_on_skb_boundary(client, &mut chosen.head, planned);
+    // A route that neither peeks nor takes PROXY headers has read nothing of the client: its
+    // queue holds whole skbs, and the two system calls that would ask the kernel are saved.
+    let reads_first = !route.route.matches.is_empty() || !route.route.accept_proxy.is_empty();
+    let plan = if reads_first {
+        end_reads_on_skb_boundary(client, &mut chosen.head, planned)
+    } else {
+        planned
+    };
     if plan != planned {
         debug!(route = %route.route.name, client = %peer, "the client kept sending while it was read before the data path: splice, not sockmap");
     }
