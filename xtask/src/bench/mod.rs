@@ -25,6 +25,7 @@ mod shorts;
 mod sys;
 mod time_wait;
 mod topology;
+mod verdict;
 
 use std::{
     fmt::Write as _,
@@ -493,6 +494,20 @@ pub fn command(args: Args) -> Result<()> {
         &notes.lines(),
     );
     // The --time-wait case's section stays until that case runs again.
+    let goal = [
+        UP,
+        DOWN,
+        RR,
+        SHORT,
+        SHORT_CLIENT_CLOSES,
+        ALL_CPU_UP,
+        ALL_CPU_DOWN,
+        ALL_CPU_CONN,
+    ];
+    let md = match verdict::section(&figures, &rows, &goal) {
+        Some(section) => verdict::insert(&md, &section),
+        None => md,
+    };
     let md = match time_wait::kept_section(&kept) {
         Some(section) => time_wait::replace_section(&md, section),
         None => md,
