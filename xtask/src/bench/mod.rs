@@ -13,6 +13,7 @@
 //! to `docs/benchmarks.md` with a chart in `docs/benchmarks.svg`, and the table to stdout; the
 //! table is parsed back and checked before the command succeeds.
 mod bulk;
+mod chart;
 mod client;
 mod contenders;
 mod cpu;
@@ -517,7 +518,7 @@ pub fn command(args: Args) -> Result<()> {
         plan.rounds,
         if plan.quick { " (--quick)" } else { "" }
     );
-    let svg = report::svg(&figures, &rows, &cells, &subtitle);
+    let svg = chart::svg(&figures, &rows, &cells, &subtitle);
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
