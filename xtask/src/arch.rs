@@ -2,8 +2,6 @@
 //! targets, the cross tools' prefix, the QEMU system and Debian's names.
 use std::process::Command;
 
-use anyhow::Result;
-
 /// A Debian architecture spliced is built for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Arch {
@@ -107,11 +105,6 @@ impl Arch {
                 "ttyAMA0",
             ),
         }
-    }
-
-    /// Setup for this architecture: the Rust targets and the cross tools.
-    pub fn ensure_cross(self) -> Result<()> {
-        crate::setup::cross(self)
     }
 }
 

@@ -20,7 +20,7 @@ use crate::{
 /// The command: setup, build, package; prints the .deb's path on stdout.
 pub fn command(arch: Arch, output_dir: Option<PathBuf>) -> Result<()> {
     crate::setup::run()?;
-    arch.ensure_cross()?;
+    crate::setup::cross(arch)?;
     let deb = build(arch, output_dir)?;
     println!("{}", deb.display());
     Ok(())

@@ -263,14 +263,14 @@ pub fn open_idle(
     conns: &mut Vec<TcpStream>,
     target: usize,
     threads: usize,
-) -> Result<(), String> {
+) -> Result<()> {
     let missing = target.saturating_sub(conns.len());
     if missing == 0 {
         return Ok(());
     }
     let per = missing.div_ceil(threads);
     let opened = Mutex::new(Vec::with_capacity(missing));
-    let first_error = Mutex::new(None::<String>);
+    let first_error = Mutex::new(None::<anyhow::Error>);
     thread::scope(|scope| {
         for i in 0..threads {
             let n = per.min(missing.saturating_sub(i * per));
@@ -287,7 +287,7 @@ pub fn open_idle(
                             first_error
                                 .lock()
                                 .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert_with(|| format!("{e:#}"));
+                                .get_or_insert(e);
                             break;
                         }
                     }
@@ -304,7 +304,7 @@ pub fn open_idle(
         return Err(e);
     }
     if conns.len() < target {
-        return Err("interrupted".into());
+        bail!("interrupted");
     }
     Ok(())
 }

@@ -977,7 +977,7 @@ fn idle_and_setup(
             {
                 check_stop()?;
                 let n = conns.len();
-                notes.cap(c, round, n, level.count, why);
+                notes.cap(c, round, n, level.count, format!("{why:#}"));
                 capped = Some(n);
             }
         }

@@ -215,7 +215,7 @@ impl Drop for WorkDir {
 /// One row of the summary.
 struct Row {
     kernel: String,
-    outcome: Result<Outcome, String>,
+    outcome: Result<Outcome>,
     took: Duration,
 }
 
@@ -271,7 +271,7 @@ pub fn command(
             Ok((release, o)) => (release, Ok(o)),
             Err(e) => {
                 eprintln!("vm: {requested}: {e:#}");
-                (requested.clone(), Err(format!("{e:#}")))
+                (requested.clone(), Err(e))
             }
         };
         rows.push(Row {
@@ -377,7 +377,7 @@ fn print_table(rows: &[Row]) {
                 );
             }
             Err(e) => println!(
-                "| {} | - | - | error: {e} | {}m{:02}s |",
+                "| {} | - | - | error: {e:#} | {}m{:02}s |",
                 r.kernel,
                 secs / 60,
                 secs % 60
