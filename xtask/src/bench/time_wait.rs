@@ -30,11 +30,11 @@ use anyhow::{bail, Context as _, Result};
 use super::{
     client::percentile,
     contenders::{free_port, haproxy_config, listening, log_tail},
+    plan::ECHO_PORT,
     report::{group, today},
     server::GREETING,
     sys,
     topology::{check_stop, Proc, STOP},
-    ECHO_PORT,
 };
 use crate::util::{output, run};
 
