@@ -225,11 +225,52 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
             hello: &[],
         });
     }
+    let port = free_port()?;
+    let log = env.guard.dir.join(format!("{}-{tag}.log", c.slug()));
+    let mut cmd = command(c, env, port, up, tag)?;
+    let file = fs::File::create(&log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    let proc = Proc::spawn(c.name(), &mut cmd)?;
+    let (addr, ns_pid) = if in_ns(c) {
+        (env.upstream_addr(port), Some(proc.pid()))
+    } else {
+        (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), None)
+    };
+    let mut inst = Instance {
+        addr,
+        proc: Some(proc),
+        log: Some(log),
+        hello: if c == Contender::AutoSni {
+            hello::client_hello()
+        } else {
+            &[]
+        },
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listening(ns_pid, port) {
+        check_stop()?;
+        inst.check_alive()?;
+        if Instant::now() > deadline {
+            bail!(
+                "{} does not listen on {addr} after 10 s; {}",
+                c.name(),
+                log_tail(inst.log.as_deref())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(inst)
+}
+
+/// The command that starts forwarder `c` (not `direct`) on 127.0.0.1:`port` (in the namespace:
+/// [::]:`port`) in front of upstream port `up`; its configuration, if any, written beside the
+/// log. `tag` names the files.
+fn command(c: Contender, env: &Env, port: u16, up: u16, tag: &str) -> Result<Command> {
     let dir = &env.guard.dir;
     let iface = &env.guard.host_if;
-    let port = free_port()?;
-    let log = dir.join(format!("{}-{tag}.log", c.slug()));
-    let mut cmd = match c {
+    Ok(match c {
         Contender::Direct => unreachable!(),
         Contender::Auto
         | Contender::AutoSni
@@ -279,41 +320,7 @@ pub fn start(c: Contender, env: &Env, up: u16, tag: &str) -> Result<Instance> {
                 .arg(target);
             cmd
         }
-    };
-    let file = fs::File::create(&log)?;
-    cmd.stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
-    let proc = Proc::spawn(c.name(), &mut cmd)?;
-    let (addr, ns_pid) = if in_ns(c) {
-        (env.upstream_addr(port), Some(proc.pid()))
-    } else {
-        (SocketAddr::from((Ipv4Addr::LOCALHOST, port)), None)
-    };
-    let mut inst = Instance {
-        addr,
-        proc: Some(proc),
-        log: Some(log),
-        hello: if c == Contender::AutoSni {
-            hello::client_hello()
-        } else {
-            &[]
-        },
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !listening(ns_pid, port) {
-        check_stop()?;
-        inst.check_alive()?;
-        if Instant::now() > deadline {
-            bail!(
-                "{} does not listen on {addr} after 10 s; {}",
-                c.name(),
-                log_tail(inst.log.as_deref())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Ok(inst)
+    })
 }
 
 /// HAProxy's configuration as every bench run uses it (the main bench and `--time-wait`): TCP
