@@ -6,7 +6,7 @@
 use std::{
     env, fs,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -51,85 +51,12 @@ struct Demo {
 }
 
 impl Demo {
-    fn run(&mut self, bin: &std::path::Path) -> Result<()> {
-        // The handler only sets a flag; exec resets it to the default in the children, so
-        // Ctrl-C (sent to the whole foreground group) also reaches spliced and the server.
-        // SAFETY: `on_signal` is async-signal-safe (one atomic store).
-        unsafe {
-            libc::signal(
-                libc::SIGINT,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
-            libc::signal(
-                libc::SIGTERM,
-                on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
-            );
-        }
+    fn run(&mut self, bin: &Path) -> Result<()> {
+        catch_signals();
         self.topology()?;
-
-        let dir = env::temp_dir().join(format!("spliced-demo-{}", std::process::id()));
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        self.dir = Some(dir.clone());
-        fs::write(dir.join("index.html"), format!("<p>Hello! {MARKER}.</p>\n"))?;
-        fs::write(dir.join("64MiB.bin"), vec![0x5a; 64 << 20])?;
-        let server = Command::new("ip")
-            .args(["netns", "exec", NETNS, "python3", "-m", "http.server"])
-            .args(["--bind", "::", "--directory"])
-            .arg(&dir)
-            .arg(UPSTREAM_PORT.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start python3 -m http.server in the namespace")?;
-        self.server = Some(server);
-        let upstream = format!("[fe80::2%{HOST_IF}]:{UPSTREAM_PORT}");
-        wait_until("the HTTP server in the namespace answers", || {
-            curl(&format!("http://{upstream}/"), &[]).is_ok()
-        })?;
-
-        let port = free_port()?;
-        let listen = format!("127.0.0.1:{port}");
-        eprintln!(
-            "demo: starting {} --listen {listen} --upstream {upstream}",
-            bin.display()
-        );
-        let spliced = Command::new(bin)
-            .args(["--listen", &listen, "--upstream", &upstream])
-            .env(
-                "RUST_LOG",
-                env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .spawn()
-            .context("cannot start spliced")?;
-        self.spliced = Some(spliced);
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        wait_until("spliced listens", || {
-            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        })?;
-        thread::sleep(Duration::from_millis(200));
-
-        let url = format!("http://{listen}/");
-        eprintln!("demo: $ curl -sS {url}");
-        let body = curl(&url, &[])?;
-        print!("{body}");
-        if !body.contains(MARKER) {
-            bail!("the page fetched through spliced is not the upstream's: {body:?}");
-        }
-        let big = format!("http://{listen}/64MiB.bin");
-        eprintln!("demo: $ curl -sS -o /dev/null {big}");
-        let stats = curl(
-            &big,
-            &[
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{size_download} bytes at %{speed_download} bytes/s",
-            ],
-        )?;
-        println!("{stats}");
-        if !stats.starts_with(&(64u64 << 20).to_string()) {
-            bail!("the 64 MiB download through spliced came back short: {stats}");
-        }
+        let upstream = self.serve()?;
+        let listen = self.start_spliced(bin, &upstream)?;
+        fetch(&listen)?;
         thread::sleep(Duration::from_millis(300));
         println!(
             "\nspliced forwards {listen} -> {upstream} (an IPv6 link-local address with its zone).\n\
@@ -150,6 +77,57 @@ impl Demo {
         }
         eprintln!("demo: stopping");
         Ok(())
+    }
+
+    /// The HTTP server in the namespace, serving a marked page and 64 MiB from a directory of
+    /// its own; returns its address once it answers.
+    fn serve(&mut self) -> Result<String> {
+        let dir = env::temp_dir().join(format!("spliced-demo-{}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        self.dir = Some(dir.clone());
+        fs::write(dir.join("index.html"), format!("<p>Hello! {MARKER}.</p>\n"))?;
+        fs::write(dir.join("64MiB.bin"), vec![0x5a; 64 << 20])?;
+        let server = Command::new("ip")
+            .args(["netns", "exec", NETNS, "python3", "-m", "http.server"])
+            .args(["--bind", "::", "--directory"])
+            .arg(&dir)
+            .arg(UPSTREAM_PORT.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start python3 -m http.server in the namespace")?;
+        self.server = Some(server);
+        let upstream = format!("[fe80::2%{HOST_IF}]:{UPSTREAM_PORT}");
+        wait_until("the HTTP server in the namespace answers", || {
+            curl(&format!("http://{upstream}/"), &[]).is_ok()
+        })?;
+        Ok(upstream)
+    }
+
+    /// spliced on a free port of 127.0.0.1 in front of `upstream`; returns its listening
+    /// address once it accepts.
+    fn start_spliced(&mut self, bin: &Path, upstream: &str) -> Result<String> {
+        let port = free_port()?;
+        let listen = format!("127.0.0.1:{port}");
+        eprintln!(
+            "demo: starting {} --listen {listen} --upstream {upstream}",
+            bin.display()
+        );
+        let spliced = Command::new(bin)
+            .args(["--listen", &listen, "--upstream", upstream])
+            .env(
+                "RUST_LOG",
+                env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .spawn()
+            .context("cannot start spliced")?;
+        self.spliced = Some(spliced);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        wait_until("spliced listens", || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        })?;
+        thread::sleep(Duration::from_millis(200));
+        Ok(listen)
     }
 
     fn topology(&mut self) -> Result<()> {
@@ -213,6 +191,49 @@ impl Demo {
         }
         eprintln!("demo: cleaned up");
     }
+}
+
+/// Ctrl-C and SIGTERM only set [`STOP`]; exec resets the handlers to the default in the
+/// children, so Ctrl-C (sent to the whole foreground group) also reaches spliced and the server.
+fn catch_signals() {
+    // SAFETY: `on_signal` is async-signal-safe (one atomic store).
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
+}
+
+/// The page and the 64 MiB file through spliced at `listen`, each checked; prints both.
+fn fetch(listen: &str) -> Result<()> {
+    let url = format!("http://{listen}/");
+    eprintln!("demo: $ curl -sS {url}");
+    let body = curl(&url, &[])?;
+    print!("{body}");
+    if !body.contains(MARKER) {
+        bail!("the page fetched through spliced is not the upstream's: {body:?}");
+    }
+    let big = format!("http://{listen}/64MiB.bin");
+    eprintln!("demo: $ curl -sS -o /dev/null {big}");
+    let stats = curl(
+        &big,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download} bytes at %{speed_download} bytes/s",
+        ],
+    )?;
+    println!("{stats}");
+    if !stats.starts_with(&(64u64 << 20).to_string()) {
+        bail!("the 64 MiB download through spliced came back short: {stats}");
+    }
+    Ok(())
 }
 
 /// SIGTERM, up to 5 s for a clean exit, then SIGKILL.

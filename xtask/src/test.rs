@@ -32,14 +32,40 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
     if !steps.run("setup", crate::setup::run) {
         return steps.finish();
     }
+    checks(&mut steps, &root);
+    // Every parser of untrusted bytes, 45 s per target from the checked-in corpora.
+    steps.run("fuzz", crate::fuzz::ci);
+    let mut bin = None;
+    steps.run("build", || {
+        bin = Some(crate::build::build_spliced(false)?);
+        // The release build is what the bench step measures; built here so that step only
+        // measures.
+        crate::build::build_spliced(true)?;
+        Ok(())
+    });
+    match bin {
+        Some(bin) => after_build(&mut steps, &root, &bin, &args),
+        None => steps.skipped.extend([
+            "tests",
+            "integration tests in VMs (oldest and newest kernel)",
+            "integration tests in VMs (arm64, newest kernel)",
+            "system test (amd64)",
+            "bench (quick)",
+        ]),
+    }
+    steps.finish()
+}
+
+/// fmt, and clippy on the host crates and on the eBPF crate.
+fn checks(steps: &mut Steps, root: &Path) {
     steps.run("fmt", || {
         run(cargo()
-            .current_dir(&root)
+            .current_dir(root)
             .args(["fmt", "--all", "--", "--check"]))
     });
     steps.run("clippy (host)", || {
         run(cargo()
-            .current_dir(&root)
+            .current_dir(root)
             .env("AYA_BUILD_SKIP", "1")
             .args([
                 "clippy",
@@ -63,80 +89,63 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
             ])
             .args(["-Z", "build-std=core", "--", "-D", "warnings"]))
     });
-    // Every parser of untrusted bytes, 45 s per target from the checked-in corpora.
-    steps.run("fuzz", crate::fuzz::ci);
-    let mut bin = None;
-    steps.run("build", || {
-        bin = Some(crate::build::build_spliced(false)?);
-        // The release build is what the bench step measures; built here so that step only
-        // measures.
-        crate::build::build_spliced(true)?;
-        Ok(())
+}
+
+/// The steps that need the build: the tests, the VM suite (the arm64 guest in the background
+/// beside the amd64 ones), the system test, and the quick bench if everything else passed.
+fn after_build(steps: &mut Steps, root: &Path, bin: &Path, args: &[OsString]) {
+    steps.run("tests", || {
+        remove_stale_namespaces()?;
+        run(cargo()
+            .current_dir(root)
+            .env("SPLICED_REQUIRE_EBPF", "1")
+            .env("SPLICED_BIN", bin)
+            .env("PATH", path_with_cargo_bin()?)
+            // Every test binary runs even when one fails: a failure must not hide
+            // the others' results.
+            .args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "proxy-ebpf",
+                "--no-fail-fast",
+            ])
+            .args(args))
     });
-    match bin {
-        Some(bin) => {
-            steps.run("tests", || {
-                remove_stale_namespaces()?;
-                run(cargo()
-                    .current_dir(&root)
-                    .env("SPLICED_REQUIRE_EBPF", "1")
-                    .env("SPLICED_BIN", &bin)
-                    .env("PATH", path_with_cargo_bin()?)
-                    // Every test binary runs even when one fails: a failure must not hide
-                    // the others' results.
-                    .args([
-                        "test",
-                        "--workspace",
-                        "--exclude",
-                        "proxy-ebpf",
-                        "--no-fail-fast",
-                    ])
-                    .args(&args))
-            });
-            // The newest arm64 kernel under qemu-system-aarch64 runs beside the amd64 guests:
-            // each QEMU under TCG keeps one of the two cores busy, so together they take about
-            // as long as the arm64 guest alone. A child xtask stopped at its bound; its output
-            // is printed when it ends.
-            let arm64 = Background::start(
-                &["integration-test", "vm", "--arch", "arm64", "--kernel"],
-                &crate::vm::ci_kernels_arm64(),
-            );
-            // The oldest and the newest kernel in QEMU (about 6 minutes; see crate::vm).
-            steps.run(
-                "integration tests in VMs (oldest and newest kernel)",
-                || {
-                    crate::vm::command(
-                        crate::arch::Arch::Amd64,
-                        crate::vm::ci_kernels(),
-                        &[],
-                        CI_GUEST_LIMIT,
-                    )
-                },
-            );
-            steps.run("integration tests in VMs (arm64, newest kernel)", || {
-                arm64?.finish(CI_ARM64_VM_LIMIT)
-            });
-            // The package under a real systemd: a child xtask stopped at its bound.
-            steps.run("system test (amd64)", || {
-                xtask_bounded(&["system-test", "--arch", "amd64"], &[], CI_SYSTEM_LIMIT)
-            });
-            // Only on a tree that passed everything else: a benchmark of a broken build says
-            // nothing.
-            if steps.failed.is_empty() {
-                steps.run("bench (quick)", bench_quick);
-            } else {
-                steps.skipped.push("bench (quick)");
-            }
-        }
-        None => steps.skipped.extend([
-            "tests",
-            "integration tests in VMs (oldest and newest kernel)",
-            "integration tests in VMs (arm64, newest kernel)",
-            "system test (amd64)",
-            "bench (quick)",
-        ]),
+    // The newest arm64 kernel under qemu-system-aarch64 runs beside the amd64 guests:
+    // each QEMU under TCG keeps one of the two cores busy, so together they take about
+    // as long as the arm64 guest alone. A child xtask stopped at its bound; its output
+    // is printed when it ends.
+    let arm64 = Background::start(
+        &["integration-test", "vm", "--arch", "arm64", "--kernel"],
+        &crate::vm::ci_kernels_arm64(),
+    );
+    // The oldest and the newest kernel in QEMU (about 6 minutes; see crate::vm).
+    steps.run(
+        "integration tests in VMs (oldest and newest kernel)",
+        || {
+            crate::vm::command(
+                crate::arch::Arch::Amd64,
+                crate::vm::ci_kernels(),
+                &[],
+                CI_GUEST_LIMIT,
+            )
+        },
+    );
+    steps.run("integration tests in VMs (arm64, newest kernel)", || {
+        arm64?.finish(CI_ARM64_VM_LIMIT)
+    });
+    // The package under a real systemd: a child xtask stopped at its bound.
+    steps.run("system test (amd64)", || {
+        xtask_bounded(&["system-test", "--arch", "amd64"], &[], CI_SYSTEM_LIMIT)
+    });
+    // Only on a tree that passed everything else: a benchmark of a broken build says
+    // nothing.
+    if steps.failed.is_empty() {
+        steps.run("bench (quick)", bench_quick);
+    } else {
+        steps.skipped.push("bench (quick)");
     }
-    steps.finish()
 }
 
 /// `cargo xtask integration-test local`: setup, the build, and the integration tests (tests/) on
