@@ -112,8 +112,9 @@ pub fn mem_available() -> u64 {
 
 /// Defines one `#[test]` per data path calling `$body(mode)`: `per_mode!(name, body);` for
 /// sockmap, splice and copy; `per_mode!(name, body, and_auto);` adds `auto`, which starts
-/// connections on the copy path and moves them to sockmap after 256 KiB or 100 ms (where sockmap
-/// works; splice otherwise); `per_mode!(name, body, [sockmap, splice]);` names the paths.
+/// connections on the copy path and moves them on after 256 KiB (to splice), 32 turns of the
+/// talk or 100 ms (to sockmap where it works; splice otherwise); `per_mode!(name, body,
+/// [sockmap, splice]);` names the paths.
 #[macro_export]
 macro_rules! per_mode {
     (@tests $name:ident, $body:path, $($mode:ident)+) => {

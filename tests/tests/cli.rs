@@ -698,7 +698,8 @@ fn startup_log_names_the_data_path() {
         );
     }
     // The connection really takes that path: with sockmap, `auto` starts on the copy path and
-    // moves a connection on after 256 KiB or 100 ms (datapath.rs tests the move); a short
+    // moves a connection on after 256 KiB, 32 turns of the talk or 100 ms (datapath.rs tests the
+    // move); a short
     // exchange like this one ends before, unless the machine is so slow (a TCG guest) that it
     // lived past 100 ms: then it may have moved on (to sockmap, or to splice where sockmap
     // declined it), or not (the timer starts after the dial, and a FIN first keeps it on copy).

@@ -101,13 +101,19 @@ impl Outcome {
     }
 }
 
-/// When an `auto` connection leaves the copy path: after 256 KiB (to splice), or 100 ms (to
-/// sockmap). Measured with 100-byte exchanges on the bench topology: the daemon spends 260-300
-/// µs of CPU per connection through sockmap against 200 µs through copy (kernel networking
-/// included; the difference is map updates and psock set-up and tear-down), about what copying
-/// 256 KiB costs.
+/// When an `auto` connection leaves the copy path: after 256 KiB (to splice), or 32 turns of
+/// the talk or 100 ms (to sockmap). Measured with 100-byte exchanges on the bench topology: the daemon
+/// spends 260-300 µs of CPU per connection through sockmap against 200 µs through copy (kernel
+/// networking included; the difference is map updates and psock set-up and tear-down), about
+/// what copying 256 KiB costs, or a few round trips: each costs the copy path two wake-ups of
+/// the daemon (a 64-byte round trip connection spent 40-60 ms of daemon CPU in its first 100
+/// ms on copy, about 800 round trips, and none after it on sockmap). 32 turns (16 requests and
+/// their responses) keep a short exchange, or a keep-alive connection with a few requests, on
+/// copy, and move a chatty one on within milliseconds instead of 100; a bulk transfer turns a
+/// few times at most, so it still reaches 256 KiB first and goes to splice.
 const PROMOTION: userspace::Promotion = userspace::Promotion {
     bytes: 256 * 1024,
+    turns: 32,
     after: Duration::from_millis(100),
 };
 
@@ -118,7 +124,7 @@ pub enum Plan {
     /// Into sockmap at once (`mode = "sockmap"`).
     Sockmap,
     /// The copy path first (`auto`); a connection that moves 256 KiB in its first 100 ms goes
-    /// on to splice, one that lives longer to sockmap. Bulk moves faster and at less machine
+    /// on to splice, one that turns 32 times (request, response) or lives longer to sockmap. Bulk moves faster and at less machine
     /// CPU per GB through splice than through sockmap (whose psock backlog worker does the
     /// copy the daemon no longer does); small exchanges on a long-lived connection (round
     /// trips, idle keep-alive) gain most from sockmap: no wakeup of the daemon per message,
@@ -192,13 +198,18 @@ pub async fn carry(
                     upstream,
                     up,
                     down,
-                    by: userspace::Reached::Age,
+                    by: by @ (userspace::Reached::Age | userspace::Reached::Turns),
                 } => {
                     tracing::debug!(
                         route = cx.route,
                         up,
                         down,
-                        "long-lived: from copy to sockmap"
+                        "{}: from copy to sockmap",
+                        if by == userspace::Reached::Age {
+                            "long-lived"
+                        } else {
+                            "many small messages"
+                        }
                     );
                     kernel(sockmap, cx, client, upstream, (up, down)).await
                 }

@@ -6,7 +6,7 @@ use std::{
     mem::MaybeUninit,
     os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     pin::pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, AtomicU8, Ordering},
     time::Duration,
 };
 
@@ -158,19 +158,58 @@ enum Failed {
 }
 
 /// Asks the pumps of a connection to stop at their next quiet point (everything read has been
-/// written, nothing more read), so that the connection can move to the sockmap path. Fires
-/// when the pumps together have moved `after_bytes`, or when the driver cancels it.
+/// written, nothing more read), so that the connection can move to another path. Fires when
+/// the pumps together have moved `after_bytes`, or the talk has turned `after_turns` times
+/// (a read in the other direction than the read before it: a request, then its response), or
+/// when the driver cancels it.
 struct Pause {
     token: CancellationToken,
     moved: AtomicU64,
     after_bytes: u64,
+    /// The side of the last read ([`Side`] as a number, 0 before the first).
+    last: AtomicU8,
+    turns: AtomicU64,
+    after_turns: u64,
+}
+
+/// Which pump read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Up = 1,
+    Down = 2,
 }
 
 impl Pause {
+    fn new(promotion: &Promotion) -> Pause {
+        Pause {
+            token: CancellationToken::new(),
+            moved: AtomicU64::new(0),
+            after_bytes: promotion.bytes,
+            last: AtomicU8::new(0),
+            turns: AtomicU64::new(0),
+            after_turns: promotion.turns,
+        }
+    }
+
+    /// Counts a read of some bytes by the pump on `side`: a turn if the last read was the
+    /// other side's. A bulk transfer reads many times on one side and turns a few times at
+    /// most, so it reaches `after_bytes` first, whatever the size of its reads.
+    fn read(&self, side: Side) {
+        let before = self.last.swap(side as u8, Ordering::Relaxed);
+        if before != 0
+            && before != side as u8
+            && self.turns.fetch_add(1, Ordering::Relaxed) + 1 >= self.after_turns
+        {
+            self.token.cancel();
+        }
+    }
+
     /// Which limit fired (called once both pumps stopped on it).
     fn reached(&self) -> Reached {
         if self.moved.load(Ordering::Relaxed) >= self.after_bytes {
             Reached::Bytes
+        } else if self.turns.load(Ordering::Relaxed) >= self.after_turns {
+            Reached::Turns
         } else {
             Reached::Age
         }
@@ -202,8 +241,9 @@ async fn pump(
     dst: &TcpStream,
     mover: &mut impl Mover,
     count: &AtomicU64,
-    pause: Option<&Pause>,
+    side_pause: Option<(&Pause, Side)>,
 ) -> Result<Pumped, Failed> {
+    let pause = side_pause.map(|(p, _)| p);
     // Whether the last read took everything `src` had queued. A pause waits for that: a read
     // that filled the store may have stopped inside an skb, and the verdict program, once
     // attached, would receive that skb whole, the bytes already read included (measured: the
@@ -226,6 +266,9 @@ async fn pump(
         if n == 0 {
             sockopt::shutdown_write(dst).map_err(Failed::Destination)?;
             return Ok(Pumped::Eof);
+        }
+        if let Some((p, side)) = side_pause {
+            p.read(side);
         }
         drained = n < mover.capacity();
         while mover.pending() > 0 {
@@ -319,20 +362,24 @@ async fn drive_rest(
     End::Complete
 }
 
-/// When a connection on the copy path moves to sockmap: after `bytes` in both directions
-/// together, or after `after`, whichever comes first, at a moment when the daemon holds no
-/// byte of it and neither side has sent its FIN.
+/// When a connection on the copy path moves on: after `bytes` in both directions together,
+/// after `turns` turns of the talk (a read on the other side than the read before), or after
+/// `after`, whichever comes first, at a moment when the daemon holds no byte of it and neither
+/// side has sent its FIN.
 #[derive(Clone, Copy, Debug)]
 pub struct Promotion {
     pub bytes: u64,
+    pub turns: u64,
     pub after: Duration,
 }
 
 /// Which limit of a [`Promotion`] a connection reached first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reached {
-    /// `bytes` before `after`: a bulk transfer.
+    /// `bytes` first: a bulk transfer.
     Bytes,
+    /// `turns` first: request and response, many times (round trips, a chatty protocol).
+    Turns,
     /// `after` first: a long-lived connection.
     Age,
 }
@@ -363,19 +410,21 @@ pub async fn copy_then_promote(
 ) -> Started {
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut up_store, mut down_store) = (Buffer::new(), Buffer::new());
-    let pause = Pause {
-        token: CancellationToken::new(),
-        moved: AtomicU64::new(0),
-        after_bytes: promotion.bytes,
-    };
+    let pause = Pause::new(&promotion);
     let first = async {
-        let mut upload = pin!(pump(&client, &upstream, &mut up_store, &up, Some(&pause)));
+        let mut upload = pin!(pump(
+            &client,
+            &upstream,
+            &mut up_store,
+            &up,
+            Some((&pause, Side::Up))
+        ));
         let mut download = pin!(pump(
             &upstream,
             &client,
             &mut down_store,
             &down,
-            Some(&pause)
+            Some((&pause, Side::Down))
         ));
         let deadline = tokio::time::sleep(promotion.after);
         let mut deadline = pin!(deadline);
@@ -435,3 +484,7 @@ pub async fn copy_then_promote(
         end,
     ))
 }
+
+#[cfg(test)]
+#[path = "promotion_tests.rs"]
+mod promotion_tests;
