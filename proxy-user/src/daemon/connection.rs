@@ -170,19 +170,7 @@ async fn open(
         }
         None => Vec::new(),
     };
-    // The last read of the client before its data path.
-    let planned = route.plan_of(chosen.rule);
-    // A route that neither peeks nor takes PROXY headers has read nothing of the client: its
-    // queue holds whole skbs, and the two system calls that would ask the kernel are saved.
-    let reads_first = !route.route.matches.is_empty() || !route.route.accept_proxy.is_empty();
-    let plan = if reads_first {
-        end_reads_on_skb_boundary(client, &mut chosen.head, planned)
-    } else {
-        planned
-    };
-    if plan != planned {
-        debug!(route = %route.route.name, client = %peer, "the client kept sending while it was read before the data path: splice, not sockmap");
-    }
+    let plan = last_read(client, route, &mut chosen, peer);
     chosen.client_bytes = chosen.head.len();
     first.append(&mut chosen.head);
     if !first.is_empty() {
@@ -206,6 +194,28 @@ async fn open(
         client: peer,
         via: front.via,
     })
+}
+
+/// The last read of the client before its data path, and that path: the route's (or match's)
+/// plan, or splice where the read could not end on an skb boundary.
+fn last_read(
+    client: &TcpStream,
+    route: &RouteState,
+    chosen: &mut routing::Chosen,
+    peer: SocketAddr,
+) -> Plan {
+    let planned = route.plan_of(chosen.rule);
+    // A route that neither peeks nor takes PROXY headers has read nothing of the client: its
+    // queue holds whole skbs, and the two system calls that would ask the kernel are saved.
+    let reads_first = !route.route.matches.is_empty() || !route.route.accept_proxy.is_empty();
+    if !reads_first {
+        return planned;
+    }
+    let plan = end_reads_on_skb_boundary(client, &mut chosen.head, planned);
+    if plan != planned {
+        debug!(route = %route.route.name, client = %peer, "the client kept sending while it was read before the data path: splice, not sockmap");
+    }
+    plan
 }
 
 /// Kernel trap (docs/sockmap.md trap 11, *read before the insert*): a socket entering the

@@ -411,21 +411,10 @@ pub async fn copy_then_promote(
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let (mut up_store, mut down_store) = (Buffer::new(), Buffer::new());
     let pause = Pause::new(&promotion);
+    let (up_pause, down_pause) = (Some((&pause, Side::Up)), Some((&pause, Side::Down)));
     let first = async {
-        let mut upload = pin!(pump(
-            &client,
-            &upstream,
-            &mut up_store,
-            &up,
-            Some((&pause, Side::Up))
-        ));
-        let mut download = pin!(pump(
-            &upstream,
-            &client,
-            &mut down_store,
-            &down,
-            Some((&pause, Side::Down))
-        ));
+        let mut upload = pin!(pump(&client, &upstream, &mut up_store, &up, up_pause));
+        let mut download = pin!(pump(&upstream, &client, &mut down_store, &down, down_pause));
         let deadline = tokio::time::sleep(promotion.after);
         let mut deadline = pin!(deadline);
         let (mut up_state, mut down_state) = (None, None);
