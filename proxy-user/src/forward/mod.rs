@@ -7,6 +7,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ebpf::Sockmap;
 
+mod bulk;
 pub mod sockmap;
 pub mod userspace;
 
@@ -101,8 +102,8 @@ impl Outcome {
     }
 }
 
-/// When an `auto` connection leaves the copy path: after 256 KiB (to splice), or 32 turns of
-/// the talk or 100 ms (to sockmap). Measured with 100-byte exchanges on the bench topology: the daemon
+/// When an `auto` connection leaves the copy path: after 256 KiB (to splice, or to sockmap where
+/// the bytes go out on loopback: see [`bulk`]), or 32 turns of the talk or 100 ms (to sockmap). Measured with 100-byte exchanges on the bench topology: the daemon
 /// spends 260-300 µs of CPU per connection through sockmap against 200 µs through copy (kernel
 /// networking included; the difference is map updates and psock set-up and tear-down), about
 /// what copying 256 KiB costs, or a few round trips: each costs the copy path two wake-ups of
@@ -124,11 +125,10 @@ pub enum Plan {
     /// Into sockmap at once (`mode = "sockmap"`).
     Sockmap,
     /// The copy path first (`auto`); a connection that moves 256 KiB in its first 100 ms goes
-    /// on to splice, one that turns 32 times (request, response) or lives longer to sockmap. Bulk moves faster and at less machine
-    /// CPU per GB through splice than through sockmap (whose psock backlog worker does the
-    /// copy the daemon no longer does); small exchanges on a long-lived connection (round
-    /// trips, idle keep-alive) gain most from sockmap: no wakeup of the daemon per message,
-    /// no pipes held. See docs/benchmarks.md.
+    /// on to splice, or to sockmap where most of its bytes go out on loopback (measured faster
+    /// and cheaper per GB there, and slower on a veth: see [`bulk`]); one that turns 32 times
+    /// (request, response) or lives longer goes to sockmap: no wakeup of the daemon per
+    /// message, no pipes held. See docs/benchmarks.md.
     CopyThenSockmap,
     /// splice(2) (`splice`, or `auto` without the eBPF program).
     Splice,
@@ -189,7 +189,12 @@ pub async fn carry(
                     down,
                     by: userspace::Reached::Bytes,
                 } => {
-                    tracing::debug!(route = cx.route, up, down, "bulk: from copy to splice");
+                    let addrs = |s: &TcpStream| Ok((s.local_addr()?, s.peer_addr()?));
+                    let to = bulk::path(up, down, addrs(&client), addrs(&upstream));
+                    tracing::debug!(route = cx.route, up, down, "bulk: from copy to {to}");
+                    if to == DataPath::Sockmap {
+                        return kernel(sockmap, cx, client, upstream, (up, down)).await;
+                    }
                     let o = userspace::splice(client, upstream, cx.cancel).await;
                     (DataPath::Splice, o.plus((up, down)))
                 }
