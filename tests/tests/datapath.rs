@@ -111,7 +111,11 @@ fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, 
         // connection half-closed before that stays on the copy path.)
         let log = s.spliced.log();
         let line = closed_lines(&log)[0];
-        let expected = if down > up { "path=sockmap" } else { "path=splice" };
+        let expected = if down > up {
+            "path=sockmap"
+        } else {
+            "path=splice"
+        };
         assert!(line.contains(expected), "not moved to {expected}: {line}");
     }
 }
