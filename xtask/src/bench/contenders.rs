@@ -56,6 +56,20 @@ impl Contender {
         Contender::Proxyd,
     ];
 
+    /// Whether this is spliced (in any mode or set-up), not another forwarder or `direct`.
+    pub fn is_spliced(self) -> bool {
+        matches!(
+            self,
+            Contender::Auto
+                | Contender::AutoSni
+                | Contender::AutoNs
+                | Contender::AutoXdp
+                | Contender::Sockmap
+                | Contender::Splice
+                | Contender::Copy
+        )
+    }
+
     /// The row label of the report.
     pub fn name(self) -> &'static str {
         match self {
@@ -272,6 +286,7 @@ fn command(c: Contender, env: &Env, port: u16, up: u16, tag: &str) -> Result<Com
     let iface = &env.guard.host_if;
     Ok(match c {
         Contender::Direct => unreachable!(),
+        // Spelled out, not `is_spliced()`: the match stays exhaustive over new contenders.
         Contender::Auto
         | Contender::AutoSni
         | Contender::AutoNs

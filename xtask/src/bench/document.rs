@@ -32,6 +32,8 @@ pub struct Document<'a> {
     pub descriptions: &'a [(Contender, String)],
     pub rows: &'a [Row],
     pub notes: &'a [String],
+    /// `auto` against the field (`verdict::section`), after the table, if there is one.
+    pub verdict: Option<&'a str>,
 }
 
 impl Document<'_> {
@@ -39,6 +41,9 @@ impl Document<'_> {
     pub fn render(&self) -> String {
         let mut md = String::new();
         self.head(&mut md);
+        if let Some(verdict) = self.verdict {
+            let _ = writeln!(md, "{verdict}");
+        }
         let _ = writeln!(md, "## What each figure is\n");
         for i in traffic_items(self.plan)
             .into_iter()

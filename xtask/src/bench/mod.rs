@@ -220,17 +220,6 @@ fn render(
             n.to_string_lossy().into_owned()
         });
     let kept = fs::read_to_string(output).unwrap_or_default();
-    let md = Document {
-        plan,
-        table: &table,
-        machine: &machine,
-        date: &date,
-        chart: &chart_name,
-        descriptions,
-        rows,
-        notes: &notes.lines(),
-    }
-    .render();
     let goal = [
         UP,
         DOWN,
@@ -241,10 +230,19 @@ fn render(
         ALL_CPU_DOWN,
         ALL_CPU_CONN,
     ];
-    let md = match verdict::section(figures, rows, &goal) {
-        Some(section) => verdict::insert(&md, &section),
-        None => md,
-    };
+    let verdict = verdict::section(figures, rows, &goal);
+    let md = Document {
+        plan,
+        table: &table,
+        machine: &machine,
+        date: &date,
+        chart: &chart_name,
+        descriptions,
+        rows,
+        notes: &notes.lines(),
+        verdict: verdict.as_deref(),
+    }
+    .render();
     // The --time-wait case's section stays until that case runs again.
     let md = match time_wait::kept_section(&kept) {
         Some(section) => time_wait::replace_section(&md, section),

@@ -72,16 +72,7 @@ impl Notes {
 
     /// A remark that `c` broke connections; for spliced, also a failure of the run.
     pub fn broke(&mut self, c: Contender, line: String) {
-        if matches!(
-            c,
-            Contender::Auto
-                | Contender::AutoSni
-                | Contender::AutoNs
-                | Contender::AutoXdp
-                | Contender::Sockmap
-                | Contender::Splice
-                | Contender::Copy
-        ) {
+        if c.is_spliced() {
             self.spliced_broke.push(line.clone());
         }
         self.lines.push(line);

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 
 use super::{
     contenders::Contender,
-    report::{Figure, Row, Sample},
+    report::{median, Figure, Row, Sample},
 };
 
 /// How far below spliced's best fixed mode `auto` may be on a figure (issue 17: within 5 %).
@@ -34,14 +34,7 @@ struct Versus {
 
 impl Versus {
     fn median(&self) -> f64 {
-        let mut v = self.ratios.clone();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
+        median(self.ratios.clone())
     }
 
     fn text(&self) -> String {
@@ -89,7 +82,7 @@ fn against(
         let better = |a: f64, b: f64| if figure.higher_better { a > b } else { a < b };
         if best
             .as_ref()
-            .is_none_or(|(_, b)| better(median(&v), median(b)))
+            .is_none_or(|(_, b)| better(median(v.clone()), median(b.clone())))
         {
             best = Some((row.contender, v));
         }
@@ -101,14 +94,6 @@ fn against(
         .map(|(a, t)| if figure.higher_better { a / t } else { t / a })
         .collect();
     Some(Versus { rival, ratios })
-}
-
-fn median(v: &[f64]) -> f64 {
-    Versus {
-        rival: Contender::Auto,
-        ratios: v.to_vec(),
-    }
-    .median()
 }
 
 /// What the goal says of one comparison.
@@ -165,16 +150,6 @@ pub fn section(figures: &[Figure], rows: &[Row], goal: &[usize]) -> Option<Strin
     })
 }
 
-/// `md` with `section` placed before the figures' descriptions (after the table and its
-/// legend), or at the end if the document has none.
-pub fn insert(md: &str, section: &str) -> String {
-    const NEXT: &str = "## What each figure is";
-    match md.find(NEXT) {
-        Some(at) => format!("{}{section}\n{}", &md[..at], &md[at..]),
-        None => format!("{md}\n{section}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,16 +192,6 @@ mod tests {
             s.contains("spliced splice: 1.00× (0.90–1.20; auto ahead in 2 of 3) | met |"),
             "{s}"
         );
-    }
-
-    #[test]
-    fn the_section_goes_before_the_descriptions() {
-        let md = "table\n\n## What each figure is\n\nx\n";
-        assert_eq!(
-            insert(md, "## auto\n"),
-            "table\n\n## auto\n\n## What each figure is\n\nx\n"
-        );
-        assert_eq!(insert("t\n", "## a\n"), "t\n\n## a\n");
     }
 
     #[test]
