@@ -24,14 +24,15 @@ use super::DataPath;
 
 /// The path for a connection that reached the bulk limit having moved `up` bytes client to
 /// upstream and `down` back: sockmap if the side receiving the larger share is a peer on this
-/// host (`client` for `down`, `upstream` for `up`, each as (local, peer) addresses).
+/// host (`client` for `down`, `upstream` for `up`, each giving (local, peer) addresses; only
+/// that side's are read).
 pub fn path(
     up: u64,
     down: u64,
-    client: io::Result<(SocketAddr, SocketAddr)>,
-    upstream: io::Result<(SocketAddr, SocketAddr)>,
+    client: impl FnOnce() -> io::Result<(SocketAddr, SocketAddr)>,
+    upstream: impl FnOnce() -> io::Result<(SocketAddr, SocketAddr)>,
 ) -> DataPath {
-    let receiver = if down >= up { client } else { upstream };
+    let receiver = if down >= up { client() } else { upstream() };
     match receiver {
         Ok((local, peer)) if on_this_host(local, peer) => DataPath::Sockmap,
         _ => DataPath::Splice,
@@ -50,8 +51,9 @@ fn on_this_host(local: SocketAddr, peer: SocketAddr) -> bool {
 mod tests {
     use super::*;
 
-    fn pair(local: &str, peer: &str) -> io::Result<(SocketAddr, SocketAddr)> {
-        Ok((local.parse().unwrap(), peer.parse().unwrap()))
+    fn pair(local: &str, peer: &str) -> impl FnOnce() -> io::Result<(SocketAddr, SocketAddr)> {
+        let addrs = (local.parse().unwrap(), peer.parse().unwrap());
+        move || Ok(addrs)
     }
 
     #[test]
@@ -91,11 +93,11 @@ mod tests {
         // An IPv4-mapped loopback peer.
         let mapped = pair("[::ffff:127.0.0.1]:443", "[::ffff:127.0.0.1]:40000");
         assert_eq!(
-            path(0, 1, mapped, Err(io::Error::other("x"))),
+            path(0, 1, mapped, || Err(io::Error::other("x"))),
             DataPath::Sockmap
         );
         // Addresses that cannot be read: splice, which works everywhere.
-        let err = || Err(io::Error::other("gone"));
+        let err = || || Err(io::Error::other("gone"));
         assert_eq!(path(0, 1, err(), err()), DataPath::Splice);
     }
 }

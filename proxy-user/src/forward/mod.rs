@@ -190,7 +190,7 @@ pub async fn carry(
                     by: userspace::Reached::Bytes,
                 } => {
                     let addrs = |s: &TcpStream| Ok((s.local_addr()?, s.peer_addr()?));
-                    let to = bulk::path(up, down, addrs(&client), addrs(&upstream));
+                    let to = bulk::path(up, down, || addrs(&client), || addrs(&upstream));
                     tracing::debug!(route = cx.route, up, down, "bulk: from copy to {to}");
                     if to == DataPath::Sockmap {
                         return kernel(sockmap, cx, client, upstream, (up, down)).await;
