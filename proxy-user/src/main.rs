@@ -11,6 +11,7 @@ use clap::Parser as _;
 use spliced::{
     cli::{Cli, Command},
     config::{Config, ConfigError, DEFAULT_CONTROL_SOCKET, EX_USAGE},
+    log_writer,
     systemd::Inherited,
     Daemon,
 };
@@ -21,11 +22,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return clap_error(&e),
     };
-    init_logging();
     match &cli.command {
-        Some(Command::Check { config }) => check(config),
-        Some(Command::Status { socket, config }) => status(socket.as_deref(), config.as_deref()),
-        None => serve(cli),
+        Some(Command::Check { config }) => {
+            init_logging(None);
+            check(config)
+        }
+        Some(Command::Status { socket, config }) => {
+            init_logging(None);
+            status(socket.as_deref(), config.as_deref())
+        }
+        None => serve(cli, daemon_log()),
     }
 }
 
@@ -78,7 +84,7 @@ fn status(socket: Option<&Path>, config: Option<&Path>) -> ExitCode {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-fn serve(cli: Cli) -> ExitCode {
+fn serve(cli: Cli, log: log_writer::LogWriter) -> ExitCode {
     // Kept for SIGHUP.
     let config_path = cli.config.clone();
     let config = match cli.into_config() {
@@ -101,7 +107,7 @@ fn serve(cli: Cli) -> ExitCode {
         .thread_keep_alive(Duration::from_secs(1))
         .build()
         .context("cannot start the runtime");
-    let result = runtime.and_then(|r| r.block_on(run(config, config_path, inherited)));
+    let result = runtime.and_then(|r| r.block_on(run(config, config_path, inherited, log)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -111,7 +117,12 @@ fn serve(cli: Cli) -> ExitCode {
     }
 }
 
-async fn run(config: Config, path: Option<PathBuf>, inherited: Vec<Inherited>) -> Result<()> {
+async fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    inherited: Vec<Inherited>,
+    log: log_writer::LogWriter,
+) -> Result<()> {
     let mut grace = config.grace_period;
     // Before anything is bound: a SIGTERM right after the "listening on" line must stop the
     // daemon gracefully, not kill it.
@@ -128,6 +139,12 @@ async fn run(config: Config, path: Option<PathBuf>, inherited: Vec<Inherited>) -
             return Err(anyhow!("cannot switch to user {name:?}: {e:#}; stopping"));
         }
     }
+    // After the privilege drop: the writer's thread takes the credentials of this one. Dropped
+    // at the end of `run`, which writes what is still buffered.
+    let _flusher = log
+        .start_buffering()
+        .inspect_err(|e| warn!("the log's writer thread did not start ({e}); logging line by line"))
+        .ok();
     notify(&format!("READY=1\nSTATUS=forwarding {routes} route(s)"));
     loop {
         match (signals.next().await, &path) {
@@ -175,14 +192,38 @@ fn usage_errors(errors: &[ConfigError]) -> ExitCode {
     ExitCode::from(EX_USAGE as u8)
 }
 
-/// `RUST_LOG`-style filtering, `info` by default. aya-log records from the eBPF program arrive
-/// through the `log` crate and are bridged into the same output.
-fn init_logging() {
-    use tracing_subscriber::EnvFilter;
+/// The daemon's log: to stderr through [`log_writer`], where, once the daemon runs, a
+/// connection's lines (and debug and trace lines) may wait up to `log_writer::FLUSH_EVERY` to
+/// share a `write`.
+fn daemon_log() -> log_writer::LogWriter {
+    fn bulk(meta: &tracing::Metadata<'_>) -> bool {
+        const PER_CONNECTION: [&str; 3] = [
+            "spliced::daemon::connection",
+            "spliced::daemon::routing",
+            "spliced::daemon::proxied",
+        ];
+        // Ordered from error (least) to trace (most verbose).
+        let level = *meta.level();
+        level > tracing::Level::INFO
+            || (level == tracing::Level::INFO && PER_CONNECTION.contains(&meta.target()))
+    }
+    let writer = log_writer::LogWriter::new(std::io::stderr(), bulk);
+    init_logging(Some(writer.clone()));
+    writer
+}
+
+/// `RUST_LOG`-style filtering, `info` by default, to `writer` or else stderr. aya-log records
+/// from the eBPF program arrive through the `log` crate and are bridged into the same output.
+fn init_logging(writer: Option<log_writer::LogWriter>) {
+    use tracing_subscriber::{fmt::writer::BoxMakeWriter, EnvFilter};
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = match writer {
+        Some(w) => BoxMakeWriter::new(w),
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
