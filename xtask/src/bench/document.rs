@@ -3,6 +3,7 @@
 use std::{fmt::Write as _, process::Command};
 
 use super::{
+    client,
     contenders::Contender,
     plan::Plan,
     report::{self, Row},
@@ -125,11 +126,14 @@ fn traffic_items(plan: &Plan) -> [String; 4] {
             a = plan.iperf_amount.join(" ")
         ),
         format!(
-            "**64 B round trips/s, p50, p99**: one connection, a 64-byte request echoed by the \
-             upstream before the next is sent, for {:.1} s; the rate and the median and 99th \
+            "**64 B round trips/s, p50, p99**: a 64-byte request echoed by the upstream before \
+             the next is sent, on {} connections one after the other, {:.2} s each (one \
+             connection's rate here varies 2-3x with the cores its client and forwarder land \
+             on; new connections land anew); the rate over all of them and the median and 99th \
              percentile of each round trip's time. Client and echo server are this bench's own \
              (Rust, TCP_NODELAY; the server in the namespace, started with `ip netns exec`).",
-            plan.rr_dur.as_secs_f64()
+            client::RT_CONNECTIONS,
+            plan.rr_dur.as_secs_f64() / client::RT_CONNECTIONS as f64
         ),
         format!(
             "**short conn/s**: {} client threads, each in turn: connect, 100 bytes up, 100 back \
@@ -159,7 +163,7 @@ fn traffic_items(plan: &Plan) -> [String; 4] {
 }
 
 /// What the CPU, memory and set-up figures are.
-fn cost_items(plan: &Plan) -> [String; 6] {
+fn cost_items(plan: &Plan) -> [String; 7] {
     let levels: Vec<String> = plan
         .levels
         .iter()
@@ -196,6 +200,9 @@ fn cost_items(plan: &Plan) -> [String; 6] {
             .into(),
         "**all tasks CPU µs per conn**: the same count over the short-connection run (the \
          upstream closes first), per connection: client, forwarder, upstream and kernel."
+            .into(),
+        "**all tasks CPU µs per round trip**: the same count over the round trips (their \
+         connections' set-up included), per round trip: client, forwarder, upstream and kernel."
             .into(),
         format!(
             "**daemon MiB @K idle** (K = {n}): the forwarder's memory with K idle connections \

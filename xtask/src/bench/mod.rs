@@ -7,7 +7,8 @@
 //! over the rounds. Per round and contender: an upload and a download with iperf3 (and the CPU
 //! they cost, the forwarder's and every task's on the machine), then, on a fresh forwarder, idle
 //! connections ramped to 100, 1,000 and N with set-up probes at each level and memory at N,
-//! 64-byte round trips on one connection, and short connections the upstream closes first
+//! 64-byte round trips (and every task's CPU per round trip) on a few connections in turn, and
+//! short connections the upstream closes first
 //! (their rate and every task's CPU per connection); last, on another fresh forwarder in front
 //! of an upstream port of its own, short connections the client closes first. The report goes
 //! to `docs/benchmarks.md` with a chart in `docs/benchmarks.svg`, and the table to stdout; the

@@ -161,7 +161,8 @@ pub const DAEMON_CPU: usize = 7;
 pub const ALL_CPU_UP: usize = 8;
 pub const ALL_CPU_DOWN: usize = 9;
 pub const ALL_CPU_CONN: usize = 10;
-const FIRST_MEMORY: usize = 11;
+pub const ALL_CPU_RR: usize = 11;
+const FIRST_MEMORY: usize = 12;
 
 /// The table's columns for `plan`, in order.
 pub fn figures(plan: &Plan) -> Vec<Figure> {
@@ -182,6 +183,7 @@ pub fn figures(plan: &Plan) -> Vec<Figure> {
         f("all tasks CPU s/GB up".into(), false, false),
         f("all tasks CPU s/GB down".into(), false, false),
         f("all tasks CPU µs per conn".into(), false, false),
+        f("all tasks CPU µs per round trip".into(), false, false),
     ];
     let mut memory: Vec<&Level> = plan
         .levels

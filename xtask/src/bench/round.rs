@@ -8,12 +8,13 @@ use super::{
     bulk,
     client::{self, Closer},
     contenders::{self, Contender, Env, Instance},
+    cpu,
     idle::idle_and_setup,
     notes::{short_error, Notes},
     perf,
     plan::{
-        small_port, Plan, ALL_CPU_CONN, ALL_CPU_DOWN, ALL_CPU_UP, DAEMON_CPU, DOWN, IPERF_PORT, RR,
-        RR_P50, RR_P99, SHORT, SHORT_CLIENT_CLOSES, UP,
+        small_port, Plan, ALL_CPU_CONN, ALL_CPU_DOWN, ALL_CPU_RR, ALL_CPU_UP, DAEMON_CPU, DOWN,
+        IPERF_PORT, RR, RR_P50, RR_P99, SHORT, SHORT_CLIENT_CLOSES, UP,
     },
     report::Sample,
     shorts::{self, TimeWait},
@@ -126,7 +127,8 @@ fn start_small(
     }
 }
 
-/// 64-byte round trips on one connection: their rate, p50 and p99.
+/// 64-byte round trips (on a few connections in turn, see `client::round_trips`): their rate,
+/// p50 and p99, and the CPU every task used per round trip.
 fn round_trips(
     c: Contender,
     inst: &Instance,
@@ -137,10 +139,13 @@ fn round_trips(
 ) -> Result<()> {
     let name = format!("{}-r{round}-round-trips", c.slug());
     let rr = perf::during(plan.perf(round), &name, inst.pid(), || {
-        client::round_trips(inst.target(), 64, plan.rr_dur, plan.rr_max)
+        let all0 = cpu::snapshot();
+        let rt = client::round_trips(inst.target(), 64, plan.rr_dur, plan.rr_max)?;
+        Ok((rt, all0.seconds_until(&cpu::snapshot())))
     });
     match rr {
-        Ok(rt) => {
+        Ok((rt, cpu)) => {
+            samples[ALL_CPU_RR].push(Sample::Value(cpu * 1e6 / rt.count as f64));
             samples[RR].push(Sample::Value(rt.per_sec));
             samples[RR_P50].push(Sample::Value(rt.p50_us));
             samples[RR_P99].push(Sample::Value(rt.p99_us));
