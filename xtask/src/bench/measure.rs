@@ -134,7 +134,9 @@ fn preflight_all(env: &mut Env, figures: &[Figure], notes: &mut Notes) -> Result
     Ok(rows)
 }
 
-/// Round `round` of every contender not skipped, in table order.
+/// Round `round` of every contender not skipped, in table order rotated by `round - 1`: no
+/// contender always follows the same one (a predecessor leaves its TIME_WAIT sockets, its page
+/// cache and its kernel threads' state behind for the next).
 fn run_round(
     env: &Env,
     plan: &Plan,
@@ -142,7 +144,10 @@ fn run_round(
     rows: &mut [Row],
     notes: &mut Notes,
 ) -> Result<()> {
-    for row in rows.iter_mut().filter(|r| r.skipped.is_none()) {
+    let mut live: Vec<&mut Row> = rows.iter_mut().filter(|r| r.skipped.is_none()).collect();
+    let n = live.len().max(1);
+    live.rotate_left((round - 1) % n);
+    for row in live {
         let c = row.contender;
         let t0 = Instant::now();
         let tag = format!("r{round}");
