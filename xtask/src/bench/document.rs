@@ -63,8 +63,8 @@ impl Document<'_> {
         let _ = writeln!(
         md,
         "Measured by `cargo xtask bench{}` on {date}: {} rounds, contenders interleaved round by \
-         round (each round starts one contender further down the table, so none always follows \
-         the same one), every figure the median over the rounds.\n",
+         round (each round in its own order: every k-th contender of the table, k differing from \
+         round to round, so none always follows the same one), every figure the median over the rounds.\n",
         if plan.quick { " --quick" } else { "" },
         plan.rounds
     );
