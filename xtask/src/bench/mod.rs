@@ -3,8 +3,9 @@
 //! the situation spliced is for: a client on the host, a forwarder on 127.0.0.1, an upstream at
 //! an IPv6 link-local address (fe80::2, `nodad`) in a network namespace behind a veth pair.
 //!
-//! Contenders are interleaved round by round (each round in its own order, see `measure::round_order`) and every figure is the
-//! median over the rounds. Per round and contender: an upload and a download with iperf3 (and the CPU
+//! Contenders are interleaved round by round (each round in its own order, see
+//! `measure::round_order`) and every figure is the median over the rounds. Per round and
+//! contender: an upload and a download with iperf3 (and the CPU
 //! they cost, the forwarder's and every task's on the machine), then, on a fresh forwarder, idle
 //! connections ramped to 100, 1,000 and N with set-up probes at each level and memory at N,
 //! 64-byte round trips (and every task's CPU per round trip) on a few connections in turn, and
