@@ -30,16 +30,20 @@ impl Sink {
     }
 }
 
+/// A fmt subscriber writing through `writer`, without colours.
+fn subscriber(writer: LogWriter) -> impl tracing::Subscriber {
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_ansi(false)
+        .finish()
+}
+
 /// Runs `f` with a fmt subscriber writing through a [`LogWriter`] to `sink`, where the lines of
 /// target `bulk` may wait; returns after the [`Flusher`] is dropped.
 fn logging(sink: &Sink, f: impl FnOnce()) {
     let writer = LogWriter::new(sink.clone(), |m| m.target() == "bulk");
     let flusher = writer.start_buffering().unwrap();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::with_default(subscriber, f);
+    tracing::subscriber::with_default(subscriber(writer), f);
     drop(flusher);
 }
 
@@ -115,11 +119,7 @@ fn a_stalled_reader_drops_lines_and_says_how_many() {
 fn lines_are_written_at_once_before_and_after_buffering() {
     let sink = Sink::default();
     let writer = LogWriter::new(sink.clone(), |_| true);
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(writer.clone())
-        .with_ansi(false)
-        .finish();
-    tracing::subscriber::with_default(subscriber, || {
+    tracing::subscriber::with_default(subscriber(writer.clone()), || {
         info!("starting");
         assert_eq!(sink.writes.lock().unwrap().len(), 1);
         let flusher = writer.start_buffering().unwrap();

@@ -166,9 +166,21 @@ pub fn recv_nonblocking(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> 
     recv_nonblocking_uninit(fd, buf)
 }
 
+/// [`recv_nonblocking`] of at most `max` bytes appended to `buf`, read into its spare capacity
+/// (no zeroing first: zeroing 256 KiB per read showed in a profile).
+pub fn recv_append(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> io::Result<Option<usize>> {
+    buf.reserve(max);
+    let got = recv_nonblocking_uninit(fd, &mut buf.spare_capacity_mut()[..max])?;
+    if let Some(n) = got {
+        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+    }
+    Ok(got)
+}
+
 /// [`recv_nonblocking`] into memory that need not be initialised; on `Ok(Some(n))` the first
 /// `n` bytes are.
-pub fn recv_nonblocking_uninit(
+fn recv_nonblocking_uninit(
     fd: RawFd,
     buf: &mut [std::mem::MaybeUninit<u8>],
 ) -> io::Result<Option<usize>> {

@@ -239,16 +239,11 @@ fn end_reads_on_skb_boundary(client: &impl AsRawFd, head: &mut Vec<u8>, plan: Pl
     }
     let start = head.len();
     while head.len() - start < DRAIN_LIMIT {
-        head.reserve(CHUNK);
-        // Into spare capacity: no zeroing of 64 KiB per read.
-        let spare = &mut head.spare_capacity_mut()[..CHUNK];
-        let n = match sockopt::recv_nonblocking_uninit(client.as_raw_fd(), spare) {
+        let n = match sockopt::recv_append(client.as_raw_fd(), head, CHUNK) {
             Ok(Some(n)) => n,
             // Nothing queued (or an error the data path will meet again): no partial skb.
             Ok(None) | Err(_) => 0,
         };
-        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
-        unsafe { head.set_len(head.len() + n) };
         if n < CHUNK {
             return plan;
         }

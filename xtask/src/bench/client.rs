@@ -111,10 +111,10 @@ pub fn round_trips(t: Target, size: usize, dur: Duration, max: usize) -> Result<
     let mut elapsed = 0.0;
     let share = dur / RT_CONNECTIONS as u32;
     for _ in 0..RT_CONNECTIONS {
+        if lat.len() >= max {
+            break;
+        }
         elapsed += round_trips_on_one(t, size, share, max, &mut lat)?;
-    }
-    if lat.is_empty() {
-        bail!("round trip: no request completed");
     }
     let count = lat.len();
     lat.sort_unstable();
@@ -129,8 +129,8 @@ pub fn round_trips(t: Target, size: usize, dur: Duration, max: usize) -> Result<
 /// How many connections [`round_trips`] uses.
 pub const RT_CONNECTIONS: usize = 4;
 
-/// Round trips on one new connection for `dur`, or until `lat` holds `max`; returns the
-/// seconds they took.
+/// Round trips on one new connection for `dur`, or until `lat` holds `max` (at least one);
+/// returns the seconds they took.
 fn round_trips_on_one(
     t: Target,
     size: usize,
@@ -142,7 +142,7 @@ fn round_trips_on_one(
     let mut req = vec![b'R'; size];
     req[size - 1] = b'\n';
     let mut resp = vec![0u8; size];
-    let start = Instant::now();
+    let (start, before) = (Instant::now(), lat.len());
     while lat.len() < max && start.elapsed() < dur {
         if lat.len().is_multiple_of(1024) {
             check_stop()?;
@@ -154,7 +154,7 @@ fn round_trips_on_one(
         lat.push(t.elapsed());
     }
     let elapsed = start.elapsed().as_secs_f64();
-    if lat.is_empty() {
+    if lat.len() == before {
         bail!("round trip: no request completed");
     }
     if resp != req {
@@ -165,6 +165,7 @@ fn round_trips_on_one(
     Ok(elapsed)
 }
 
+/// The `p`th percentile of sorted durations, in µs.
 pub fn percentile(sorted: &[Duration], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;

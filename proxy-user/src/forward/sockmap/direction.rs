@@ -263,18 +263,11 @@ impl Direction<'_> {
                 if want == 0 {
                     break;
                 }
-                // Read into spare capacity: zeroing 256 KiB per read showed in the profile.
                 self.pending.clear();
-                self.pending.reserve(want);
                 self.pending_from = 0;
-                let spare = &mut self.pending.spare_capacity_mut()[..want];
-                match sockopt::recv_nonblocking_uninit(self.src.as_raw_fd(), spare)? {
+                match sockopt::recv_append(self.src.as_raw_fd(), &mut self.pending, want)? {
                     Some(0) | None => break,
-                    Some(n) => {
-                        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
-                        unsafe { self.pending.set_len(n) };
-                        read += n as u64;
-                    }
+                    Some(n) => read += n as u64,
                 }
             }
             match sockopt::send_nonblocking(
