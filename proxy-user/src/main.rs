@@ -139,6 +139,11 @@ async fn run(
             return Err(anyhow!("cannot switch to user {name:?}: {e:#}; stopping"));
         }
     }
+    // After the privilege drop, like the log's thread below: a lane's thread takes the
+    // credentials of this one.
+    if let Err(e) = spliced::forward::lanes::start() {
+        warn!("the bulk transfer lanes did not start ({e}); bulk transfers share the runtime");
+    }
     // After the privilege drop: the writer's thread takes the credentials of this one. Dropped
     // at the end of `run`, which writes what is still buffered.
     let _flusher = log

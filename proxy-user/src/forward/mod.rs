@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::ebpf::Sockmap;
 
 mod bulk;
+pub mod lanes;
 pub mod sockmap;
 pub mod userspace;
 
@@ -195,7 +196,7 @@ pub async fn carry(
                     if to == DataPath::Sockmap {
                         return kernel(sockmap, cx, client, upstream, (up, down)).await;
                     }
-                    let o = userspace::splice(client, upstream, cx.cancel).await;
+                    let o = lanes::splice(client, upstream, cx.cancel).await;
                     (DataPath::Splice, o.plus((up, down)))
                 }
                 userspace::Started::Promote {

@@ -1,0 +1,162 @@
+//! Lanes: threads of their own, one per core, each with a single-threaded tokio runtime, that
+//! carry the bulk transfers `auto` moves to splice.
+//!
+//! On the daemon's multi-threaded runtime a connection's task runs on whichever worker polled
+//! the readiness event that woke it, so a single bulk transfer hops between the workers
+//! (measured: both workers busy during a one-stream upload), and every hop meets cold caches
+//! and a cross-core wake-up. On a lane it stays on one thread. Measured on 2026-11-29 (2-core
+//! VM, the bench's topology, iperf3 uploads of 3 s through daemons side by side, every task's
+//! CPU, medians of per-round ratios): a one-worker daemon moved 5 % more per second at 5.5 %
+//! less machine CPU per GB than the two-worker one; lanes against no lanes 0.952, 1.02 and
+//! 0.964 of the CPU per GB in three runs of 12-16 rounds (docs/profiles.md).
+//!
+//! Short connections stay on the main runtime, where work stealing balances them (per-core
+//! runtimes for every connection measured slower: docs/profiles.md).
+use std::{
+    io,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        OnceLock,
+    },
+};
+
+use tokio::{net::TcpStream, runtime};
+use tokio_util::sync::CancellationToken;
+
+use super::{userspace, End, Outcome};
+
+/// The lanes, once [`start`] ran.
+static LANES: OnceLock<Vec<Lane>> = OnceLock::new();
+
+struct Lane {
+    handle: runtime::Handle,
+    /// Connections on this lane now.
+    busy: AtomicUsize,
+}
+
+/// Starts one lane per core. Called once the daemon runs as its final user: a lane's thread
+/// takes the credentials of the thread that starts it (see `privdrop`). Without lanes (never
+/// started, or a failed start), bulk transfers run on the caller's runtime.
+pub fn start() -> io::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut lanes = Vec::with_capacity(cores);
+    for i in 0..cores {
+        let rt = runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        lanes.push(Lane {
+            handle: rt.handle().clone(),
+            busy: AtomicUsize::new(0),
+        });
+        std::thread::Builder::new()
+            .name(format!("lane-{i}"))
+            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    }
+    // A second call keeps the first lanes (its threads idle).
+    let _ = LANES.set(lanes);
+    Ok(())
+}
+
+/// Marks a lane busy while alive.
+struct Busy(&'static Lane);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The least busy lane, marked busy once more.
+fn pick() -> Option<Busy> {
+    let lane = LANES
+        .get()?
+        .iter()
+        .min_by_key(|l| l.busy.load(Ordering::Relaxed))?;
+    lane.busy.fetch_add(1, Ordering::Relaxed);
+    Some(Busy(lane))
+}
+
+/// [`userspace::splice`] on a lane: the sockets leave this runtime and join the lane's. Its
+/// task ends with the connection, or when `cancel` fires.
+pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
+    let Some(busy) = pick() else {
+        return userspace::splice(client, upstream, cancel).await;
+    };
+    let (client, upstream) = match (client.into_std(), upstream.into_std()) {
+        (Ok(c), Ok(u)) => (c, u),
+        (Err(e), _) | (_, Err(e)) => return Outcome::ended(End::Ours(e)),
+    };
+    let cancel = cancel.clone();
+    let task = busy.0.handle.spawn(async move {
+        let _busy = busy;
+        match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
+            (Ok(c), Ok(u)) => userspace::splice(c, u, &cancel).await,
+            (Err(e), _) | (_, Err(e)) => Outcome::ended(End::Ours(e)),
+        }
+    });
+    // The lane's task owns the sockets; if this task is dropped, it still runs to its end.
+    task.await
+        .unwrap_or_else(|e| Outcome::ended(End::Ours(io::Error::other(e))))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::{TcpListener, TcpStream as StdStream},
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// (client end, proxy's client socket, proxy's upstream socket, upstream end).
+    fn sockets() -> (StdStream, TcpStream, TcpStream, StdStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let a = StdStream::connect(addr).unwrap();
+        let (b, _) = l.accept().unwrap();
+        let c = StdStream::connect(addr).unwrap();
+        let (d, _) = l.accept().unwrap();
+        for s in [&a, &d] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        for s in [&b, &c] {
+            s.set_nonblocking(true).unwrap();
+        }
+        (
+            a,
+            TcpStream::from_std(b).unwrap(),
+            TcpStream::from_std(c).unwrap(),
+            d,
+        )
+    }
+
+    /// Both directions and both half-closes cross a lane whole, and the lane is free after.
+    #[tokio::test]
+    async fn a_transfer_on_a_lane_carries_every_byte_and_ends() {
+        start().unwrap();
+        let (mut a, b, c, mut d) = sockets();
+        let cancel = CancellationToken::new();
+        let ends = std::thread::spawn(move || {
+            let up: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+            a.write_all(&up).unwrap();
+            a.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            d.read_to_end(&mut got).unwrap();
+            assert!(got == up, "upload differs");
+            d.write_all(b"done").unwrap();
+            d.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut back = Vec::new();
+            a.read_to_end(&mut back).unwrap();
+            assert_eq!(back, b"done");
+        });
+        let outcome = tokio::time::timeout(Duration::from_secs(30), splice(b, c, &cancel))
+            .await
+            .expect("the lane's transfer did not end");
+        ends.join().unwrap();
+        assert!(matches!(outcome.end, End::Complete), "{}", outcome.end);
+        assert_eq!((outcome.up, outcome.down), (3_000_000, 4));
+        let lanes = LANES.get().unwrap();
+        assert!(lanes.iter().all(|l| l.busy.load(Ordering::Relaxed) == 0));
+    }
+}
