@@ -125,31 +125,3 @@ async fn a_download_in_small_reads_reaches_bytes_not_turns() {
     client.join().unwrap();
     upstream.join().unwrap();
 }
-
-/// A copy that reads less than its buffer tells tokio the socket is drained (`fill`); bytes
-/// that arrive afterwards still wake the next read, each batch whole and in order.
-#[tokio::test]
-async fn reads_after_a_draining_fill_wake_on_new_bytes() {
-    let (mut a, b, c, mut d) = sockets();
-    let mut store = Buffer::new();
-    for round in 0..50u8 {
-        a.write_all(&[round; 100]).unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                b.readable().await.unwrap();
-                match fill(&b, &mut store) {
-                    Ok(n) => break n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(e) => panic!("recv failed: {e}"),
-                }
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("round {round}: the bytes sent never woke the read"));
-        assert_eq!(n, 100, "round {round}");
-        assert_eq!(store.drain(c.as_fd()).unwrap(), 100);
-        let mut got = [0u8; 100];
-        d.read_exact(&mut got).unwrap();
-        assert_eq!(got, [round; 100]);
-    }
-}

@@ -27,8 +27,6 @@ trait Mover {
     fn drain(&mut self, dst: BorrowedFd<'_>) -> io::Result<usize>;
     /// The most one `fill` reads.
     fn capacity(&self) -> usize;
-    /// Whether a `fill` shorter than `capacity` took everything the source had queued.
-    fn short_fill_drains(&self) -> bool;
 }
 
 fn ret(n: isize) -> io::Result<usize> {
@@ -89,12 +87,6 @@ impl Mover for Buffer {
     fn capacity(&self) -> usize {
         Self::SIZE
     }
-    /// tcp_recvmsg returns less than asked only once the receive queue is empty, or at TCP
-    /// urgent data (which this path does not carry: the urgent byte is dropped, and the bytes
-    /// after it wait for the source's next segment or FIN).
-    fn short_fill_drains(&self) -> bool {
-        true
-    }
     fn drain(&mut self, dst: BorrowedFd<'_>) -> io::Result<usize> {
         let dst = dst.as_raw_fd();
         let Some(buf) = &self.buf else {
@@ -147,10 +139,6 @@ impl Mover for Pipe {
     fn capacity(&self) -> usize {
         self.capacity
     }
-    /// A splice also stops short when the pipe runs out of slots (one per page fragment).
-    fn short_fill_drains(&self) -> bool {
-        false
-    }
     fn fill(&mut self, src: BorrowedFd<'_>) -> io::Result<usize> {
         let n = pipe::splice(src, None, &self.write, None, self.capacity, SPLICE)?;
         self.held += n;
@@ -160,27 +148,6 @@ impl Mover for Pipe {
         let n = pipe::splice(&self.read, None, dst, None, self.held, SPLICE)?;
         self.held -= n;
         Ok(n)
-    }
-}
-
-/// One `fill` from `src` if tokio has seen it readable (`WouldBlock` if not, or if it had
-/// nothing). A fill that drained the source tells tokio so, as tokio's own reads do: the next
-/// read waits for the next readiness event instead of failing with EAGAIN first (measured:
-/// 2.2 of the ~31 system calls of a short connection).
-fn fill(src: &TcpStream, mover: &mut impl Mover) -> io::Result<usize> {
-    let mut drained = None;
-    let r = src.try_io(Interest::READABLE, || {
-        let n = mover.fill(src.as_fd())?;
-        if 0 < n && n < mover.capacity() && mover.short_fill_drains() {
-            drained = Some(n);
-            // try_io clears the readiness it saw on WouldBlock; a newer event stays.
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    });
-    match (r, drained) {
-        (Err(_), Some(n)) => Ok(n),
-        (r, _) => r,
     }
 }
 
@@ -290,7 +257,7 @@ async fn pump(
                 () = paused(pause), if drained => return Ok(Pumped::Paused),
                 r = src.readable() => r.map_err(Failed::Source)?,
             }
-            match fill(src, mover) {
+            match src.try_io(Interest::READABLE, || mover.fill(src.as_fd())) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(Failed::Source(e)),
