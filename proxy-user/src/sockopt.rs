@@ -129,6 +129,21 @@ pub fn inq(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(n as u64)
 }
 
+/// Whether the next byte to read is TCP urgent data (`SIOCATMARK`, 0x8905 in
+/// asm-generic/sockios.h on every Linux architecture; the libc crate lacks it).
+pub fn at_urgent_mark(fd: &impl AsRawFd) -> io::Result<bool> {
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), SIOCATMARK, &mut n) })?;
+    Ok(n != 0)
+}
+
+/// `SO_OOBINLINE`: TCP urgent bytes are read in line with the rest, not set aside.
+pub fn set_urgent_inline(fd: &impl AsFd) -> io::Result<()> {
+    SockRef::from(fd).set_out_of_band_inline(true)
+}
+
 /// The pending socket error (`SO_ERROR`), cleared by reading it.
 pub fn take_error(fd: &impl AsFd) -> io::Result<Option<io::Error>> {
     SockRef::from(fd).take_error()
@@ -255,6 +270,20 @@ mod tests {
             let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (accepted, _) = listener.accept().unwrap();
             assert_eq!(accepted.nodelay().unwrap(), set);
+        }
+    }
+
+    /// The same for SO_OOBINLINE (a socket flag the clone copies too).
+    #[test]
+    fn accepted_sockets_inherit_urgent_inline() {
+        for set in [true, false] {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            if set {
+                set_urgent_inline(&listener).unwrap();
+            }
+            let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (accepted, _) = listener.accept().unwrap();
+            assert_eq!(SockRef::from(&accepted).out_of_band_inline().unwrap(), set);
         }
     }
 }

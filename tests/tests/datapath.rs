@@ -5,7 +5,7 @@
 //!   both at once, and a download after the client's FIN) with SHA-256 compared at both ends; a
 //!   half-close exchange; a server that speaks first; a client that speaks first; 300 instant
 //!   half-close exchanges (on sockmap many reach the daemon in CLOSE_WAIT and take the userspace
-//!   fallback); 2,000 short connections the upstream closes first; 200 concurrent connections; an upstream reset; a refused upstream.
+//!   fallback); 2,000 short connections the upstream closes first; 200 concurrent connections; an upstream reset; a refused upstream; TCP urgent data both ways.
 //! - Once, in mode auto (sockmap where the kernel has it): how the upstream is named (zone by
 //!   interface name and by index, a host name, IPv4), and a veth re-created under a running
 //!   daemon, which must look the zone name up again at the next dial.
@@ -210,6 +210,63 @@ fn client_first(mode: &str) {
         .assert_closed(0, None, req.len() as u64, reply.len() as u64);
 }
 per_mode!(client_speaks_first, super::client_first, and_auto);
+
+/// `send(2)` with `flags`, all of `bytes` in one call.
+fn send_flags(s: &TcpStream, bytes: &[u8], flags: libc::c_int) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `bytes` is valid for reads of its length.
+    let n = unsafe { libc::send(s.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
+    assert_eq!(
+        n,
+        bytes.len() as isize,
+        "send: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Up to `n` bytes, fewer if the socket's read timeout passes first.
+fn read_up_to(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < n {
+        match s.read(&mut buf[..n - got.len()]) {
+            Ok(0) | Err(_) => break,
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+        }
+    }
+    got
+}
+
+/// TCP urgent data (`MSG_OOB`, telnet's and FTP's "synch") both ways: the urgent byte arrives in
+/// line, and so does everything after it (splice stopped at the urgent mark for good; copy
+/// dropped the byte).
+fn urgent_data(mode: &str) {
+    let Some(s) = Forward::start(mode, &[]) else {
+        return;
+    };
+    let (mut c, mut srv) = s.pair(IO);
+    let (c_send, srv_send) = (c.try_clone().unwrap(), srv.try_clone().unwrap());
+    for (from, to, tag) in [
+        (&c_send, &mut srv, "client's"),
+        (&srv_send, &mut c, "upstream's"),
+    ] {
+        send_flags(from, b"hello", 0);
+        let got = read_up_to(to, 5);
+        assert!(got == b"hello", "{tag} first bytes: got {got:?}");
+        send_flags(from, b"ab", libc::MSG_OOB);
+        send_flags(from, b"cdef", 0);
+        let got = read_up_to(to, 6);
+        assert!(
+            got == b"abcdef",
+            "{tag} urgent byte and the bytes after it: got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+    }
+    c.write_all(b"end").unwrap();
+    reply_and_close(&mut c, &mut srv, b"end", b"done");
+    s.spliced.assert_closed(0, None, 11 + 3, 11 + 4);
+}
+per_mode!(urgent_data_both_ways, super::urgent_data, and_auto);
 
 /// `auto` with sockmap: a connection that moved a few bytes ends on the copy path; one that lives
 /// past 100 ms is moved to sockmap at a quiet moment, and what it carried on both paths counts.

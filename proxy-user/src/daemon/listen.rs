@@ -101,6 +101,10 @@ pub(super) async fn accept_loop(
     // Accepted sockets inherit TCP_NODELAY from their listener (the kernel clones the
     // listener's tcp_sock): one setsockopt here instead of one per connection.
     let inherits_nodelay = sockopt::set_nodelay(&listener).is_ok();
+    // And SO_OOBINLINE: a client's TCP urgent byte (telnet's and FTP's "synch") is then read in
+    // line and forwarded like the rest; without it the copy path's recv drops it. Best effort:
+    // a listener without it only loses that byte, as before.
+    let _ = sockopt::set_urgent_inline(&listener);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,

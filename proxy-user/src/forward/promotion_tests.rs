@@ -125,3 +125,38 @@ async fn a_download_in_small_reads_reaches_bytes_not_turns() {
     client.join().unwrap();
     upstream.join().unwrap();
 }
+
+/// TCP urgent data on the splice path: splice(2) stops at the urgent mark, so the byte is read
+/// in line there and everything after it still arrives, in order (`Pipe::past_urgent_mark`).
+#[tokio::test]
+async fn splice_carries_urgent_data_and_what_follows() {
+    let (a, b, c, mut d) = sockets();
+    let cancel = CancellationToken::new();
+    let sender = thread::spawn(move || {
+        let send = |bytes: &[u8], flags| {
+            // SAFETY: `bytes` is valid for reads of its length.
+            let n = unsafe { libc::send(a.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
+            assert_eq!(n, bytes.len() as isize);
+        };
+        send(b"hello", 0);
+        thread::sleep(Duration::from_millis(50));
+        send(b"ab", libc::MSG_OOB);
+        send(b"cdef", 0);
+        thread::sleep(Duration::from_millis(50));
+        send(b"XYZ", 0);
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        a
+    });
+    let reader = thread::spawn(move || {
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).unwrap();
+        d.shutdown(std::net::Shutdown::Write).unwrap();
+        got
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(10), splice(b, c, &cancel))
+        .await
+        .expect("the splice path stopped at the urgent byte");
+    let _a = sender.join().unwrap();
+    assert_eq!(reader.join().unwrap(), b"helloabcdefXYZ");
+    assert!(matches!(outcome.end, End::Complete), "{}", outcome.end);
+}

@@ -129,6 +129,31 @@ impl Pipe {
     }
 }
 
+impl Pipe {
+    /// After a splice's EAGAIN. splice(2) never reads past TCP urgent data (tcp_read_sock stops
+    /// at the urgent mark and returns nothing there), so a sender's `send(MSG_OOB)` would stop
+    /// this direction for good, every later byte queued behind the mark (measured: nothing after
+    /// the urgent byte arrived). At the mark the urgent byte is read in line and written into the
+    /// (empty) pipe, and the next splice goes on after it. One `ioctl` per EAGAIN otherwise.
+    fn past_urgent_mark(&mut self, src: BorrowedFd<'_>) -> io::Result<usize> {
+        if !sockopt::at_urgent_mark(&src)? {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        sockopt::set_urgent_inline(&src)?;
+        let mut byte = [0u8; 1];
+        match sockopt::recv_nonblocking(src.as_raw_fd(), &mut byte)? {
+            // The mark's byte has not arrived yet.
+            None => Err(io::ErrorKind::WouldBlock.into()),
+            Some(0) => Ok(0),
+            Some(_) => {
+                let n = rustix::io::write(&self.write, &byte)?;
+                self.held += n;
+                Ok(n)
+            }
+        }
+    }
+}
+
 /// Sockets and pipes have no offsets; move pages rather than copy them; never block.
 const SPLICE: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
 
@@ -140,7 +165,10 @@ impl Mover for Pipe {
         self.capacity
     }
     fn fill(&mut self, src: BorrowedFd<'_>) -> io::Result<usize> {
-        let n = pipe::splice(src, None, &self.write, None, self.capacity, SPLICE)?;
+        let n = match pipe::splice(src, None, &self.write, None, self.capacity, SPLICE) {
+            Err(rustix::io::Errno::AGAIN) => return self.past_urgent_mark(src),
+            r => r?,
+        };
         self.held += n;
         Ok(n)
     }

@@ -206,6 +206,9 @@ pub(super) async fn connect(
     // SOCK_NONBLOCK | SOCK_CLOEXEC in the one socket() call.
     let socket =
         Socket::new(domain, Type::STREAM.nonblocking(), Some(Protocol::TCP)).map_err(local)?;
+    // The upstream's TCP urgent bytes in line, as the client's (see `listen::accept_loop`): the
+    // copy path would otherwise drop them. Best effort, as there.
+    let _ = socket.set_out_of_band_inline(true);
     if let Some(iface) = interface {
         socket
             .bind_device(Some(iface.as_bytes()))
