@@ -86,6 +86,7 @@ pub const VM_TESTS: &[(&str, &[&str])] = &[
             "half_close",
             "server_speaks_first",
             "client_speaks_first",
+            "urgent_data_both_ways",
             "upstream_reset",
             "upstream_refused",
             "zone_by_",
