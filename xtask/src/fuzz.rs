@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::util::{cargo, output, run, workspace_root};
 
-/// How long `cargo xtask test` runs each target. Five targets at 45 s plus the sanitizer build
+/// How long `cargo xtask test` runs each target. Four targets at 45 s plus the sanitizer build
 /// (about 3 minutes from clean on this 2-core machine) keep the step near 7 minutes.
 pub const CI_SECONDS: u64 = 45;
 
