@@ -168,6 +168,11 @@ pub fn set_nodelay(fd: &impl AsFd) -> io::Result<()> {
     SockRef::from(fd).set_nodelay(true)
 }
 
+/// Whether TCP_NODELAY is set.
+pub fn nodelay(fd: &impl AsFd) -> io::Result<bool> {
+    SockRef::from(fd).nodelay()
+}
+
 /// `shutdown(fd, SHUT_WR)`: sends our FIN once the send queue is out.
 pub fn shutdown_write(fd: &impl AsFd) -> io::Result<()> {
     SockRef::from(fd).shutdown(Shutdown::Write)

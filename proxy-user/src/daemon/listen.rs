@@ -41,6 +41,19 @@ fn bind_hint(e: &io::Error) -> &'static str {
 /// A listening socket and the address it is bound to.
 pub(super) type Bound = (TcpListener, SocketAddr);
 
+/// Sets what accepted sockets inherit from their listener (the kernel clones the listener's
+/// socket when a handshake completes): one setsockopt per listener instead of one per
+/// connection. TCP_NODELAY; and SO_OOBINLINE, so that a client's TCP urgent byte (telnet's and
+/// FTP's "synch") is read in line and forwarded like the rest (the copy path's recv drops it
+/// otherwise). Set before `listen` on a socket bound here, so that no connection is cloned
+/// without them (set in the accept loop, a test connecting at once on a slow VM got a socket
+/// without SO_OOBINLINE); connections already queued on a socket systemd passed keep what it
+/// had. Best effort: the accept loop sets TCP_NODELAY per connection where the listener lacks it.
+fn set_inherited_options(socket: &impl std::os::fd::AsFd) {
+    let _ = sockopt::set_nodelay(socket);
+    let _ = sockopt::set_urgent_inline(socket);
+}
+
 /// The route's listener: a duplicate of the socket systemd passed under the route's name, or
 /// else a new one bound to its `listen` address.
 pub(super) async fn listener(route: &Route, inherited: &[Inherited]) -> Result<Bound, StartError> {
@@ -61,6 +74,7 @@ pub(super) async fn listener(route: &Route, inherited: &[Inherited]) -> Result<B
         .try_clone()
         .and_then(TcpListener::from_std)
         .map_err(fail)?;
+    set_inherited_options(&listener);
     let local_addr = listener.local_addr().map_err(fail)?;
     info!(
         "route {}: socket-activated: systemd passed {local_addr} as {:?} (the route's listen \
@@ -84,6 +98,7 @@ async fn bind(route: &Route) -> Result<Bound, ListenError> {
     }
     .map_err(ListenError::Socket)?;
     socket.set_reuseaddr(true).map_err(ListenError::Socket)?;
+    set_inherited_options(&socket);
     socket.bind(addr).map_err(ListenError::Socket)?;
     let listener = socket.listen(1024).map_err(ListenError::Socket)?;
     let local_addr = listener.local_addr().map_err(ListenError::Socket)?;
@@ -98,13 +113,8 @@ pub(super) async fn accept_loop(
     connections: TaskTracker,
     stop: CancellationToken,
 ) {
-    // Accepted sockets inherit TCP_NODELAY from their listener (the kernel clones the
-    // listener's tcp_sock): one setsockopt here instead of one per connection.
-    let inherits_nodelay = sockopt::set_nodelay(&listener).is_ok();
-    // And SO_OOBINLINE: a client's TCP urgent byte (telnet's and FTP's "synch") is then read in
-    // line and forwarded like the rest; without it the copy path's recv drops it. Best effort:
-    // a listener without it only loses that byte, as before.
-    let _ = sockopt::set_urgent_inline(&listener);
+    // Set on the listener (`set_inherited_options`), or else per connection below.
+    let inherits_nodelay = sockopt::nodelay(&listener).unwrap_or(false);
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
