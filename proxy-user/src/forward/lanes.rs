@@ -103,33 +103,11 @@ pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &Cancellatio
 mod tests {
     use std::{
         io::{Read as _, Write as _},
-        net::{TcpListener, TcpStream as StdStream},
         time::Duration,
     };
 
     use super::*;
-
-    /// (client end, proxy's client socket, proxy's upstream socket, upstream end).
-    fn sockets() -> (StdStream, TcpStream, TcpStream, StdStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let a = StdStream::connect(addr).unwrap();
-        let (b, _) = l.accept().unwrap();
-        let c = StdStream::connect(addr).unwrap();
-        let (d, _) = l.accept().unwrap();
-        for s in [&a, &d] {
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        }
-        for s in [&b, &c] {
-            s.set_nonblocking(true).unwrap();
-        }
-        (
-            a,
-            TcpStream::from_std(b).unwrap(),
-            TcpStream::from_std(c).unwrap(),
-            d,
-        )
-    }
+    use crate::forward::userspace::promotion_tests::sockets;
 
     /// Both directions and both half-closes cross a lane whole, and the lane is free after.
     #[tokio::test]

@@ -9,8 +9,9 @@ use std::{
 
 use super::*;
 
-/// (client end, proxy's client socket, proxy's upstream socket, upstream end).
-fn sockets() -> (StdStream, TcpStream, TcpStream, StdStream) {
+/// (client end, proxy's client socket, proxy's upstream socket, upstream end); the lanes'
+/// tests use it too.
+pub(in crate::forward) fn sockets() -> (StdStream, TcpStream, TcpStream, StdStream) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let a = StdStream::connect(addr).unwrap();

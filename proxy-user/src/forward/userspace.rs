@@ -504,4 +504,4 @@ pub async fn copy_then_promote(
 
 #[cfg(test)]
 #[path = "promotion_tests.rs"]
-mod promotion_tests;
+pub(super) mod promotion_tests;
