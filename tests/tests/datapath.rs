@@ -109,14 +109,20 @@ fn transfer(mode: &str, (up, client_fin): (u64, Fin), (down, server_fin): (u64, 
         // client on loopback) to sockmap, an upload (to the upstream behind the veth) to
         // splice, where each was measured faster and cheaper per GB (forward/bulk.rs). (A
         // connection half-closed before that stays on the copy path.)
+        // The same amount both ways has no larger share: the pick follows whichever count was
+        // ahead at the move, or the turns the two pumps' reads took (then sockmap, as for
+        // many small messages); either way it left the copy path.
         let log = s.spliced.log();
         let line = closed_lines(&log)[0];
-        let expected = if down > up {
-            "path=sockmap"
-        } else {
-            "path=splice"
+        let expected: &[&str] = match down.cmp(&up) {
+            std::cmp::Ordering::Greater => &["path=sockmap"],
+            std::cmp::Ordering::Less => &["path=splice"],
+            std::cmp::Ordering::Equal => &["path=sockmap", "path=splice"],
         };
-        assert!(line.contains(expected), "not moved to {expected}: {line}");
+        assert!(
+            expected.iter().any(|p| line.contains(p)),
+            "not moved to {expected:?}: {line}"
+        );
     }
 }
 
