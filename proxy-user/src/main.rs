@@ -103,6 +103,7 @@ fn serve(cli: Cli, log: log_writer::LogWriter) -> ExitCode {
     // Idle blocking-pool threads go after a second: a privilege drop waits for the ones that
     // were started with root's credentials (see privdrop).
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads())
         .enable_all()
         .thread_keep_alive(Duration::from_secs(1))
         .build()

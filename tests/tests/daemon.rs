@@ -531,6 +531,46 @@ fn sighup_without_a_config_file_changes_nothing() {
     carry(&mut c, &mut s, b"ok");
 }
 
+/// The threads of `pid` that tokio's runtime runs (its workers, and blocking-pool threads
+/// while they live: they go after a second idle).
+fn runtime_threads(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tokio-r"))
+        })
+        .count()
+}
+
+#[test]
+fn workers_sets_the_runtime_threads_and_waits_for_a_restart() {
+    let f = Configured::new();
+    let spliced = f.start_route("copy", "workers = 1", "web", "").unwrap();
+    let mut c = spliced.connect();
+    let mut s = accept(&f.listener, ACCEPT);
+    carry(&mut c, &mut s, b"one worker");
+    carry(&mut s, &mut c, b"carries");
+    // Blocking-pool threads (the start-up's file reads) leave after a second idle.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runtime_threads(spliced.pid()) != 1 && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        runtime_threads(spliced.pid()),
+        1,
+        "tokio threads with workers = 1"
+    );
+    f.dir
+        .write("copy", "workers = 3", &[("web", &f.upstream, "")]);
+    let log = hup(&spliced, "reload: configuration applied", 1);
+    assert!(
+        log.contains("reload: workers changed; it takes effect only when spliced restarts"),
+        "{log}"
+    );
+    carry(&mut c, &mut s, b"still one");
+}
+
 // ---------------------------------------------------------------------------------------------
 // systemd: socket activation and readiness notifications.
 

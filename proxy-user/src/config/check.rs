@@ -12,7 +12,7 @@ use crate::{
     xdp::{self, config::ListError},
 };
 
-pub(super) const TOP_KEYS: [&str; 12] = [
+pub(super) const TOP_KEYS: [&str; 13] = [
     "mode",
     "grace_period",
     "send_buffer",
@@ -24,6 +24,7 @@ pub(super) const TOP_KEYS: [&str; 12] = [
     "user",
     "xdp",
     "xdp_mode",
+    "workers",
     "route",
 ];
 const ROUTE_KEYS: [&str; 18] = [
@@ -111,6 +112,7 @@ fn top_key(entry: &Entry, config: &mut Config, defaults: &mut Defaults) -> Resul
         "max_buffered_total" => config.max_buffered_total = value::max_buffered_total(item)?,
         "control_socket" => config.control_socket = value::control_socket(item)?,
         "xdp_mode" => config.xdp_mode = value::xdp_mode(item)?,
+        "workers" => config.workers = Some(value::workers(item)?),
         "metrics" => config.metrics = Some(value::metrics(item)?),
         "user" => config.user = Some(value::user(item)?),
         key => return Err(unknown_key(key, &TOP_KEYS, "top-level")),

@@ -8,7 +8,7 @@ use super::{
     check_zone,
     document::{self, describe},
     Mode, DEFAULT_CONTROL_SOCKET, MAX_CONNECTIONS, MAX_CONNECT_TIMEOUT, MAX_IDLE_TIMEOUT,
-    MAX_MAX_BUFFERED, MAX_MAX_BUFFERED_TOTAL, MAX_SEND_BUFFER, MIN_MAX_BUFFERED,
+    MAX_MAX_BUFFERED, MAX_MAX_BUFFERED_TOTAL, MAX_SEND_BUFFER, MAX_WORKERS, MIN_MAX_BUFFERED,
 };
 use crate::{
     addr::{self, Endpoint},
@@ -308,19 +308,33 @@ pub(super) fn max_buffered_total(value: &Item) -> Result<u64, Problem> {
 }
 
 pub(super) fn max_connections(value: &Item) -> Result<usize, Problem> {
+    count(value, MAX_CONNECTIONS, "max_connections = 10000")
+}
+
+/// `workers = 2`.
+pub(super) fn workers(value: &Item) -> Result<usize, Problem> {
+    count(
+        value,
+        MAX_WORKERS,
+        "workers = 2 (or leave it out: one per core)",
+    )
+}
+
+/// A whole number from 1 to `max`.
+fn count(value: &Item, max: usize, example: &str) -> Result<usize, Problem> {
     let n = match value {
         Item::Value(Value::Integer(n)) => *n.value(),
         other => {
             return Err(problem!(
-                "expected an integer, found {}; write e.g. max_connections = 10000",
+                "expected an integer, found {}; write e.g. {example}",
                 describe(other)
             ))
         }
     };
     match usize::try_from(n) {
-        Ok(n) if (1..=MAX_CONNECTIONS).contains(&n) => Ok(n),
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
         _ => Err(problem!(
-            "{n} is out of range; use 1 to {MAX_CONNECTIONS}, e.g. max_connections = 10000"
+            "{n} is out of range; use 1 to {max}, e.g. {example}"
         )),
     }
 }

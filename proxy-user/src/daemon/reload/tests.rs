@@ -62,3 +62,13 @@ fn each_old_listener_is_kept_once() {
     let p = plan(&old, &new);
     assert_eq!(p.reuse, vec![Some(0), None]);
 }
+
+#[test]
+fn start_only_keys_are_named_when_a_reload_changes_them() {
+    let old = Config::new(vec![route("a", "127.0.0.1:1000")]);
+    let mut new = old.clone();
+    assert!(restart_only(&old, &new).is_empty());
+    new.workers = Some(1);
+    new.send_buffer = None;
+    assert_eq!(restart_only(&old, &new), vec!["send_buffer", "workers"]);
+}
