@@ -222,16 +222,17 @@ pub struct Sample {
 struct Established {
     upstream: SocketAddr,
     path: DataPath,
-    /// Both sockets' descriptor numbers and cookies. Not duplicates: a duplicate per socket
-    /// doubled the descriptors of every connection and halved how many fit under the open-file
-    /// limit (4,994 instead of 9,000 idle connections at 20,000). The data path may close its
+    /// Both sockets' descriptor numbers. Not duplicates: a duplicate per socket doubled the
+    /// descriptors of every connection and halved how many fit under the open-file limit
+    /// (4,994 instead of 9,000 idle connections at 20,000). The data path may close its
     /// sockets just before this entry goes, and the numbers may then name someone else's
-    /// socket: `sample` reads a number only while its `SO_COOKIE` still is the one recorded.
+    /// socket: `sample` reads them only while their peers are still the connection's (the
+    /// client's address and port, the upstream's). Checked when sampled rather than by
+    /// recording each socket's `SO_COOKIE` at set-up: two system calls fewer per connection.
     client_fd: RawFd,
     upstream_fd: RawFd,
-    socket_cookies: (u64, u64),
-    /// The cookies to look up in the verdict's `STATS`, on the sockmap path.
-    cookies: Option<(u64, u64)>,
+    /// Whether the verdict's `STATS` may count the sockets' bytes (the sockmap path).
+    sockmap: bool,
 }
 
 /// A descriptor number to read socket options through; never closed or owned.
@@ -274,16 +275,12 @@ impl Conn {
         upstream_addr: SocketAddr,
         path: DataPath,
     ) {
-        let (Ok(c), Ok(u)) = (sockopt::cookie(client), sockopt::cookie(upstream)) else {
-            return; // Cannot happen for a live TCP socket; the connection goes unlisted.
-        };
         let _ = self.established.set(Established {
             upstream: upstream_addr,
             path,
             client_fd: client.as_raw_fd(),
             upstream_fd: upstream.as_raw_fd(),
-            socket_cookies: (c, u),
-            cookies: (path == DataPath::Sockmap).then_some((c, u)),
+            sockmap: path == DataPath::Sockmap,
         });
     }
 
@@ -312,19 +309,24 @@ impl Conn {
         sample.upstream = Some(e.upstream);
         sample.path = Some(e.path);
         let (client, upstream) = (Number(e.client_fd), Number(e.upstream_fd));
-        let ours = |n: &Number, cookie| sockopt::cookie(n).is_ok_and(|c| c == cookie);
-        let live = ours(&client, e.socket_cookies.0) && ours(&upstream, e.socket_cookies.1);
-        if let (true, Ok(c), Ok(u)) = (
-            live,
-            sockopt::tcp_info(&client),
-            sockopt::tcp_info(&upstream),
-        ) {
+        let ours = |n: &Number, peer: SocketAddr| {
+            sockopt::peer_of(n).is_some_and(|p| (p.ip(), p.port()) == (peer.ip(), peer.port()))
+        };
+        let live = ours(&client, self.client) && ours(&upstream, e.upstream);
+        if !live {
+            return sample;
+        }
+        if let (Ok(c), Ok(u)) = (sockopt::tcp_info(&client), sockopt::tcp_info(&upstream)) {
             sample.bytes_up = c.bytes_received;
             sample.bytes_down = u.bytes_received;
             let recv = c.last_data_recv.min(u.last_data_recv);
             sample.idle = sample.idle.min(Duration::from_millis(recv.into()));
         }
-        if let (Some((c, u)), Some(sockmap)) = (e.cookies, sockmap) {
+        // The cookies only on the sockmap path (read here, not at set-up: see `Established`).
+        let Some(sockmap) = sockmap.filter(|_| e.sockmap) else {
+            return sample;
+        };
+        if let (Ok(c), Ok(u)) = (sockopt::cookie(&client), sockopt::cookie(&upstream)) {
             let (c, u): (SockStats, SockStats) = (sockmap.stats(c), sockmap.stats(u));
             let last = c.last_ns.max(u.last_ns);
             if last != 0 {

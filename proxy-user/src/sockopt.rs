@@ -62,6 +62,21 @@ pub fn cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
 }
 
+/// The peer address of the socket numbered `fd` (getpeername); `None` when it has none (not
+/// connected, reset) or the number is no socket. By number: the connection registry asks about
+/// descriptors it does not own.
+pub fn peer_of(fd: &impl AsRawFd) -> Option<std::net::SocketAddr> {
+    let fd = fd.as_raw_fd();
+    // SAFETY: getpeername writes at most `len` bytes into the storage socket2 provides.
+    let (_, addr) = unsafe {
+        socket2::SockAddr::try_init(|storage, len| {
+            check(libc::getpeername(fd, storage.cast(), len)).map(drop)
+        })
+    }
+    .ok()?;
+    addr.as_socket()
+}
+
 /// The head of the kernel's `struct tcp_info` (include/uapi/linux/tcp.h), up to the byte
 /// counters spliced needs (Linux 4.1 for `bytes_acked`/`bytes_received`, 4.19 for the rest it
 /// reads). The kernel copies `min(len, sizeof)` bytes, so a shorter struct is fine.

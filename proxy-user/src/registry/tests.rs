@@ -69,6 +69,46 @@ fn established_connection_reads_tcp_info() {
     }
 }
 
+/// Waits (at most 5 s) until `registry`'s first connection shows `bytes` up.
+fn wait_bytes_up(registry: &Registry, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while registry.samples()[0].bytes_up != bytes {
+        assert!(Instant::now() < deadline, "{:?}", registry.samples()[0]);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_descriptor_number_naming_another_socket_is_not_read() {
+    use std::{io::Write, os::fd::AsRawFd};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut client = std::net::TcpStream::connect(addr).unwrap();
+    let (server, peer) = listener.accept().unwrap();
+    let registry = Registry::default();
+    let entry = registry.add("r", peer);
+    entry
+        .conn
+        .established(&server, &client, addr, DataPath::Copy);
+    client.write_all(b"hello").unwrap();
+    wait_bytes_up(&registry, 5);
+    // Another connection with 8 bytes received takes over the server socket's number, as a
+    // new accept may once the data path closed it before the entry went.
+    let mut other = std::net::TcpStream::connect(addr).unwrap();
+    let (other_server, _) = listener.accept().unwrap();
+    other.write_all(b"not ours").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sockopt::tcp_info(&other_server).unwrap().bytes_received != 8 {
+        assert!(Instant::now() < deadline, "the other connection's 8 bytes");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: both numbers are open sockets this test owns; dup2 replaces one atomically.
+    let r = unsafe { libc::dup2(other_server.as_raw_fd(), server.as_raw_fd()) };
+    assert_eq!(r, server.as_raw_fd());
+    let s = &registry.samples()[0];
+    assert_eq!((s.bytes_up, s.bytes_down), (0, 0), "{s:?}");
+}
+
 #[test]
 fn route_counters() {
     let registry = Registry::default();
