@@ -14,6 +14,7 @@ use std::{
 };
 
 mod iface;
+mod kept_index;
 mod parse;
 
 pub use iface::{interface_exists, interface_index, interface_name, validate_interface_name};
@@ -22,7 +23,8 @@ use parse::Role;
 /// An IPv6 zone (scope): an interface name, looked up at every use, or an index.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Zone {
-    /// `%lxdbr0`: resolved to an index by `if_nametoindex` each time the address is used.
+    /// `%lxdbr0`: resolved to an index each time the address is used (kept while no link
+    /// changes: `kept_index`).
     Name(String),
     /// `%7`: a fixed interface index (all digits).
     Index(u32),
@@ -156,7 +158,7 @@ impl Endpoint {
                 let scope_id = match &self.zone {
                     None => 0,
                     Some(Zone::Name(name)) => {
-                        interface_index(name).map_err(|e| AddrError::Zone {
+                        kept_index::index(name).map_err(|e| AddrError::Zone {
                             endpoint: self.to_string(),
                             source: Box::new(e),
                         })?
