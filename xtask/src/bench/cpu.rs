@@ -12,9 +12,9 @@
 //! done on an idle CPU (charged to the idle task, pid 0, which /proc does not list). Where the
 //! kernel has `CONFIG_IRQ_TIME_ACCOUNTING`, irq and softirq time is in no task's time at all
 //! ([`irq_time_note`] says so in the report).
-use std::{collections::HashMap, fs};
+use std::collections::HashMap;
 
-use super::sys::{clk_tck, pids};
+use super::sys::{clk_tck, pids, stat_fields};
 
 /// `PF_KTHREAD` in the flags field of `/proc/PID/stat`.
 const PF_KTHREAD: u64 = 0x0020_0000;
@@ -43,13 +43,8 @@ pub fn snapshot() -> Snapshot {
 
 /// (start time, times) of one process, from the fields after the command name.
 fn read(pid: u32) -> Option<(u64, Times)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
     // Field 3 (state) is index 0 here: flags is field 9, utime..cstime 14..17, starttime 22.
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .map(|w| w.parse::<i64>().map_or(0, |v| v.max(0) as u64))
-        .collect();
+    let f = stat_fields(pid)?;
     if f.len() <= 19 {
         return None;
     }

@@ -17,7 +17,7 @@ pub fn clk_tck() -> f64 {
 }
 
 /// The fields of `/proc/PID/stat` after the command name: index 0 is field 3 (state).
-fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+pub fn stat_fields(pid: u32) -> Option<Vec<u64>> {
     let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &text[text.rfind(')')? + 1..];
     let mut words = rest.split_whitespace();
