@@ -22,7 +22,8 @@
 //!   untrusted client's PROXY header reaches the upstream verbatim, as data. A trusted source
 //!   without a header, with broken ones, silent, or closing halfway is closed, logged and counted
 //!   by reason; headers split over several segments with pauses work, with the client's bytes
-//!   that came with the last piece delivered (and, on a route with matches, peeked).
+//!   that came with the last piece delivered (and, on a route with matches, peeked); the header
+//!   and the peek after it share one `peek_timeout`.
 use std::{
     io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
@@ -471,6 +472,7 @@ upstream = ["[fe80::2%up0]:{RAW}", "[fe80::2%up0]:{RAW2}"]
 name = "routed"
 listen = "[::]:7444"
 accept_proxy = ["198.51.100.0/28"]
+peek_timeout = "2s"
 proxy_protocol = "v1"
 
 [[route.match]]
@@ -517,6 +519,32 @@ fn behind_a_front_proxy(mode: &str) {
     split_headers(&lab, &raw);
     balanced_by_the_headers_source(&lab, &raw);
     refused_headers(&lab, &spliced);
+    header_and_peek_share_one_timeout(&lab);
+}
+
+/// On a route with matches the PROXY header and the peek after it share one `peek_timeout`
+/// (2 s on "routed", no default upstream): a header sent after 1.2 s leaves the peek 0.8 s, so
+/// a front that then sends nothing is closed about 2 s after it connected, not 3.2 s.
+fn header_and_peek_share_one_timeout(lab: &Lab) {
+    let to = addr(SPLICED_F, 7444);
+    let took = lab.run_in(F, move || {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(10)).unwrap();
+        set_timeouts(&s, Duration::from_secs(10));
+        let started = Instant::now();
+        thread::sleep(Duration::from_millis(1200));
+        s.write_all(b"PROXY TCP4 203.0.113.70 198.51.100.1 5000 7444\r\n")
+            .unwrap();
+        let mut back = Vec::new();
+        let end = s.read_to_end(&mut back);
+        let timed_out =
+            |e: &std::io::Error| matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut);
+        assert!(!end.as_ref().is_err_and(timed_out), "not closed: {end:?}");
+        started.elapsed()
+    });
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(2800),
+        "closed {took:?} after connecting; peek_timeout is 2 s for header and peek together"
+    );
 }
 
 /// `balance = "source"` balances on the header's client, not on the front proxy: every

@@ -1,9 +1,9 @@
 //! Connections from a trusted front proxy (`accept_proxy`, issue 13): the PROXY header is read
-//! first, within the route's `peek_timeout`, and names the client the connection is for. From
+//! first, within the route's `peek_timeout` (which the peek after it shares), and names the client the connection is for. From
 //! any other source nothing is parsed: the bytes are the client's.
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
+use tokio::{net::TcpStream, time::Instant};
 use tracing::{debug, warn};
 
 use super::state::RouteState;
@@ -25,13 +25,14 @@ pub(super) struct Front {
     pub(super) early: Vec<u8>,
 }
 
-/// Reads the PROXY header when `peer` is in the route's `accept_proxy`. `None` when the header
-/// was refused and the connection is to be closed (counted and logged here).
+/// Reads the PROXY header, by `deadline`, when `peer` is in the route's `accept_proxy`. `None`
+/// when the header was refused and the connection is to be closed (counted and logged here).
 pub(super) async fn front(
     client: &mut TcpStream,
     peer: SocketAddr,
     route: &RouteState,
     conn: &Conn,
+    deadline: Instant,
 ) -> Option<Front> {
     let mut front = Front {
         client: peer,
@@ -43,7 +44,8 @@ pub(super) async fn front(
         return Some(front);
     }
     let counters = &route.counters;
-    let (parsed, early) = match proxy_header::read_header(client, route.route.peek_timeout).await {
+    let limit = deadline.saturating_duration_since(Instant::now());
+    let (parsed, early) = match proxy_header::read_header(client, limit).await {
         Ok(read) => read,
         Err(rejected) => {
             let outcome = rejected.outcome();

@@ -56,7 +56,7 @@ fn name_fields(seen: &Peeked) -> String {
     text
 }
 
-/// Peeks when the route has matches and decides; `None` when the connection was refused or
+/// Peeks (until `deadline`) when the route has matches and decides; `None` when the connection was refused or
 /// closed here (already counted and logged). `early`: the client's first bytes, read already
 /// (after a front proxy's PROXY header); they are the head of the peek, or of the connection.
 pub(super) async fn choose(
@@ -64,6 +64,7 @@ pub(super) async fn choose(
     peer: SocketAddr,
     route: &RouteState,
     early: Vec<u8>,
+    deadline: tokio::time::Instant,
 ) -> Option<Chosen> {
     let r = &route.route;
     if r.matches.is_empty() {
@@ -75,7 +76,8 @@ pub(super) async fn choose(
             client_bytes: 0,
         });
     }
-    let (head, verdict) = peek::read_head_after(client, r.peek_timeout, early).await;
+    let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let (head, verdict) = peek::read_head_after(client, limit, early).await;
     let rules = r.matches.iter().map(|m| &m.rule);
     let (decision, outcome) = peek::decide(&verdict, rules, r.has_default());
     route.counters.peeked(outcome);
