@@ -1,6 +1,7 @@
 //! Connections from a trusted front proxy (`accept_proxy`, issue 13): the PROXY header is read
-//! first, within the route's `peek_timeout` (which the peek after it shares), and names the client the connection is for. From
-//! any other source nothing is parsed: the bytes are the client's.
+//! first, within the route's `peek_timeout` (which the peek after it shares), and names the
+//! client the connection is for. From any other source nothing is parsed: the bytes are the
+//! client's.
 use std::net::SocketAddr;
 
 use tokio::{net::TcpStream, time::Instant};

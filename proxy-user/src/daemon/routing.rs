@@ -56,8 +56,8 @@ fn name_fields(seen: &Peeked) -> String {
     text
 }
 
-/// Peeks (until `deadline`) when the route has matches and decides; `None` when the connection was refused or
-/// closed here (already counted and logged). `early`: the client's first bytes, read already
+/// Peeks (until `deadline`) when the route has matches and decides; `None` when the connection
+/// was refused or closed here (already counted and logged). `early`: the client's first bytes, read already
 /// (after a front proxy's PROXY header); they are the head of the peek, or of the connection.
 pub(super) async fn choose(
     client: &mut TcpStream,
