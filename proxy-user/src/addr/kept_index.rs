@@ -108,9 +108,20 @@ fn watching() -> bool {
     };
     // Whatever was kept before may predate changes nobody listened for.
     forget();
-    runtime.spawn(listen(socket));
+    // Before the spawn: the task may end (and say so) before this thread runs on.
     KEPT.state.store(WATCHING, Ordering::Release);
+    runtime.spawn(listen(socket, Gone));
     true
+}
+
+/// Marks the listening task gone however it ends, also when its runtime drops it unpolled (an
+/// argument of the task's future, dropped with it).
+struct Gone;
+
+impl Drop for Gone {
+    fn drop(&mut self) {
+        KEPT.state.store(IDLE, Ordering::Release);
+    }
 }
 
 /// A netlink socket bound to the link group, registered with the runtime.
@@ -128,15 +139,7 @@ fn link_events() -> std::io::Result<AsyncFd<OwnedFd>> {
 }
 
 /// Forgets the kept indexes at every message; ends with the runtime or a socket error.
-async fn listen(socket: AsyncFd<OwnedFd>) {
-    /// Marks the task gone however it ends (a runtime shutting down drops it).
-    struct Gone;
-    impl Drop for Gone {
-        fn drop(&mut self) {
-            KEPT.state.store(IDLE, Ordering::Release);
-        }
-    }
-    let _gone = Gone;
+async fn listen(socket: AsyncFd<OwnedFd>, _gone: Gone) {
     let mut buf = [0u8; 8192];
     loop {
         let Ok(mut ready) = socket.readable().await else {
