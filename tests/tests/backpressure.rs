@@ -496,12 +496,13 @@ impl Buffers {
     /// [`uncharged_within`]). One 64 KiB skb of slack per socket: a queue is checked against
     /// its limit before the skb that crosses it is added.
     fn bound(&self, allowance: u64) -> u64 {
-        self.sender_snd
-            + 2 * self.proxy_rcv
-            + self.proxy_snd
-            + self.receiver_rcv
-            + allowance
-            + 4 * 64 * 1024
+        self.sockets() + allowance + 4 * 64 * 1024
+    }
+
+    /// The sockets' part of [`Buffers::bound`]: what they can be charged (truesize), the
+    /// daemon's receiving socket twice.
+    fn sockets(&self) -> u64 {
+        self.sender_snd + 2 * self.proxy_rcv + self.proxy_snd + self.receiver_rcv
     }
 
     fn add(&mut self, o: Buffers) {
@@ -1058,8 +1059,7 @@ fn many_stalled() -> Result<(), String> {
     // for the skbs' overhead; 32 MiB for 100 sockets' and psocks' structures, the daemon, and
     // the noise of a shared machine (tens of MiB). This catches a runaway (trap 8: GBs), not
     // the difference the pool makes at this scale: the byte counts above do.
-    let socket_mem = bufs.sender_snd + 2 * bufs.proxy_rcv + bufs.proxy_snd + bufs.receiver_rcv;
-    let mem_bound = socket_mem + pool * 3 / 2 + 32 * MIB;
+    let mem_bound = bufs.sockets() + pool * 3 / 2 + 32 * MIB;
     mem_within(&mut checks, &format!("{MANY} stalled"), &mem, mem_bound);
     checks.done(&format!("{MANY} stalled"))?;
 
@@ -1222,13 +1222,11 @@ fn slow_reader(mode: &str) -> Result<(), String> {
     );
     // Memory, as for the stalled connections: the sockets' charge is bounded by their buffers,
     // the psock backlog (charged to no socket) by the allowance, half as much again for the
-    // skbs' overhead, plus the noise of a shared machine: 64 MiB, since the same build measured
+    // skbs' overhead, plus the noise of a shared machine: 64 MiB, since one build measured
     // 27-77 MiB in five runs by hand (20.5-21.9 in the sockets, the rest charged to none,
-    // others quiet), as did 2fcb039's, and a fixed 64 MiB failed once in CI at 66.4. This
+    // others quiet), 2fcb039 29-39 MiB, and a fixed 64 MiB failed once in CI at 66.4. This
     // catches a runaway (trap 8: GBs); the byte counts above hold the allowance.
-    let b = snap.bufs;
-    let socket_mem = b.sender_snd + 2 * b.proxy_rcv + b.proxy_snd + b.receiver_rcv;
-    let mem_bound = socket_mem + MAX_BUFFERED * 3 / 2 + 64 * MIB;
+    let mem_bound = snap.bufs.sockets() + MAX_BUFFERED * 3 / 2 + 64 * MIB;
     mem_within(&mut checks, &what, &mem, mem_bound);
     checks.check(in_flight < bound, || {
         format!("{in_flight} bytes in flight, bound {bound}")

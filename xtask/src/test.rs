@@ -45,13 +45,7 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
     });
     match bin {
         Some(bin) => after_build(&mut steps, &root, &bin, &args),
-        None => steps.skipped.extend([
-            "tests",
-            "integration tests in VMs (oldest and newest kernel)",
-            "integration tests in VMs (arm64, newest kernel)",
-            "system test (amd64)",
-            "bench (quick)",
-        ]),
+        None => steps.skipped.extend(AFTER_BUILD),
     }
     steps.finish()
 }
@@ -91,10 +85,18 @@ fn checks(steps: &mut Steps, root: &Path) {
     });
 }
 
+// The names of the steps that need the build, in order (skipped together without one).
+const TESTS: &str = "tests";
+const VM_AMD64: &str = "integration tests in VMs (oldest and newest kernel)";
+const VM_ARM64: &str = "integration tests in VMs (arm64, newest kernel)";
+const SYSTEM: &str = "system test (amd64)";
+const BENCH: &str = "bench (quick)";
+const AFTER_BUILD: [&str; 5] = [TESTS, VM_AMD64, VM_ARM64, SYSTEM, BENCH];
+
 /// The steps that need the build: the tests, the VM suite (the arm64 guest in the background
 /// beside the amd64 ones), the system test, and the quick bench if everything else passed.
 fn after_build(steps: &mut Steps, root: &Path, bin: &Path, args: &[OsString]) {
-    steps.run("tests", || {
+    steps.run(TESTS, || {
         remove_stale_namespaces()?;
         run(cargo()
             .current_dir(root)
@@ -121,30 +123,25 @@ fn after_build(steps: &mut Steps, root: &Path, bin: &Path, args: &[OsString]) {
         &crate::vm::ci_kernels_arm64(),
     );
     // The oldest and the newest kernel in QEMU (about 6 minutes; see crate::vm).
-    steps.run(
-        "integration tests in VMs (oldest and newest kernel)",
-        || {
-            crate::vm::command(
-                crate::arch::Arch::Amd64,
-                crate::vm::ci_kernels(),
-                &[],
-                CI_GUEST_LIMIT,
-            )
-        },
-    );
-    steps.run("integration tests in VMs (arm64, newest kernel)", || {
-        arm64?.finish(CI_ARM64_VM_LIMIT)
+    steps.run(VM_AMD64, || {
+        crate::vm::command(
+            crate::arch::Arch::Amd64,
+            crate::vm::ci_kernels(),
+            &[],
+            CI_GUEST_LIMIT,
+        )
     });
+    steps.run(VM_ARM64, || arm64?.finish(CI_ARM64_VM_LIMIT));
     // The package under a real systemd: a child xtask stopped at its bound.
-    steps.run("system test (amd64)", || {
+    steps.run(SYSTEM, || {
         xtask_bounded(&["system-test", "--arch", "amd64"], &[], CI_SYSTEM_LIMIT)
     });
     // Only on a tree that passed everything else: a benchmark of a broken build says
     // nothing.
     if steps.failed.is_empty() {
-        steps.run("bench (quick)", bench_quick);
+        steps.run(BENCH, bench_quick);
     } else {
-        steps.skipped.push("bench (quick)");
+        steps.skipped.push(BENCH);
     }
 }
 
