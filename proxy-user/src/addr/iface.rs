@@ -1,9 +1,9 @@
 //! Interfaces by name and index, looked up at every use (a re-created interface has a new
 //! index; a dial's lookup is kept while no link changes, `kept_index`), by the `SIOCGIFINDEX`
-//! / `SIOCGIFNAME` ioctls (rustix's `netdevice`) on one socket kept for the purpose. libc's if_nametoindex opens and closes a socket for each lookup: with
-//! a zoned upstream that was three system calls and a socket's set-up and teardown per dial
-//! (issue 17's profile), now one ioctl. The socket belongs to the namespace spliced started in,
-//! the one its dials use.
+//! / `SIOCGIFNAME` ioctls (rustix's `netdevice`) on one socket kept for the purpose. libc's
+//! if_nametoindex opens and closes a socket for each lookup: with a zoned upstream that was
+//! three system calls and a socket's set-up and teardown per dial (issue 17's profile), now one
+//! ioctl. The socket belongs to the namespace spliced started in, the one its dials use.
 use std::{
     io,
     os::fd::{AsFd, OwnedFd},

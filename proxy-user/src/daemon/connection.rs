@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::{
-    proxied, routing,
+    proxied,
+    reads_by::ReadsBy,
+    routing,
     state::{Live, RouteState, Shared},
 };
 use crate::{
@@ -129,14 +131,11 @@ async fn open(
     route: &RouteState,
     conn: &Conn,
 ) -> Option<Opened> {
-    // One `peek_timeout` for all the route reads before it dials: a front proxy's PROXY header
-    // and then the client's first bytes share it, so a slow sender cannot hold a connection
-    // twice as long by spending the time before each.
-    let reads_by = tokio::time::Instant::now() + route.route.peek_timeout;
-    let front = proxied::front(client, peer, route, conn, reads_by).await?;
+    let mut reads_by = ReadsBy::new(route.route.peek_timeout);
+    let front = proxied::front(client, peer, route, conn, &mut reads_by).await?;
     // From here on the client is the one the header named.
     let peer = front.client;
-    let mut chosen = routing::choose(client, peer, route, front.early, reads_by).await?;
+    let mut chosen = routing::choose(client, peer, route, front.early, &mut reads_by).await?;
     let target = route.route.target(chosen.rule)?;
     let opts = DialOptions {
         connect_timeout: target.connect_timeout,

@@ -34,6 +34,7 @@ use crate::{
 mod connection;
 mod listen;
 mod proxied;
+mod reads_by;
 mod reload;
 mod routing;
 mod state;

@@ -4,10 +4,10 @@
 //! client's.
 use std::net::SocketAddr;
 
-use tokio::{net::TcpStream, time::Instant};
+use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use super::state::RouteState;
+use super::{reads_by::ReadsBy, state::RouteState};
 use crate::{
     proxy_header::{self, Outcome, Parsed},
     registry::{Conn, Failure},
@@ -26,14 +26,14 @@ pub(super) struct Front {
     pub(super) early: Vec<u8>,
 }
 
-/// Reads the PROXY header, by `deadline`, when `peer` is in the route's `accept_proxy`. `None`
+/// Reads the PROXY header, within what `reads_by` leaves, when `peer` is in the route's `accept_proxy`. `None`
 /// when the header was refused and the connection is to be closed (counted and logged here).
 pub(super) async fn front(
     client: &mut TcpStream,
     peer: SocketAddr,
     route: &RouteState,
     conn: &Conn,
-    deadline: Instant,
+    reads_by: &mut ReadsBy,
 ) -> Option<Front> {
     let mut front = Front {
         client: peer,
@@ -45,8 +45,7 @@ pub(super) async fn front(
         return Some(front);
     }
     let counters = &route.counters;
-    let limit = deadline.saturating_duration_since(Instant::now());
-    let (parsed, early) = match proxy_header::read_header(client, limit).await {
+    let (parsed, early) = match proxy_header::read_header(client, reads_by.left()).await {
         Ok(read) => read,
         Err(rejected) => {
             let outcome = rejected.outcome();

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::{info, warn};
 
-use super::state::RouteState;
+use super::{reads_by::ReadsBy, state::RouteState};
 use crate::peek::{self, Decision, Outcome, Peeked, Protocol, Verdict};
 
 /// Where a connection goes and what has to be written to its upstream first.
@@ -56,15 +56,16 @@ fn name_fields(seen: &Peeked) -> String {
     text
 }
 
-/// Peeks (until `deadline`) when the route has matches and decides; `None` when the connection
-/// was refused or closed here (already counted and logged). `early`: the client's first bytes, read already
-/// (after a front proxy's PROXY header); they are the head of the peek, or of the connection.
+/// Peeks (within what `reads_by` leaves) when the route has matches and decides; `None` when
+/// the connection was refused or closed here (already counted and logged). `early`: the
+/// client's first bytes, read already (after a front proxy's PROXY header); they are the head
+/// of the peek, or of the connection.
 pub(super) async fn choose(
     client: &mut TcpStream,
     peer: SocketAddr,
     route: &RouteState,
     early: Vec<u8>,
-    deadline: tokio::time::Instant,
+    reads_by: &mut ReadsBy,
 ) -> Option<Chosen> {
     let r = &route.route;
     if r.matches.is_empty() {
@@ -76,8 +77,7 @@ pub(super) async fn choose(
             client_bytes: 0,
         });
     }
-    let limit = deadline.saturating_duration_since(tokio::time::Instant::now());
-    let (head, verdict) = peek::read_head_after(client, limit, early).await;
+    let (head, verdict) = peek::read_head_after(client, reads_by.left(), early).await;
     let rules = r.matches.iter().map(|m| &m.rule);
     let (decision, outcome) = peek::decide(&verdict, rules, r.has_default());
     route.counters.peeked(outcome);
