@@ -19,6 +19,7 @@ mod bench;
 mod build;
 mod deb;
 mod demo;
+mod disk;
 mod fuzz;
 mod repro;
 mod run;

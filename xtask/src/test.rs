@@ -27,6 +27,8 @@ pub fn command(args: Vec<OsString>) -> Result<()> {
         reexec_as_root()?;
     }
     let root = workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.clone(), Into::into);
+    crate::disk::ensure_free(&target, RUN_NEEDS_GIB, "a full `cargo xtask test`")?;
     let mut steps = Steps::default();
 
     if !steps.run("setup", crate::setup::run) {
@@ -84,6 +86,10 @@ fn checks(steps: &mut Steps, root: &Path) {
             .args(["-Z", "build-std=core", "--", "-D", "warnings"]))
     });
 }
+
+// What a clean clone's full run leaves under `target/` and `~/.cache/spliced`, measured, with
+// room to spare.
+const RUN_NEEDS_GIB: u64 = 8;
 
 // The names of the steps that need the build, in order (skipped together without one).
 const TESTS: &str = "tests";
