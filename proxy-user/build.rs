@@ -15,8 +15,12 @@ fn main() -> anyhow::Result<()> {
     // aya-build watches proxy-ebpf; the map types it shares live here.
     println!("cargo:rerun-if-changed=../proxy-common/src");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
-    // Both objects of proxy-ebpf: the sockmap verdict and the XDP front.
-    let stubs = [out_dir.join("proxy-ebpf"), out_dir.join("proxy-xdp")];
+    // The objects of proxy-ebpf: the sockmap verdict, the XDP front, the accept steering.
+    let stubs = [
+        out_dir.join("proxy-ebpf"),
+        out_dir.join("proxy-xdp"),
+        out_dir.join("proxy-steer"),
+    ];
     let write_stubs = || -> anyhow::Result<()> {
         for stub in &stubs {
             fs::write(stub, []).context("writing an empty eBPF object")?;

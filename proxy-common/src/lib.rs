@@ -6,7 +6,9 @@
 
 use bytemuck::{Pod, Zeroable};
 
+mod steer;
 mod xdp;
+pub use steer::*;
 pub use xdp::*;
 
 /// Name of the SOCKHASH that maps a source socket's cookie to the socket its bytes go to.

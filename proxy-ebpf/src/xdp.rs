@@ -10,6 +10,8 @@
 #![no_std]
 #![no_main]
 
+mod object;
+
 use core::mem::size_of;
 
 use aya_ebpf::{
@@ -348,13 +350,3 @@ fn drop(route: u32, reason: u32) -> u32 {
     }
     xdp_action::XDP_DROP
 }
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";

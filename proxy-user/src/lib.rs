@@ -22,6 +22,7 @@ pub mod proxy_header;
 pub mod registry;
 mod sockopt;
 pub mod status;
+pub mod steer;
 pub mod systemd;
 mod text;
 pub mod upstream;
@@ -38,3 +39,8 @@ pub static EBPF_OBJECT: &[u8] =
 /// The embedded XDP front object (`proxy-ebpf/src/xdp.rs`); empty when built without the eBPF
 /// toolchain.
 pub static XDP_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-xdp"));
+
+/// The embedded accept steering object (`proxy-ebpf/src/steer.rs`); empty when built without
+/// the eBPF toolchain.
+pub static STEER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-steer"));

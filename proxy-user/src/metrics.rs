@@ -176,6 +176,7 @@ pub(crate) fn render(registry: &Registry) -> String {
         }),
     );
     refused(registry, &mut out);
+    lane_families(&mut out);
     routing_families(&routes, &mut out);
     proxy_header_family(&routes, &mut out);
     out
@@ -202,6 +203,37 @@ fn proxy_header_family(routes: &[(String, Arc<RouteCounters>)], out: &mut String
                 )
             })
         }),
+    );
+}
+
+/// The accept steering's families, once the lanes accept: connections handed to each lane, and
+/// each lane's live ones.
+fn lane_families(out: &mut String) {
+    let Some(steer) = crate::steer::loaded().filter(|s| s.lanes() > 0) else {
+        return;
+    };
+    let picks = steer.picks();
+    write_family(
+        out,
+        (
+            "spliced_lane_steered_total",
+            "counter",
+            "Connections the accept steering handed to each lane.",
+        ),
+        &mut (0..steer.lanes()).map(|l| format!("{{lane=\"{l}\"}} {}", picks[l])),
+    );
+    write_family(
+        out,
+        (
+            "spliced_lane_connections_active",
+            "gauge",
+            "Connections accepted on each lane and live now.",
+        ),
+        &mut steer
+            .live()
+            .into_iter()
+            .enumerate()
+            .map(|(l, n)| format!("{{lane=\"{l}\"}} {n}")),
     );
 }
 

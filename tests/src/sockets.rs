@@ -163,9 +163,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The TCP ports process `pid` listens on, from its file descriptors and its namespace's
-/// /proc/net/tcp{,6}.
-pub fn listening_ports(pid: i32) -> Vec<u16> {
+/// The ports of the TCP sockets process `pid` listens on, a port once per socket, from its file
+/// descriptors and its namespace's /proc/net/tcp{,6}.
+pub fn listening_sockets(pid: i32) -> Vec<u16> {
     let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()
@@ -190,6 +190,15 @@ pub fn listening_ports(pid: i32) -> Vec<u16> {
             }
         }
     }
+    ports
+}
+
+/// The TCP ports process `pid` listens on, each once (a route may listen with a socket per
+/// lane).
+pub fn listening_ports(pid: i32) -> Vec<u16> {
+    let mut ports = listening_sockets(pid);
+    ports.sort_unstable();
+    ports.dedup();
     ports
 }
 

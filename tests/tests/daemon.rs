@@ -27,9 +27,10 @@ use std::{
 use sha2::{Digest, Sha256};
 use tests::{
     accept, assert_closed_on_connect, assert_no_connection, assert_refused, carry, closed_within,
-    connect_to, free_port, http_request, hup, listening_ports, metric, metrics_addr, per_mode,
-    read_exact, receive_into, route_addr, set_timeouts, spliced_bin, status, wait_metric,
-    wait_until, Configured, Payload, Process, Spliced, TempDir, Topology,
+    connect_to, ebpf_required, free_port, http_request, hup, listening_ports, listening_sockets,
+    metric, metrics_addr, per_mode, read_exact, receive_into, route_addr, scrape, set_timeouts,
+    spliced_bin, status, wait_metric, wait_until, Configured, Payload, Process, Spliced, TempDir,
+    Topology,
 };
 
 const ACCEPT: Duration = Duration::from_secs(10);
@@ -569,6 +570,79 @@ fn workers_sets_the_runtime_threads_and_waits_for_a_restart() {
         "{log}"
     );
     carry(&mut c, &mut s, b"still one");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accepting on the lanes.
+
+/// With more than one core a route listens with a socket per core, a `SO_REUSEPORT` group whose
+/// connections the steering program hands to the lanes; every connection through it is
+/// carried, a second daemon on its port still fails with "address in use", and a reload that
+/// removes the route closes every socket of the group.
+#[test]
+fn a_route_accepts_on_a_socket_per_lane() {
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let f = Configured::new();
+    let spliced = f.start_route("copy", METRICS, "web", "").unwrap();
+    let addr = route_addr(&spliced, "web");
+    let sockets = || {
+        listening_sockets(spliced.pid())
+            .into_iter()
+            .filter(|p| *p == addr.port())
+            .count()
+    };
+    let steered = format!("route web: accepting on {cores} lanes, each connection on the lane");
+    let log = spliced.log();
+    let is_steered = cores > 1 && (ebpf_required() || log.contains(&steered));
+    if is_steered {
+        assert!(log.contains(&steered), "{log}");
+        assert_eq!(sockets(), cores, "one listening socket per lane");
+    } else {
+        assert_eq!(sockets(), 1, "{log}");
+    }
+    for i in 0..40u8 {
+        let mut c = spliced.connect();
+        let mut s = accept(&f.listener, ACCEPT);
+        carry(&mut c, &mut s, &[i; 3]);
+        carry(&mut s, &mut c, &[i; 5]);
+    }
+    if is_steered {
+        // The program chose each connection's lane (a miss would leave it to the hash,
+        // uncounted).
+        let text = scrape(metrics_addr(&spliced));
+        let steered: u64 = (0..cores)
+            .map(|l| {
+                metric(
+                    &text,
+                    &format!("spliced_lane_steered_total{{lane=\"{l}\"}}"),
+                )
+            })
+            .sum();
+        assert_eq!(steered, 40, "{text}");
+    }
+
+    let taken = addr.to_string();
+    let args = [
+        "--listen",
+        &taken,
+        "--upstream",
+        &f.upstream,
+        "--mode",
+        "copy",
+    ];
+    let Err(second) = Spliced::try_start(&args, 1) else {
+        panic!("a second daemon listened on {taken} too");
+    };
+    assert!(
+        second.log.contains("another process listens there"),
+        "{}",
+        second.log
+    );
+
+    f.dir.write("copy", "", &[("other", &f.upstream, "")]);
+    hup(&spliced, "reload: configuration applied", 1);
+    assert_eq!(sockets(), 0, "a removed route's sockets are all closed");
+    assert_refused(addr);
 }
 
 // ---------------------------------------------------------------------------------------------

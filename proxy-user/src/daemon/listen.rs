@@ -1,19 +1,20 @@
-//! Listening sockets (bound here, or handed over by systemd) and the accept loop.
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+//! Listening sockets: bound here (one per lane in a steered `SO_REUSEPORT` group where the
+//! steering loads, else one), or handed over by systemd.
+use std::{io, net::SocketAddr, net::TcpListener};
 
-use tokio::{
-    net::{TcpListener, TcpSocket},
-    sync::watch,
-};
-use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{debug, info, warn};
+use socket2::{Domain, Protocol, Socket, Type};
+use tracing::info;
 
-use super::{
-    connection,
-    state::{Live, RouteState, Shared},
-    StartError,
+use super::StartError;
+use crate::{
+    addr::AddrError,
+    config::Route,
+    forward::lanes,
+    sockopt,
+    steer::{self, Group},
+    systemd::Inherited,
+    STEER_OBJECT,
 };
-use crate::{addr::AddrError, config::Route, sockopt, systemd::Inherited};
 
 /// Why a route's listen address could not be bound.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +39,14 @@ fn bind_hint(e: &io::Error) -> &'static str {
     }
 }
 
-/// A listening socket and the address it is bound to.
-pub(super) type Bound = (TcpListener, SocketAddr);
+/// A route's listening sockets and the address they are bound to.
+pub(super) struct Bound {
+    /// One, or one per lane (a `SO_REUSEPORT` group).
+    pub(super) sockets: Vec<TcpListener>,
+    /// The group's steering, while it lives.
+    pub(super) steer: Option<Group>,
+    pub(super) addr: SocketAddr,
+}
 
 /// Sets what accepted sockets inherit from their listener (the kernel clones the listener's
 /// socket when a handshake completes): one setsockopt per listener instead of one per
@@ -69,11 +76,8 @@ pub(super) async fn listener(route: &Route, inherited: &[Inherited]) -> Result<B
         name: inherited.name.clone(),
         source,
     };
-    let listener = inherited
-        .listener
-        .try_clone()
-        .and_then(TcpListener::from_std)
-        .map_err(fail)?;
+    let listener = inherited.listener.try_clone().map_err(fail)?;
+    listener.set_nonblocking(true).map_err(fail)?;
     set_inherited_options(&listener);
     let local_addr = listener.local_addr().map_err(fail)?;
     info!(
@@ -81,7 +85,11 @@ pub(super) async fn listener(route: &Route, inherited: &[Inherited]) -> Result<B
          address {} is not bound)",
         route.name, inherited.name, route.listen
     );
-    Ok((listener, local_addr))
+    Ok(Bound {
+        sockets: vec![listener],
+        steer: None,
+        addr: local_addr,
+    })
 }
 
 async fn bind(route: &Route) -> Result<Bound, ListenError> {
@@ -91,72 +99,72 @@ async fn bind(route: &Route) -> Result<Bound, ListenError> {
         .await?
         .first()
         .ok_or(ListenError::Empty)?;
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
+    // Bound without SO_REUSEPORT first: a port anything else holds (a second spliced too,
+    // which could otherwise join the group) fails here, and port 0 becomes a real one.
+    let probe = socket(addr, false).map_err(ListenError::Socket)?;
+    let addr = probe
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or_else(|| ListenError::Socket(io::Error::other("the bound socket has no address")))?;
+    let Some(group) = steer_group(&route.name, addr.port()) else {
+        probe.listen(1024).map_err(ListenError::Socket)?;
+        return Ok(Bound {
+            sockets: vec![probe.into()],
+            steer: None,
+            addr,
+        });
+    };
+    drop(probe);
+    let sockets = (0..lanes::planned())
+        .map(|_| {
+            let s = socket(addr, true)?;
+            s.listen(1024)?;
+            Ok(TcpListener::from(s))
+        })
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(ListenError::Socket)?;
+    let steer = fill(group, &sockets, &route.name);
+    Ok(Bound {
+        sockets,
+        steer,
+        addr,
+    })
+}
+
+/// A non-blocking socket bound to `addr` with the options its connections inherit.
+fn socket(addr: SocketAddr, reuseport: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_nonblocking(true)?;
+    socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
     }
-    .map_err(ListenError::Socket)?;
-    socket.set_reuseaddr(true).map_err(ListenError::Socket)?;
     set_inherited_options(&socket);
-    socket.bind(addr).map_err(ListenError::Socket)?;
-    let listener = socket.listen(1024).map_err(ListenError::Socket)?;
-    let local_addr = listener.local_addr().map_err(ListenError::Socket)?;
-    Ok((listener, local_addr))
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
-/// Accepts until `stop`; each connection follows the route as it was when it was accepted.
-pub(super) async fn accept_loop(
-    listener: TcpListener,
-    route: watch::Receiver<Arc<RouteState>>,
-    shared: Arc<Shared>,
-    connections: TaskTracker,
-    stop: CancellationToken,
-) {
-    // Set on the listener (`set_inherited_options`), or else per connection below.
-    let inherits_nodelay = sockopt::nodelay(&listener).unwrap_or(false);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            () = stop.cancelled() => return,
-        };
-        // The route as of now: a reload applies to connections accepted after it.
-        let route = route.borrow().clone();
-        match accepted {
-            Ok((client, peer)) => {
-                route
-                    .counters
-                    .total
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if shared.filters.check(&route.route.name, peer.ip()).is_err() {
-                    // allow, deny or syn_rate: a connection that did not pass through the XDP
-                    // front (loopback, another interface) gets the same answer here, at once.
-                    let _ = sockopt::set_linger_zero(&client);
-                    continue;
-                }
-                let Some(live) = Live::enter(&shared, &route, peer) else {
-                    let _ = sockopt::set_linger_zero(&client);
-                    continue;
-                };
-                if !inherits_nodelay {
-                    let _ = client.set_nodelay(true);
-                }
-                connections.spawn(connection::run(client, peer, route, shared.clone(), live));
-            }
-            Err(e) if is_resource_exhaustion(&e) => {
-                // EMFILE and friends: the pending connection stays queued; retrying at once
-                // would spin. Back off and let live connections finish.
-                warn!(route = %route.route.name, "accept: {e}; backing off 100 ms");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => debug!(route = %route.route.name, "accept: {e}"),
-        }
+/// The steering's slot for `port`, where there is more than one lane and the program loads.
+fn steer_group(route: &str, port: u16) -> Option<Group> {
+    if lanes::planned() < 2 {
+        return None;
     }
+    let steer = steer::get(STEER_OBJECT)
+        .inspect_err(|e| info!("route {route}: accepting on one socket: {e}"))
+        .ok()?;
+    steer
+        .reserve(port)
+        .inspect_err(|e| info!("route {route}: accepting on one socket: {e}"))
+        .ok()
 }
 
-fn is_resource_exhaustion(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    )
+/// Puts the group's sockets into the steering; without it, the kernel's hash spreads the
+/// connections over the lanes.
+fn fill(mut group: Group, sockets: &[TcpListener], route: &str) -> Option<Group> {
+    group
+        .fill(sockets)
+        .inspect_err(|e| info!("route {route}: the accept steering failed: {e}"))
+        .ok()
+        .map(|()| group)
 }

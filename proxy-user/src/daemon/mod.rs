@@ -31,6 +31,7 @@ use crate::{
     XDP_OBJECT,
 };
 
+mod accept;
 mod connection;
 mod listen;
 mod proxied;
@@ -155,7 +156,7 @@ impl Daemon {
             daemon.plan_for(route)?;
             listeners.push(listen::listener(route, &daemon.inherited).await?);
         }
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|(_, a)| *a).collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|b| b.addr).collect();
         daemon.shared.filters.apply(
             XDP_OBJECT,
             &config.xdp,
@@ -273,7 +274,8 @@ impl Daemon {
     }
 
     /// Starts accepting on `listener` for `route`.
-    fn open(&self, route: Route, (listener, local_addr): listen::Bound) -> Slot {
+    fn open(&self, route: Route, bound: listen::Bound) -> Slot {
+        let local_addr = bound.addr;
         let state = self.state(route);
         info!(
             "route {}: listening on {local_addr}, upstream {}{}, data path {}",
@@ -285,16 +287,27 @@ impl Daemon {
             },
             state.plan.path()
         );
+        match (bound.sockets.len(), &bound.steer) {
+            (1, _) => {}
+            (n, Some(_)) => info!(
+                "route {}: accepting on {n} lanes, each connection on the lane of the core that \
+                 took its SYN unless that lane is busier",
+                state.route.name
+            ),
+            (n, None) => info!(
+                "route {}: accepting on {n} lanes, unsteered",
+                state.route.name
+            ),
+        }
         let checkers = state.checkers();
         let (tx, rx) = watch::channel(state);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(listen::accept_loop(
-            listener,
-            rx,
-            self.shared.clone(),
-            self.connections.clone(),
-            stop.clone(),
-        ));
+        let with = accept::Accepting {
+            route: rx,
+            shared: self.shared.clone(),
+            connections: self.connections.clone(),
+        };
+        let task = tokio::spawn(accept::accept_loop(bound, with, stop.clone()));
         Slot {
             local_addr,
             route: tx,

@@ -134,7 +134,7 @@ impl Daemon {
             .zip(fresh)
             .filter_map(|(found, bound)| match (found, bound) {
                 (Some(i), _) => self.slots.get(*i).map(|s| s.local_addr),
-                (None, Some((_, addr))) => Some(*addr),
+                (None, Some(bound)) => Some(bound.addr),
                 (None, None) => None,
             })
             .collect()

@@ -10,8 +10,8 @@
 //! less machine CPU per GB than the two-worker one; lanes against no lanes 0.952, 1.02 and
 //! 0.964 of the CPU per GB in three runs of 12-16 rounds (docs/profiles.md).
 //!
-//! Short connections stay on the main runtime, where work stealing balances them (per-core
-//! runtimes for every connection measured slower: docs/profiles.md).
+//! A route whose listening sockets form a steered group (`crate::steer`) accepts on the lanes
+//! too, each lane on its own socket, and runs those connections start to end on the lane.
 use std::{
     io,
     sync::{
@@ -28,6 +28,9 @@ use super::{userspace, End, Outcome};
 /// The lanes, once [`start`] ran.
 static LANES: OnceLock<Vec<Lane>> = OnceLock::new();
 
+/// Woken when the lanes start.
+static STARTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 struct Lane {
     handle: runtime::Handle,
     /// Connections on this lane now.
@@ -38,7 +41,7 @@ struct Lane {
 /// takes the credentials of the thread that starts it (see `privdrop`). Without lanes (never
 /// started, or a failed start), bulk transfers run on the caller's runtime.
 pub fn start() -> io::Result<()> {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = planned();
     let mut lanes = Vec::with_capacity(cores);
     for i in 0..cores {
         let rt = runtime::Builder::new_current_thread()
@@ -54,7 +57,34 @@ pub fn start() -> io::Result<()> {
     }
     // A second call keeps the first lanes (its threads idle).
     let _ = LANES.set(lanes);
+    STARTED.notify_waiters();
     Ok(())
+}
+
+/// How many lanes [`start`] starts: one per core.
+pub fn planned() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The lanes' runtimes, once they run.
+pub fn handles() -> Option<Vec<runtime::Handle>> {
+    LANES
+        .get()
+        .map(|lanes| lanes.iter().map(|l| l.handle.clone()).collect())
+}
+
+/// The lanes' runtimes, when they start (at once if they run).
+pub async fn started() -> Vec<runtime::Handle> {
+    loop {
+        let notified = STARTED.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a start between the two is not missed.
+        notified.as_mut().enable();
+        if let Some(handles) = handles() {
+            return handles;
+        }
+        notified.await;
+    }
 }
 
 /// Marks a lane busy while alive.

@@ -1,0 +1,100 @@
+//! spliced's accept steering: an `sk_reuseport` program on each route's group of listening
+//! sockets, one socket per lane (the daemon's per-core threads, each with its own event loop).
+//!
+//! A new connection goes to the lane of the core whose softirq took its SYN, so the thread that
+//! accepts it and runs it to the end is the one the kernel's wake-ups already land on, unless
+//! that lane carries more than `STEER_SLACK` connections more than the least loaded lane: then
+//! to the least loaded one (a single-queue NIC hands every SYN to one core). The loads are the
+//! daemon's own counts, written through a shared mapping of `STEER_LOAD`. Whatever fails here
+//! (a port not in `STEER_GROUPS`, an empty slot) leaves the choice to the kernel's hash, which
+//! still picks a socket of the group: no connection is lost to a miss. Needs Linux 5.5
+//! (`BPF_F_MMAPABLE`); direct packet access in `sk_reuseport` is older (4.19).
+#![no_std]
+#![no_main]
+
+mod object;
+
+use aya_ebpf::{
+    bindings::{sk_action::SK_PASS, BPF_F_MMAPABLE},
+    helpers::bpf_get_smp_processor_id,
+    macros::{map, sk_reuseport},
+    maps::{Array, HashMap, ReusePortSockArray},
+    programs::SkReuseportContext,
+};
+use proxy_common::{STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_SLACK};
+
+/// `group * STEER_MAX_LANES + lane` -> that lane's socket of the group.
+#[map]
+static STEER_SOCKETS: ReusePortSockArray =
+    ReusePortSockArray::with_max_entries(STEER_MAX_GROUPS * STEER_MAX_LANES, 0);
+
+/// The group's port as the TCP header carries it -> group index.
+#[map]
+static STEER_GROUPS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_GROUPS, 0);
+
+/// Lane -> connections it carries now (the daemon writes it); the last slot: how many lanes.
+/// 64-bit values: an array map's values sit 8 bytes apart, in the daemon's mapping too.
+#[map]
+static STEER_LOAD: Array<u64> = Array::with_max_entries(STEER_MAX_LANES + 1, BPF_F_MMAPABLE);
+
+/// Lane -> connections handed to it here (for the daemon's status and its tests).
+#[map]
+static STEER_PICKS: Array<u64> = Array::with_max_entries(STEER_MAX_LANES, 0);
+
+#[sk_reuseport]
+pub fn spliced_steer(ctx: SkReuseportContext) -> u32 {
+    let _ = steer(&ctx);
+    SK_PASS
+}
+
+fn steer(ctx: &SkReuseportContext) -> Option<()> {
+    // For TCP the data starts at the TCP header; bytes 2-3 are the destination port.
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + 4 > end {
+        return None;
+    }
+    // SAFETY: the two bytes are inside the packet, checked above.
+    let port = unsafe { core::ptr::read_unaligned((data + 2) as *const u16) };
+    // SAFETY: the value is a plain u32, read once.
+    let group = *unsafe { STEER_GROUPS.get(u32::from(port)) }?;
+    let lanes = load(STEER_MAX_LANES)?.min(u64::from(STEER_MAX_LANES)) as u32;
+    if lanes == 0 {
+        return None;
+    }
+    // SAFETY: a helper without arguments.
+    let own = unsafe { bpf_get_smp_processor_id() } % lanes;
+    let lane = pick(own, lanes)?;
+    let key = group.checked_mul(STEER_MAX_LANES)?.checked_add(lane)?;
+    STEER_SOCKETS.select_reuseport(ctx, key).ok()?;
+    if let Some(picks) = STEER_PICKS.get_ptr_mut(lane) {
+        // SAFETY: a valid slot of an array map; a lost increment under a race is harmless.
+        unsafe { *picks += 1 };
+    }
+    Some(())
+}
+
+/// `own` unless it carries more than `STEER_SLACK` connections more than the least loaded lane.
+fn pick(own: u32, lanes: u32) -> Option<u32> {
+    let mine = load(own)?;
+    let (mut least, mut at) = (mine, own);
+    for lane in 0..STEER_MAX_LANES {
+        if lane >= lanes {
+            break;
+        }
+        let n = load(lane)?;
+        if n < least {
+            (least, at) = (n, lane);
+        }
+    }
+    Some(if mine <= least.saturating_add(u64::from(STEER_SLACK)) {
+        own
+    } else {
+        at
+    })
+}
+
+fn load(lane: u32) -> Option<u64> {
+    let slot = STEER_LOAD.get_ptr(lane)?;
+    // SAFETY: a valid slot; the daemon writes it concurrently, so read it once, volatile.
+    Some(unsafe { core::ptr::read_volatile(slot) })
+}

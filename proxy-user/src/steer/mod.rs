@@ -1,0 +1,268 @@
+//! Accept steering: each route listens with one socket per lane (a `SO_REUSEPORT` group), and
+//! an `sk_reuseport` program (`proxy-ebpf/src/steer.rs`) hands each new connection to the
+//! socket of the lane whose core took the SYN, or to the least loaded lane when that one is
+//! ahead by more than [`STEER_SLACK`] connections. The lane accepts it and runs it start to
+//! end on its own event loop, as HAProxy runs a connection on one thread: no hand-over between
+//! threads, no second thread woken (docs/profiles.md, "Short connections").
+//!
+//! The loads are the daemon's counts of live connections per lane, written into `STEER_LOAD`
+//! through a shared mapping (`BPF_F_MMAPABLE`, Linux 5.5), so counting costs no system call.
+use std::{
+    io,
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex, OnceLock,
+    },
+};
+
+use aya::{
+    maps::{Array, HashMap, MapData, ReusePortSockArray},
+    programs::SkReuseport,
+    Ebpf,
+};
+pub use proxy_common::STEER_SLACK;
+use proxy_common::{
+    STEER_GROUPS_MAP, STEER_LOAD_MAP, STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_PICKS_MAP,
+    STEER_PROG, STEER_SOCKETS_MAP,
+};
+
+#[cfg(test)]
+mod tests;
+
+/// Why routes accept on one socket instead of steering to the lanes.
+#[derive(Debug, thiserror::Error)]
+pub enum SteerError {
+    #[error("this spliced was built without its eBPF objects")]
+    NoObject,
+    #[error("loading the accept steering program failed: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("the steering object has no {0}")]
+    Missing(&'static str),
+    #[error("the steering map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("the kernel refused the sk_reuseport program: {0}")]
+    Program(#[source] aya::programs::ProgramError),
+    #[error("mapping the lanes' load counters failed (needs Linux 5.5): {0}")]
+    Mmap(#[source] io::Error),
+    #[error("port {0} is steered for another listener already")]
+    PortTaken(u16),
+    #[error("{STEER_MAX_GROUPS} steered listeners already")]
+    Full,
+}
+
+/// The loaded program, its maps and the mapped loads; loaded once per process.
+pub struct Steer {
+    ebpf: Mutex<Ebpf>,
+    maps: Mutex<Maps>,
+    picks: Array<MapData, u64>,
+    load: Loads,
+    /// Kept open beside its mapping.
+    _load_map: aya::maps::Map,
+}
+
+struct Maps {
+    sockets: ReusePortSockArray<MapData>,
+    groups: HashMap<MapData, u32, u32>,
+    /// Group index -> its port, for the free slots.
+    used: Vec<Option<u16>>,
+}
+
+/// `STEER_LOAD` mapped into this process: one counter per lane, then the number of lanes.
+struct Loads(&'static [AtomicU64]);
+
+static STEER: OnceLock<Result<Steer, SteerError>> = OnceLock::new();
+
+/// The process's steering, if a route loaded it.
+pub fn loaded() -> Option<&'static Steer> {
+    STEER.get()?.as_ref().ok()
+}
+
+/// The process's steering, loaded at the first call from `object` (the embedded one).
+pub fn get(object: &[u8]) -> Result<&'static Steer, &'static SteerError> {
+    STEER.get_or_init(|| Steer::load(object)).as_ref()
+}
+
+impl Steer {
+    fn load(object: &[u8]) -> Result<Steer, SteerError> {
+        if object.is_empty() {
+            return Err(SteerError::NoObject);
+        }
+        crate::ebpf::raise_memlock_limit();
+        let mut ebpf = Ebpf::load(object).map_err(|e| SteerError::Load(Box::new(e)))?;
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(SteerError::Missing(name));
+        let sockets = take(STEER_SOCKETS_MAP)?
+            .try_into()
+            .map_err(|e| SteerError::Map(STEER_SOCKETS_MAP, e))?;
+        let groups = take(STEER_GROUPS_MAP)?
+            .try_into()
+            .map_err(|e| SteerError::Map(STEER_GROUPS_MAP, e))?;
+        let picks = take(STEER_PICKS_MAP)?
+            .try_into()
+            .map_err(|e| SteerError::Map(STEER_PICKS_MAP, e))?;
+        let load_map = take(STEER_LOAD_MAP)?;
+        let aya::maps::Map::Array(data) = &load_map else {
+            return Err(SteerError::Missing("array STEER_LOAD"));
+        };
+        let load = Loads::map(data).map_err(SteerError::Mmap)?;
+        let program: &mut SkReuseport = ebpf
+            .program_mut(STEER_PROG)
+            .ok_or(SteerError::Missing(STEER_PROG))?
+            .try_into()
+            .map_err(SteerError::Program)?;
+        program.load().map_err(SteerError::Program)?;
+        Ok(Steer {
+            ebpf: Mutex::new(ebpf),
+            maps: Mutex::new(Maps {
+                sockets,
+                groups,
+                used: vec![None; STEER_MAX_GROUPS as usize],
+            }),
+            picks,
+            load,
+            _load_map: load_map,
+        })
+    }
+
+    /// Sets how many lanes the program chooses among (0: leave every choice to the hash).
+    pub fn set_lanes(&self, lanes: usize) {
+        let lanes = lanes.min(STEER_MAX_LANES as usize) as u64;
+        self.load.0[STEER_MAX_LANES as usize].store(lanes, Ordering::Relaxed);
+    }
+
+    /// How many lanes the program chooses among.
+    pub fn lanes(&self) -> usize {
+        self.load.0[STEER_MAX_LANES as usize].load(Ordering::Relaxed) as usize
+    }
+
+    /// Connections each lane carries now.
+    pub fn live(&self) -> Vec<u64> {
+        let lanes = self.lanes();
+        self.load.0[..lanes]
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Counts a connection on `lane` while the guard lives.
+    pub fn enter(&'static self, lane: usize) -> OnLane {
+        let slot = &self.load.0[lane % STEER_MAX_LANES as usize];
+        slot.fetch_add(1, Ordering::Relaxed);
+        OnLane(slot)
+    }
+
+    /// Connections the program handed to each lane so far.
+    pub fn picks(&self) -> Vec<u64> {
+        (0..STEER_MAX_LANES)
+            .map(|lane| self.picks.get(&lane, 0).unwrap_or(0))
+            .collect()
+    }
+
+    /// Reserves a group for `port`, before its sockets are bound.
+    pub fn reserve(&'static self, port: u16) -> Result<Group, SteerError> {
+        let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
+        if maps.used.contains(&Some(port)) {
+            return Err(SteerError::PortTaken(port));
+        }
+        let index = maps
+            .used
+            .iter()
+            .position(Option::is_none)
+            .ok_or(SteerError::Full)?;
+        maps.used[index] = Some(port);
+        Ok(Group {
+            steer: self,
+            index: index as u32,
+            port,
+            filled: 0,
+        })
+    }
+}
+
+/// A steered listening port's slot; its sockets leave the maps when it drops.
+pub struct Group {
+    steer: &'static Steer,
+    index: u32,
+    port: u16,
+    filled: u32,
+}
+
+impl Group {
+    /// Puts `sockets` (the group's listening sockets, lane by lane) into the maps and attaches
+    /// the program to their `SO_REUSEPORT` group.
+    pub fn fill<S: AsFd + AsRawFd>(&mut self, sockets: &[S]) -> Result<(), SteerError> {
+        let mut maps = self.steer.maps.lock().unwrap_or_else(|e| e.into_inner());
+        for (lane, socket) in sockets.iter().enumerate().take(STEER_MAX_LANES as usize) {
+            let key = self.index * STEER_MAX_LANES + lane as u32;
+            maps.sockets
+                .set(key, socket, 0)
+                .map_err(|e| SteerError::Map(STEER_SOCKETS_MAP, e))?;
+            self.filled = lane as u32 + 1;
+        }
+        let ebpf = self.steer.ebpf.lock().unwrap_or_else(|e| e.into_inner());
+        let program: &SkReuseport = ebpf
+            .program(STEER_PROG)
+            .ok_or(SteerError::Missing(STEER_PROG))?
+            .try_into()
+            .map_err(SteerError::Program)?;
+        if let Some(first) = sockets.first() {
+            program.attach(first).map_err(SteerError::Program)?;
+        }
+        // Last: until the port is in the table, the program leaves the choice to the hash.
+        maps.groups
+            .insert(u32::from(self.port.to_be()), self.index, 0)
+            .map_err(|e| SteerError::Map(STEER_GROUPS_MAP, e))
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        let mut maps = self.steer.maps.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = maps.groups.remove(&u32::from(self.port.to_be()));
+        for lane in 0..self.filled {
+            let _ = maps
+                .sockets
+                .clear_index(&(self.index * STEER_MAX_LANES + lane));
+        }
+        maps.used[self.index as usize] = None;
+    }
+}
+
+/// A live connection counted on its lane.
+pub struct OnLane(&'static AtomicU64);
+
+impl Drop for OnLane {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Loads {
+    /// Maps the array's values into this process. aya 0.14 has no mmap for maps, hence libc.
+    fn map(array: &MapData) -> io::Result<Loads> {
+        let fd = array.fd().as_fd().as_raw_fd();
+        let len = (STEER_MAX_LANES as usize + 1) * std::mem::size_of::<u64>();
+        // SAFETY: a shared read-write mapping of a BPF_F_MMAPABLE array's values, which the
+        // kernel keeps alive (and the map with it) until munmap, which never happens: the
+        // mapping lives as long as the process, like the map.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `len` bytes of u64s, suitably aligned (page-aligned), shared with the kernel,
+        // which reads them with plain loads; every access here is atomic.
+        let slots = unsafe {
+            std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), len / std::mem::size_of::<u64>())
+        };
+        Ok(Loads(slots))
+    }
+}
