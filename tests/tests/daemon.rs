@@ -562,6 +562,8 @@ fn workers_sets_the_runtime_threads_and_waits_for_a_restart() {
         1,
         "tokio threads with workers = 1"
     );
+    // One lane: the route accepts on one socket.
+    assert_eq!(listening_sockets(spliced.pid()).len(), 1);
     f.dir
         .write("copy", "workers = 3", &[("web", &f.upstream, "")]);
     let log = hup(&spliced, "reload: configuration applied", 1);

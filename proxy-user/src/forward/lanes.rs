@@ -37,7 +37,7 @@ struct Lane {
     busy: AtomicUsize,
 }
 
-/// Starts one lane per core. Called once the daemon runs as its final user: a lane's thread
+/// Starts [`planned`] lanes. Called once the daemon runs as its final user: a lane's thread
 /// takes the credentials of the thread that starts it (see `privdrop`). Without lanes (never
 /// started, or a failed start), bulk transfers run on the caller's runtime.
 pub fn start() -> io::Result<()> {
@@ -61,10 +61,22 @@ pub fn start() -> io::Result<()> {
     Ok(())
 }
 
-/// How many lanes [`start`] starts: one per core.
+/// How many lanes [`start`] starts, as [`plan`] set it (`workers`), or one per core.
 pub fn planned() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    match PLANNED.load(Ordering::Relaxed) {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
 }
+
+/// Sets how many lanes [`start`] starts; before the routes are bound, which make a socket per
+/// lane.
+pub fn plan(lanes: usize) {
+    PLANNED.store(lanes.max(1), Ordering::Relaxed);
+}
+
+/// What [`plan`] set (0: not set).
+static PLANNED: AtomicUsize = AtomicUsize::new(0);
 
 /// The lanes' runtimes, once they run.
 pub fn handles() -> Option<Vec<runtime::Handle>> {
