@@ -9,7 +9,8 @@ pub const STEER_SOCKETS_MAP: &str = "STEER_SOCKETS";
 /// read as a little- or big-endian `u16` alike on both sides, widened to `u32`) -> group index.
 pub const STEER_GROUPS_MAP: &str = "STEER_GROUPS";
 /// Name of the array the daemon writes through a shared mapping: index `lane` -> connections
-/// that lane carries now; index [`STEER_MAX_LANES`] -> the number of lanes.
+/// that lane carries now; [`STEER_LANES_SLOT`] -> the number of lanes; [`STEER_LEAST_SLOT`] ->
+/// the least loaded lane.
 pub const STEER_LOAD_MAP: &str = "STEER_LOAD";
 /// Name of the array of counters: index `lane` -> connections handed to it.
 pub const STEER_PICKS_MAP: &str = "STEER_PICKS";
@@ -21,3 +22,9 @@ pub const STEER_MAX_GROUPS: u32 = 256;
 /// A connection goes to the lane of the core that took its SYN unless that lane carries more
 /// than this many connections more than the least loaded lane.
 pub const STEER_SLACK: u32 = 2;
+/// `STEER_LOAD`'s slot of the number of lanes.
+pub const STEER_LANES_SLOT: u32 = STEER_MAX_LANES;
+/// `STEER_LOAD`'s slot of the least loaded lane, kept by the daemon at every change of a load.
+pub const STEER_LEAST_SLOT: u32 = STEER_MAX_LANES + 1;
+/// `STEER_LOAD`'s size.
+pub const STEER_LOAD_SLOTS: u32 = STEER_MAX_LANES + 2;

@@ -21,7 +21,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, ReusePortSockArray},
     programs::SkReuseportContext,
 };
-use proxy_common::{STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_SLACK};
+use proxy_common::{
+    STEER_LANES_SLOT, STEER_LEAST_SLOT, STEER_LOAD_SLOTS, STEER_MAX_GROUPS, STEER_MAX_LANES,
+    STEER_SLACK,
+};
 
 /// `group * STEER_MAX_LANES + lane` -> that lane's socket of the group.
 #[map]
@@ -32,10 +35,11 @@ static STEER_SOCKETS: ReusePortSockArray =
 #[map]
 static STEER_GROUPS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_GROUPS, 0);
 
-/// Lane -> connections it carries now (the daemon writes it); the last slot: how many lanes.
-/// 64-bit values: an array map's values sit 8 bytes apart, in the daemon's mapping too.
+/// Lane -> connections it carries now, then how many lanes and the least loaded one (the daemon
+/// writes all of it). 64-bit values: an array map's values sit 8 bytes apart, in the daemon's
+/// mapping too.
 #[map]
-static STEER_LOAD: Array<u64> = Array::with_max_entries(STEER_MAX_LANES + 1, BPF_F_MMAPABLE);
+static STEER_LOAD: Array<u64> = Array::with_max_entries(STEER_LOAD_SLOTS, BPF_F_MMAPABLE);
 
 /// Lane -> connections handed to it here (for the daemon's status and its tests).
 #[map]
@@ -57,7 +61,7 @@ fn steer(ctx: &SkReuseportContext) -> Option<()> {
     let port = unsafe { core::ptr::read_unaligned((data + 2) as *const u16) };
     // SAFETY: the value is a plain u32, read once.
     let group = *unsafe { STEER_GROUPS.get(u32::from(port)) }?;
-    let lanes = load(STEER_MAX_LANES)?.min(u64::from(STEER_MAX_LANES)) as u32;
+    let lanes = load(STEER_LANES_SLOT)?.min(u64::from(STEER_MAX_LANES)) as u32;
     if lanes == 0 {
         return None;
     }
@@ -73,23 +77,19 @@ fn steer(ctx: &SkReuseportContext) -> Option<()> {
     Some(())
 }
 
-/// `own` unless it carries more than `STEER_SLACK` connections more than the least loaded lane.
+/// `own` unless it carries more than `STEER_SLACK` connections more than the least loaded lane,
+/// which the daemon keeps in `STEER_LEAST_SLOT` (no loop here: a loop over the lanes made
+/// Linux 6.1's verifier give up, each iteration a state of its own).
 fn pick(own: u32, lanes: u32) -> Option<u32> {
-    let mine = load(own)?;
-    let (mut least, mut at) = (mine, own);
-    for lane in 0..STEER_MAX_LANES {
-        if lane >= lanes {
-            break;
-        }
-        let n = load(lane)?;
-        if n < least {
-            (least, at) = (n, lane);
-        }
+    let least = load(STEER_LEAST_SLOT)? as u32;
+    if least >= lanes {
+        return Some(own);
     }
-    Some(if mine <= least.saturating_add(u64::from(STEER_SLACK)) {
+    let (mine, fewest) = (load(own)?, load(least)?);
+    Some(if mine <= fewest.saturating_add(u64::from(STEER_SLACK)) {
         own
     } else {
-        at
+        least
     })
 }
 

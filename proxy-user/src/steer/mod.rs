@@ -23,8 +23,8 @@ use aya::{
 };
 pub use proxy_common::STEER_SLACK;
 use proxy_common::{
-    STEER_GROUPS_MAP, STEER_LOAD_MAP, STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_PICKS_MAP,
-    STEER_PROG, STEER_SOCKETS_MAP,
+    STEER_GROUPS_MAP, STEER_LANES_SLOT, STEER_LEAST_SLOT, STEER_LOAD_MAP, STEER_LOAD_SLOTS,
+    STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_PICKS_MAP, STEER_PROG, STEER_SOCKETS_MAP,
 };
 
 #[cfg(test)]
@@ -41,7 +41,7 @@ pub enum SteerError {
     Missing(&'static str),
     #[error("the steering map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
-    #[error("the kernel refused the sk_reuseport program: {0}")]
+    #[error("the kernel refused the sk_reuseport program: {}", short(.0))]
     Program(#[source] aya::programs::ProgramError),
     #[error("mapping the lanes' load counters failed (needs Linux 5.5): {0}")]
     Mmap(#[source] io::Error),
@@ -127,12 +127,13 @@ impl Steer {
     /// Sets how many lanes the program chooses among (0: leave every choice to the hash).
     pub fn set_lanes(&self, lanes: usize) {
         let lanes = lanes.min(STEER_MAX_LANES as usize) as u64;
-        self.load.0[STEER_MAX_LANES as usize].store(lanes, Ordering::Relaxed);
+        self.load.0[STEER_LANES_SLOT as usize].store(lanes, Ordering::Relaxed);
+        self.load.mark_least(self.lanes());
     }
 
     /// How many lanes the program chooses among.
     pub fn lanes(&self) -> usize {
-        self.load.0[STEER_MAX_LANES as usize].load(Ordering::Relaxed) as usize
+        self.load.0[STEER_LANES_SLOT as usize].load(Ordering::Relaxed) as usize
     }
 
     /// Connections each lane carries now.
@@ -148,7 +149,8 @@ impl Steer {
     pub fn enter(&'static self, lane: usize) -> OnLane {
         let slot = &self.load.0[lane % STEER_MAX_LANES as usize];
         slot.fetch_add(1, Ordering::Relaxed);
-        OnLane(slot)
+        self.load.mark_least(self.lanes());
+        OnLane(self, slot)
     }
 
     /// Connections the program handed to each lane so far.
@@ -229,11 +231,28 @@ impl Drop for Group {
 }
 
 /// A live connection counted on its lane.
-pub struct OnLane(&'static AtomicU64);
+pub struct OnLane(&'static Steer, &'static AtomicU64);
 
 impl Drop for OnLane {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.fetch_sub(1, Ordering::Relaxed);
+        self.0.load.mark_least(self.0.lanes());
+    }
+}
+
+/// A refused program's error without the verifier's whole log (thousands of lines, which
+/// flooded the journal): the system call's error and the log's last line.
+fn short(e: &aya::programs::ProgramError) -> String {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let last = log.lines().rev().find(|l| !l.trim().is_empty());
+            format!("{io_error} (verifier: {})", last.unwrap_or("no log"))
+        }
+        e => e.to_string(),
     }
 }
 
@@ -241,7 +260,7 @@ impl Loads {
     /// Maps the array's values into this process. aya 0.14 has no mmap for maps, hence libc.
     fn map(array: &MapData) -> io::Result<Loads> {
         let fd = array.fd().as_fd().as_raw_fd();
-        let len = (STEER_MAX_LANES as usize + 1) * std::mem::size_of::<u64>();
+        let len = STEER_LOAD_SLOTS as usize * std::mem::size_of::<u64>();
         // SAFETY: a shared read-write mapping of a BPF_F_MMAPABLE array's values, which the
         // kernel keeps alive (and the map with it) until munmap, which never happens: the
         // mapping lives as long as the process, like the map.
@@ -264,5 +283,17 @@ impl Loads {
             std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), len / std::mem::size_of::<u64>())
         };
         Ok(Loads(slots))
+    }
+
+    /// Writes the least loaded of the first `lanes` lanes into its slot, for the program. Two
+    /// threads doing this at once may leave a choice one connection stale until the next
+    /// change: the balance is approximate by design, and cheap.
+    fn mark_least(&self, lanes: usize) {
+        let least = self.0[..lanes.min(STEER_MAX_LANES as usize)]
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| n.load(Ordering::Relaxed))
+            .map_or(0, |(i, _)| i);
+        self.0[STEER_LEAST_SLOT as usize].store(least as u64, Ordering::Relaxed);
     }
 }

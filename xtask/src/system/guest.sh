@@ -209,6 +209,11 @@ journal() {
         /tmp/journal || die "no start-up data path line"
     say "value data-path $(grep -o 'route example: listening.*data path [a-z]*' /tmp/journal |
         tail -n 1 | awk '{print $NF}')"
+    # Two cores: the route accepts on two lanes, steered (bookworm's 6.1 loads the program).
+    grep -q "route example: accepting on 2 lanes, each connection on the lane" /tmp/journal ||
+        die "route example does not accept on the lanes: $(grep -o \
+            'route example: \(accepting on one socket\|the accept steering failed\).*' \
+            /tmp/journal | tail -n 1)"
     if grep -q "sockmap unavailable" /tmp/journal; then
         say "value why-not-sockmap $(grep -o 'sockmap unavailable.*' /tmp/journal | tail -n 1)"
         die "the service fell back from sockmap (its probe passes on this kernel as root)"
