@@ -212,7 +212,6 @@ fn lane_families(out: &mut String) {
     let Some(steer) = crate::steer::loaded().filter(|s| s.lanes() > 0) else {
         return;
     };
-    let picks = steer.picks();
     write_family(
         out,
         (
@@ -220,7 +219,11 @@ fn lane_families(out: &mut String) {
             "counter",
             "Connections the accept steering handed to each lane.",
         ),
-        &mut (0..steer.lanes()).map(|l| format!("{{lane=\"{l}\"}} {}", picks[l])),
+        &mut steer
+            .picks()
+            .into_iter()
+            .enumerate()
+            .map(|(l, n)| format!("{{lane=\"{l}\"}} {n}")),
     );
     write_family(
         out,

@@ -146,6 +146,9 @@ async fn serve(listener: UnixListener, registry: Arc<Registry>, stop: Cancellati
             .is_ok_and(|c| c.uid() == 0 || c.uid() == own_uid);
         let reply = if allowed {
             let mut text = render(&registry.samples());
+            if let Some(steer) = crate::steer::loaded() {
+                text.push_str(&render_lanes(&steer.live(), &steer.picks()));
+            }
             if let Some(filters) = registry.filters() {
                 text.push_str(&render_refusals(&filters.interfaces(), &filters.summary()));
             }
@@ -235,6 +238,21 @@ pub fn render_refusals(
         let _ = writeln!(out, "route {name} refused: {}", parts.join(", "));
     }
     out
+}
+
+/// The accept steering's line, once the lanes accept (empty before, or with one lane): each
+/// lane's live connections and the connections the program handed it so far.
+pub fn render_lanes(live: &[u64], steered: &[u64]) -> String {
+    if live.len() < 2 {
+        return String::new();
+    }
+    let list = |v: &[u64]| v.iter().map(u64::to_string).collect::<Vec<_>>().join(" ");
+    format!(
+        "accepting on {} lanes: live {}, steered {}\n",
+        live.len(),
+        list(live),
+        list(steered)
+    )
 }
 
 fn seconds(d: Duration) -> String {

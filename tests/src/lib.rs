@@ -94,6 +94,13 @@ pub fn ebpf_required() -> bool {
         || std::env::var("SPLICED_REQUIRE_EBPF").is_ok_and(|v| v == "1")
 }
 
+/// Whether a route must accept on the lanes (steered) where there is more than one core: where
+/// eBPF is required, and in the VM suite (`SPLICED_TEST_REQUIRE_STEER=1`), whose kernels all
+/// have what the steering needs (5.5) even where the sockmap probe fails.
+pub fn steer_required() -> bool {
+    ebpf_required() || std::env::var("SPLICED_TEST_REQUIRE_STEER").is_ok_and(|v| v == "1")
+}
+
 /// The value in KiB of `key` (with its colon: `"MemAvailable:"`) in a /proc/meminfo or
 /// /proc/PID/status text.
 pub fn meminfo_kib(text: &str, key: &str) -> u64 {

@@ -27,10 +27,10 @@ use std::{
 use sha2::{Digest, Sha256};
 use tests::{
     accept, assert_closed_on_connect, assert_no_connection, assert_refused, carry, closed_within,
-    connect_to, ebpf_required, free_port, http_request, hup, listening_ports, listening_sockets,
-    metric, metrics_addr, per_mode, read_exact, receive_into, route_addr, scrape, set_timeouts,
-    spliced_bin, status, wait_metric, wait_until, Configured, Payload, Process, Spliced, TempDir,
-    Topology,
+    connect_to, free_port, http_request, hup, listening_ports, listening_sockets, metric,
+    metrics_addr, per_mode, read_exact, receive_into, route_addr, scrape, set_timeouts,
+    spliced_bin, status, steer_required, wait_metric, wait_until, Configured, Payload, Process,
+    Spliced, TempDir, Topology,
 };
 
 const ACCEPT: Duration = Duration::from_secs(10);
@@ -595,7 +595,7 @@ fn a_route_accepts_on_a_socket_per_lane() {
     };
     let steered = format!("route web: accepting on {cores} lanes, each connection on the lane");
     let log = spliced.log();
-    let is_steered = cores > 1 && (ebpf_required() || log.contains(&steered));
+    let is_steered = cores > 1 && (steer_required() || log.contains(&steered));
     if is_steered {
         assert!(log.contains(&steered), "{log}");
         assert_eq!(sockets(), cores, "one listening socket per lane");
@@ -621,6 +621,20 @@ fn a_route_accepts_on_a_socket_per_lane() {
             })
             .sum();
         assert_eq!(steered, 40, "{text}");
+        let (code, out, err) = status(&["--socket", &f.dir.socket()], None);
+        assert_eq!(code, Some(0), "{err}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("accepting on {cores} lanes: live ")))
+            .unwrap_or_else(|| panic!("no lanes line in the status:\n{out}"));
+        let steered: u64 = line
+            .split("steered ")
+            .nth(1)
+            .unwrap_or_default()
+            .split(' ')
+            .map(|n| n.parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(steered, 40, "{out}");
     }
 
     let taken = addr.to_string();

@@ -15,7 +15,7 @@ use super::{
     listen::Bound,
     state::{Live, RouteState, Shared},
 };
-use crate::{forward::lanes, sockopt, steer, STEER_OBJECT};
+use crate::{forward::lanes, sockopt, steer};
 
 /// What every accept loop of a route shares.
 #[derive(Clone)]
@@ -45,8 +45,8 @@ pub(super) async fn accept_loop(bound: Bound, with: Accepting, stop: Cancellatio
         .into_iter()
         .map(|s| tokio::spawn(accept_on(s, with.clone(), None, until.clone())))
         .collect();
-    let lanes = tokio::select! {
-        lanes = lanes::started() => Some(lanes),
+    let handles = tokio::select! {
+        handles = lanes::started() => Some(handles),
         () = stop.cancelled() => None,
     };
     until.cancel();
@@ -54,17 +54,17 @@ pub(super) async fn accept_loop(bound: Bound, with: Accepting, stop: Cancellatio
     for task in early {
         sockets.extend(task.await.ok().flatten());
     }
-    let Some(lanes) = lanes else { return };
-    let steering = group.as_ref().and_then(|_| steer::get(STEER_OBJECT).ok());
+    let Some(handles) = handles else { return };
+    let steering = group.as_ref().map(steer::Group::steer);
     if let Some(steer) = steering {
-        steer.set_lanes(lanes.len());
+        steer.set_lanes(handles.len());
     }
     let tasks: Vec<_> = sockets
         .into_iter()
         .enumerate()
         .map(|(i, socket)| {
             let lane = steering.map(|s| (s, i));
-            lanes[i % lanes.len()].spawn(accept_on(socket, with.clone(), lane, stop.clone()))
+            handles[i % handles.len()].spawn(accept_on(socket, with.clone(), lane, stop.clone()))
         })
         .collect();
     for task in tasks {

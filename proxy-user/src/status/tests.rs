@@ -2,6 +2,16 @@ use super::*;
 use crate::forward::DataPath;
 
 #[test]
+fn lanes_line_only_with_lanes() {
+    assert_eq!(
+        render_lanes(&[3, 0], &[120, 118]),
+        "accepting on 2 lanes: live 3 0, steered 120 118\n"
+    );
+    assert_eq!(render_lanes(&[1], &[5]), "");
+    assert_eq!(render_lanes(&[], &[]), "");
+}
+
+#[test]
 fn refusals_only_for_routes_with_rules() {
     use crate::xdp::{AttachMode, Refusals, SourceRules};
     let rules = SourceRules {

@@ -153,9 +153,9 @@ impl Steer {
         OnLane(self, slot)
     }
 
-    /// Connections the program handed to each lane so far.
+    /// Connections the program handed to each of the lanes so far.
     pub fn picks(&self) -> Vec<u64> {
-        (0..STEER_MAX_LANES)
+        (0..self.lanes() as u32)
             .map(|lane| self.picks.get(&lane, 0).unwrap_or(0))
             .collect()
     }
@@ -190,6 +190,11 @@ pub struct Group {
 }
 
 impl Group {
+    /// The steering this group belongs to.
+    pub fn steer(&self) -> &'static Steer {
+        self.steer
+    }
+
     /// Puts `sockets` (the group's listening sockets, lane by lane) into the maps and attaches
     /// the program to their `SO_REUSEPORT` group.
     pub fn fill<S: AsFd + AsRawFd>(&mut self, sockets: &[S]) -> Result<(), SteerError> {
@@ -260,6 +265,8 @@ impl Loads {
     /// Maps the array's values into this process. aya 0.14 has no mmap for maps, hence libc.
     fn map(array: &MapData) -> io::Result<Loads> {
         let fd = array.fd().as_fd().as_raw_fd();
+        // An array map's values sit elem_size apart, its value size rounded up to 8: a u64's
+        // values are contiguous, so slot i is the i-th u64 of the mapping.
         let len = STEER_LOAD_SLOTS as usize * std::mem::size_of::<u64>();
         // SAFETY: a shared read-write mapping of a BPF_F_MMAPABLE array's values, which the
         // kernel keeps alive (and the map with it) until munmap, which never happens: the
