@@ -11,8 +11,10 @@
 //! 0.964 of the CPU per GB in three runs of 12-16 rounds (docs/profiles.md).
 //!
 //! A route whose listening sockets form a steered group (`crate::steer`) accepts on the lanes
-//! too, each lane on its own socket, and runs those connections start to end on the lane.
+//! too, each lane on its own socket, and runs those connections start to end on the lane,
+//! bulk transfers included.
 use std::{
+    cell::Cell,
     io,
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -27,6 +29,11 @@ use super::{userspace, End, Outcome};
 
 /// The lanes, once [`start`] ran.
 static LANES: OnceLock<Vec<Lane>> = OnceLock::new();
+
+thread_local! {
+    /// The index of the lane whose thread this is (`None` on any other thread).
+    static THIS_LANE: Cell<Option<usize>> = const { Cell::new(None) };
+}
 
 /// Woken when the lanes start.
 static STARTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
@@ -53,7 +60,10 @@ pub fn start() -> io::Result<()> {
         });
         std::thread::Builder::new()
             .name(format!("lane-{i}"))
-            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+            .spawn(move || {
+                THIS_LANE.set(Some(i));
+                rt.block_on(std::future::pending::<()>());
+            })?;
     }
     // A second call keeps the first lanes (its threads idle).
     let _ = LANES.set(lanes);
@@ -118,9 +128,21 @@ fn pick() -> Option<Busy> {
     Some(Busy(lane))
 }
 
+/// This thread's lane, marked busy once more; `None` off the lanes.
+fn this_lane() -> Option<Busy> {
+    let lane = LANES.get()?.get(THIS_LANE.get()?)?;
+    lane.busy.fetch_add(1, Ordering::Relaxed);
+    Some(Busy(lane))
+}
+
 /// [`userspace::splice`] on a lane: the sockets leave this runtime and join the lane's. Its
-/// task ends with the connection, or when `cancel` fires.
+/// task ends with the connection, or when `cancel` fires. A connection a lane accepted (a
+/// steered route) stays on it: it runs on one thread already, and that lane counts it for the
+/// accept steering, a count a move would leave behind.
 pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
+    if let Some(_busy) = this_lane() {
+        return userspace::splice(client, upstream, cancel).await;
+    }
     let Some(busy) = pick() else {
         return userspace::splice(client, upstream, cancel).await;
     };
@@ -178,5 +200,38 @@ mod tests {
         assert_eq!((outcome.up, outcome.down), (3_000_000, 4));
         let lanes = LANES.get().unwrap();
         assert!(lanes.iter().all(|l| l.busy.load(Ordering::Relaxed) == 0));
+    }
+
+    /// A transfer that starts on a lane (a steered route's connection) stays on that lane:
+    /// the last lane, where a move would pick the least busy, the first on an idle machine.
+    #[tokio::test]
+    async fn a_transfer_already_on_a_lane_stays_there() {
+        start().unwrap();
+        let lanes = LANES.get().unwrap();
+        let last = lanes.len() - 1;
+        let (mut a, b, c, mut d) = sockets();
+        // Registered with the lane's reactor, as an accepted connection's sockets are.
+        let (b, c) = (b.into_std().unwrap(), c.into_std().unwrap());
+        let cancel = CancellationToken::new();
+        let task = lanes[last].handle.spawn(async move {
+            let (b, c) = (
+                TcpStream::from_std(b).unwrap(),
+                TcpStream::from_std(c).unwrap(),
+            );
+            splice(b, c, &cancel).await
+        });
+        a.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        d.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"ping");
+        // The transfer runs now, and its lane counts it.
+        assert!(lanes[last].busy.load(Ordering::Relaxed) >= 1);
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+        d.shutdown(std::net::Shutdown::Write).unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the transfer did not end")
+            .unwrap();
+        assert_eq!((outcome.up, outcome.down), (4, 0));
     }
 }
