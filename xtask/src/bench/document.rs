@@ -27,6 +27,8 @@ pub struct Document<'a> {
     pub table: &'a str,
     pub machine: &'a str,
     pub date: &'a str,
+    /// The commit spliced was built from (`+`: with uncommitted changes).
+    pub commit: &'a str,
     /// The chart's file name (it sits beside the report).
     pub chart: &'a str,
     /// How each contender was run.
@@ -76,7 +78,8 @@ impl Document<'_> {
         );
         let _ = writeln!(
             md,
-            "**Versions:** spliced from this tree (release build); {}.\n",
+            "**Versions:** spliced from this tree at commit {} (release build); {}.\n",
+            self.commit,
             versions()
         );
         let _ = writeln!(

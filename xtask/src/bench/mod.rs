@@ -114,6 +114,8 @@ pub fn command(args: Args) -> Result<()> {
         crate::setup::perf_package()?;
     }
     let spliced = crate::build::build_spliced(true)?;
+    // Taken with the build, so that a commit made during the run does not name it.
+    let commit = sys::commit();
     let output = args
         .output
         .clone()
@@ -138,7 +140,7 @@ pub fn command(args: Args) -> Result<()> {
         sys::load_average(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
-    let report = render(&plan, &figures, &measured, &mut notes, &output);
+    let report = render(&plan, &figures, &measured, &mut notes, (&output, &commit));
     write(&output, &report, &notes, started)?;
     if !notes.spliced_broke.is_empty() {
         bail!(
@@ -198,13 +200,13 @@ struct Report {
 }
 
 /// The table, the markdown report (the notes that compare rows added first) and the chart.
-/// `output`'s current `--time-wait` section is kept.
+/// `output`'s current `--time-wait` section is kept; `commit` is what spliced was built from.
 fn render(
     plan: &Plan,
     figures: &[Figure],
     (rows, descriptions): &Measured,
     notes: &mut Notes,
-    output: &Path,
+    (output, commit): (&Path, &str),
 ) -> Report {
     let cells = report::cells(figures, rows);
     if let Some(line) = sni_cost::note(figures, rows, &cells) {
@@ -238,6 +240,7 @@ fn render(
         table: &table,
         machine: &machine,
         date: &date,
+        commit,
         chart: &chart_name,
         descriptions,
         rows,

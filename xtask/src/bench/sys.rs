@@ -1,9 +1,25 @@
 //! What the kernel tells about a process tree's CPU time and memory (`/proc/PID/stat`,
 //! `/proc/PID/smaps_rollup`), kernel memory (`/proc/meminfo`, `/proc/net/sockstat`), TIME_WAIT
 //! sockets (`ss`); and the machine's description.
-use std::{collections::HashMap, fs};
+use std::{collections::HashMap, fs, process::Command};
 
 use anyhow::{Context as _, Result};
+
+use crate::util::output;
+
+/// The commit spliced is built from (`git rev-parse --short HEAD`, `+` when the tree has
+/// changes), or "unknown".
+pub fn commit() -> String {
+    let git = |args: &[&str]| output(Command::new("git").args(args)).unwrap_or_default();
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"])
+        .trim()
+        .is_empty();
+    match head.trim() {
+        "" => "unknown".into(),
+        h => format!("{h}{}", if dirty { "+" } else { "" }),
+    }
+}
 
 /// Clock ticks per second (`USER_HZ`).
 pub fn clk_tck() -> f64 {

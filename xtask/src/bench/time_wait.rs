@@ -36,7 +36,7 @@ use super::{
     sys,
     topology::{check_stop, Proc, STOP},
 };
-use crate::util::{output, run};
+use crate::util::run;
 
 /// The client's threads (the issue's C client used 4).
 const THREADS: usize = 4;
@@ -446,20 +446,6 @@ pub fn replace_section(old: &str, section: &str) -> String {
     format!("{}\n\n{section}\n", kept.trim_end())
 }
 
-/// The commit spliced was built from (`git rev-parse --short HEAD`, `+` when the tree has
-/// changes), or "unknown".
-fn commit() -> String {
-    let git = |args: &[&str]| output(Command::new("git").args(args)).unwrap_or_default();
-    let head = git(&["rev-parse", "--short", "HEAD"]);
-    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"])
-        .trim()
-        .is_empty();
-    match head.trim() {
-        "" => "unknown".into(),
-        h => format!("{h}{}", if dirty { "+" } else { "" }),
-    }
-}
-
 /// The time-wait section of `doc`, markers included, if it has one (the main bench keeps it).
 pub fn kept_section(doc: &str) -> Option<&str> {
     let (b, e) = (doc.find(BEGIN)?, doc.find(END)?);
@@ -483,7 +469,7 @@ fn section(p: &Params, outcomes: &[Outcome], load_before: &str) -> String {
          forwarder's namespace only. Load average (1 min) {load_before} before, {} after, on a \
          shared 2-core machine.\n",
         today(),
-        commit(),
+        sys::commit(),
         p.dur.as_secs(),
         group(p.rate as u64),
         sys::load_average()
