@@ -52,8 +52,10 @@ pub fn ensure_vm(arch: crate::arch::Arch) -> Result<()> {
 }
 
 /// What `cargo xtask system-test` adds: debootstrap builds the guest's Debian, qemu-user-static
-/// runs a foreign (arm64) one's second stage, e2fsprogs makes its disk image from a directory.
+/// runs a foreign (arm64) one's second stage, e2fsprogs makes its disk image from a directory,
+/// cpio packs its root as the initrd (a fresh Debian does not have it).
 const SYSTEM_PACKAGES: &[&str] = &[
+    "cpio",
     "debootstrap",
     "debian-archive-keyring",
     "e2fsprogs",

@@ -56,7 +56,8 @@ pub fn cross(arch: crate::arch::Arch) -> Result<()> {
 }
 
 /// What `cargo xtask system-test` adds for `arch`: the cross build, QEMU, debootstrap (and
-/// qemu-user-static to finish a foreign one), and e2fsprogs for the guest's disk.
+/// qemu-user-static to finish a foreign one), e2fsprogs for the guest's disk and cpio for its
+/// initrd.
 pub fn system(arch: crate::arch::Arch) -> Result<()> {
     run()?;
     cross(arch)?;

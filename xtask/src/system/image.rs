@@ -107,7 +107,7 @@ pub fn cpio(tree: &Path, out: &Path) -> Result<()> {
         .stdin(list)
         .stdout(file)
         .status()
-        .context("cannot run cpio")?;
+        .context("cannot run cpio (`apt-get install cpio`)")?;
     let found = find.wait()?;
     if !status.success() || !found.success() {
         bail!("cpio of {} failed: {status}", tree.display());
