@@ -118,21 +118,26 @@ impl Drop for Busy {
     }
 }
 
+impl Busy {
+    /// Counts one more connection on `lane` until dropped.
+    fn mark(lane: &'static Lane) -> Busy {
+        lane.busy.fetch_add(1, Ordering::Relaxed);
+        Busy(lane)
+    }
+}
+
 /// The least busy lane, marked busy once more.
 fn pick() -> Option<Busy> {
-    let lane = LANES
-        .get()?
+    let lanes = LANES.get()?;
+    lanes
         .iter()
-        .min_by_key(|l| l.busy.load(Ordering::Relaxed))?;
-    lane.busy.fetch_add(1, Ordering::Relaxed);
-    Some(Busy(lane))
+        .min_by_key(|l| l.busy.load(Ordering::Relaxed))
+        .map(Busy::mark)
 }
 
 /// This thread's lane, marked busy once more; `None` off the lanes.
 fn this_lane() -> Option<Busy> {
-    let lane = LANES.get()?.get(THIS_LANE.get()?)?;
-    lane.busy.fetch_add(1, Ordering::Relaxed);
-    Some(Busy(lane))
+    LANES.get()?.get(THIS_LANE.get()?).map(Busy::mark)
 }
 
 /// [`userspace::splice`] on a lane: the sockets leave this runtime and join the lane's. Its
@@ -140,10 +145,10 @@ fn this_lane() -> Option<Busy> {
 /// steered route) stays on it: it runs on one thread already, and that lane counts it for the
 /// accept steering, a count a move would leave behind.
 pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
-    if let Some(_busy) = this_lane() {
-        return userspace::splice(client, upstream, cancel).await;
-    }
-    let Some(busy) = pick() else {
+    let here = this_lane();
+    let Some(busy) = (if here.is_none() { pick() } else { None }) else {
+        // On a lane already (`here` counts it there), or no lanes run: on this thread.
+        let _here = here;
         return userspace::splice(client, upstream, cancel).await;
     };
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
