@@ -6,9 +6,10 @@
 //! that lane carries more than `STEER_SLACK` connections more than the least loaded lane: then
 //! to the least loaded one (a single-queue NIC hands every SYN to one core). The loads are the
 //! daemon's own counts, written through a shared mapping of `STEER_LOAD`. Whatever fails here
-//! (a port not in `STEER_GROUPS`, an empty slot) leaves the choice to the kernel's hash, which
-//! still picks a socket of the group: no connection is lost to a miss. Needs Linux 5.5
-//! (`BPF_F_MMAPABLE`); direct packet access in `sk_reuseport` is older (4.19).
+//! (a port not in `STEER_GROUPS`, an empty slot, none of the port's groups the SYN's) leaves
+//! the choice to the kernel's hash, which still picks a socket of the group: no connection is
+//! lost to a miss. Needs Linux 5.5 (`BPF_F_MMAPABLE`); direct packet access in `sk_reuseport` is
+//! older (4.19).
 #![no_std]
 #![no_main]
 
@@ -23,7 +24,7 @@ use aya_ebpf::{
 };
 use proxy_common::{
     STEER_LANES_SLOT, STEER_LEAST_SLOT, STEER_LOAD_SLOTS, STEER_MAX_GROUPS, STEER_MAX_LANES,
-    STEER_SLACK,
+    STEER_PORT_GROUPS, STEER_SLACK,
 };
 
 /// `group * STEER_MAX_LANES + lane` -> that lane's socket of the group.
@@ -31,9 +32,10 @@ use proxy_common::{
 static STEER_SOCKETS: ReusePortSockArray =
     ReusePortSockArray::with_max_entries(STEER_MAX_GROUPS * STEER_MAX_LANES, 0);
 
-/// The group's port as the TCP header carries it -> group index.
+/// A port as the TCP header carries it -> the indices of the groups listening on it, plus one.
 #[map]
-static STEER_GROUPS: HashMap<u32, u32> = HashMap::with_max_entries(STEER_MAX_GROUPS, 0);
+static STEER_GROUPS: HashMap<u32, [u32; STEER_PORT_GROUPS]> =
+    HashMap::with_max_entries(STEER_MAX_GROUPS, 0);
 
 /// Lane -> connections it carries now, then how many lanes and the least loaded one (the daemon
 /// writes all of it). 64-bit values: an array map's values sit 8 bytes apart, in the daemon's
@@ -59,8 +61,8 @@ fn steer(ctx: &SkReuseportContext) -> Option<()> {
     }
     // SAFETY: the two bytes are inside the packet, checked above.
     let port = unsafe { core::ptr::read_unaligned((data + 2) as *const u16) };
-    // SAFETY: the value is a plain u32, read once.
-    let group = *unsafe { STEER_GROUPS.get(u32::from(port)) }?;
+    // SAFETY: the value is plain u32s, copied once.
+    let groups = *unsafe { STEER_GROUPS.get(u32::from(port)) }?;
     let lanes = load(STEER_LANES_SLOT)?.min(u64::from(STEER_MAX_LANES)) as u32;
     if lanes == 0 {
         return None;
@@ -68,13 +70,27 @@ fn steer(ctx: &SkReuseportContext) -> Option<()> {
     // SAFETY: a helper without arguments.
     let own = unsafe { bpf_get_smp_processor_id() } % lanes;
     let lane = pick(own, lanes)?;
-    let key = group.checked_mul(STEER_MAX_LANES)?.checked_add(lane)?;
-    STEER_SOCKETS.select_reuseport(ctx, key).ok()?;
+    // Listeners on other addresses of the port have groups of their own. The kernel refuses a
+    // socket of a group other than the one this SYN was matched to (EBADFD, EAFNOSUPPORT) and
+    // changes nothing, so each of the port's groups is tried until one is this SYN's.
+    for group in groups {
+        let Some(index) = group.checked_sub(1) else {
+            continue;
+        };
+        let key = index.checked_mul(STEER_MAX_LANES)?.checked_add(lane)?;
+        if STEER_SOCKETS.select_reuseport(ctx, key).is_ok() {
+            count(lane);
+            return Some(());
+        }
+    }
+    None
+}
+
+fn count(lane: u32) {
     if let Some(picks) = STEER_PICKS.get_ptr_mut(lane) {
         // SAFETY: a valid slot of an array map; a lost increment under a race is harmless.
         unsafe { *picks += 1 };
     }
-    Some(())
 }
 
 /// `own` unless it carries more than `STEER_SLACK` connections more than the least loaded lane,

@@ -577,6 +577,31 @@ fn workers_sets_the_runtime_threads_and_waits_for_a_restart() {
 // ---------------------------------------------------------------------------------------------
 // Accepting on the lanes.
 
+/// The log once each of `routes` said how it accepts (with more than one core: "accepting on
+/// one socket: why" before its "listening on" line, "accepting on N lanes" just after it).
+fn accepting_lines(spliced: &Spliced, routes: &[&str], cores: usize) -> String {
+    if cores < 2 {
+        return spliced.log();
+    }
+    for name in routes {
+        spliced.wait_log(&format!("route {name}: accepting on "), 1, LOG_WAIT);
+    }
+    spliced.log()
+}
+
+/// Waits until the lanes accept (`spliced status` shows their line; at most 20 s): a connection
+/// before that is accepted on the shared runtime and left to the kernel's hash, uncounted.
+fn wait_for_lanes(socket: &str, cores: usize) {
+    let line = format!("accepting on {cores} lanes: live ");
+    let now = || status(&["--socket", socket], None).1;
+    wait_until(
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        || now().lines().any(|l| l.starts_with(&line)).then_some(()),
+        || format!("the lanes did not start within 20 s; status:\n{}", now()),
+    );
+}
+
 /// With more than one core a route listens with a socket per core, a `SO_REUSEPORT` group whose
 /// connections the steering program hands to the lanes; every connection through it is
 /// carried, a second daemon on its port still fails with "address in use", and a reload that
@@ -594,11 +619,12 @@ fn a_route_accepts_on_a_socket_per_lane() {
             .count()
     };
     let steered = format!("route web: accepting on {cores} lanes, each connection on the lane");
-    let log = spliced.log();
+    let log = accepting_lines(&spliced, &["web"], cores);
     let is_steered = cores > 1 && (steer_required() || log.contains(&steered));
     if is_steered {
         assert!(log.contains(&steered), "{log}");
         assert_eq!(sockets(), cores, "one listening socket per lane");
+        wait_for_lanes(&f.dir.socket(), cores);
     } else {
         assert_eq!(sockets(), 1, "{log}");
     }
@@ -659,6 +685,83 @@ fn a_route_accepts_on_a_socket_per_lane() {
     hup(&spliced, "reload: configuration applied", 1);
     assert_eq!(sockets(), 0, "a removed route's sockets are all closed");
     assert_refused(addr);
+}
+
+/// Two routes on one port, on two of its addresses (127.0.0.1 and 127.0.0.2, both on loopback):
+/// each listens with a socket per lane, a group each, and the program steers both (it tries the
+/// port's groups in turn; the kernel takes only the SYN's own). Every connection is carried to
+/// its own route and counted by the steering.
+#[test]
+fn two_routes_on_one_port_are_both_steered() {
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let f = Configured::new();
+    let port = free_port();
+    let routes = [("a", f.upstream.as_str(), ""), ("b", &f.upstream, "")];
+    let config = f.dir.write("copy", METRICS, &routes);
+    let text = fs::read_to_string(&config)
+        .unwrap()
+        .replacen(
+            "listen = \"127.0.0.1:0",
+            &format!("listen = \"127.0.0.1:{port}"),
+            1,
+        )
+        .replacen(
+            "listen = \"127.0.0.1:0",
+            &format!("listen = \"127.0.0.2:{port}"),
+            1,
+        );
+    fs::write(&config, text).unwrap();
+    let spliced = Spliced::start_mode("copy", &["--config", &config], 2).unwrap();
+    let log = accepting_lines(&spliced, &["a", "b"], cores);
+    let steered = |name| format!("route {name}: accepting on {cores} lanes, each connection");
+    let is_steered = cores > 1 && (steer_required() || log.contains(&steered("a")));
+    let sockets = listening_sockets(spliced.pid())
+        .into_iter()
+        .filter(|p| *p == port)
+        .count();
+    if is_steered {
+        assert!(
+            log.contains(&steered("a")) && log.contains(&steered("b")),
+            "{log}"
+        );
+        assert_eq!(
+            sockets,
+            2 * cores,
+            "one listening socket per lane and route"
+        );
+        wait_for_lanes(&f.dir.socket(), cores);
+    } else {
+        assert_eq!(sockets, 2, "{log}");
+    }
+    for i in 0..40u8 {
+        let ip = if i % 2 == 0 { "127.0.0.1" } else { "127.0.0.2" };
+        let mut c = connect_to(SocketAddr::new(ip.parse().unwrap(), port));
+        let mut s = accept(&f.listener, ACCEPT);
+        carry(&mut c, &mut s, &[i; 3]);
+        carry(&mut s, &mut c, &[i; 5]);
+    }
+    let text = scrape(metrics_addr(&spliced));
+    for name in ["a", "b"] {
+        let opened = metric(
+            &text,
+            &format!("spliced_connections_total{{route=\"{name}\"}}"),
+        );
+        assert_eq!(opened, 20, "route {name}: {text}");
+    }
+    if is_steered {
+        let steered: u64 = (0..cores)
+            .map(|l| {
+                metric(
+                    &text,
+                    &format!("spliced_lane_steered_total{{lane=\"{l}\"}}"),
+                )
+            })
+            .sum();
+        assert_eq!(
+            steered, 40,
+            "every connection steered, both routes': {text}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

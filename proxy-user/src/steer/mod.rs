@@ -24,7 +24,8 @@ use aya::{
 pub use proxy_common::STEER_SLACK;
 use proxy_common::{
     STEER_GROUPS_MAP, STEER_LANES_SLOT, STEER_LEAST_SLOT, STEER_LOAD_MAP, STEER_LOAD_SLOTS,
-    STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_PICKS_MAP, STEER_PROG, STEER_SOCKETS_MAP,
+    STEER_MAX_GROUPS, STEER_MAX_LANES, STEER_PICKS_MAP, STEER_PORT_GROUPS, STEER_PROG,
+    STEER_SOCKETS_MAP,
 };
 
 #[cfg(test)]
@@ -45,8 +46,8 @@ pub enum SteerError {
     Program(#[source] aya::programs::ProgramError),
     #[error("mapping the lanes' load counters failed (needs Linux 5.5): {0}")]
     Mmap(#[source] io::Error),
-    #[error("port {0} is steered for another listener already")]
-    PortTaken(u16),
+    #[error("port {0} is steered for {STEER_PORT_GROUPS} other listening addresses already")]
+    PortFull(u16),
     #[error("{STEER_MAX_GROUPS} steered listeners already")]
     Full,
 }
@@ -63,9 +64,31 @@ pub struct Steer {
 
 struct Maps {
     sockets: ReusePortSockArray<MapData>,
-    groups: HashMap<MapData, u32, u32>,
-    /// Group index -> its port, for the free slots.
-    used: Vec<Option<u16>>,
+    groups: HashMap<MapData, u32, [u32; STEER_PORT_GROUPS]>,
+    /// Group index -> its port and whether its sockets are in the maps.
+    used: Vec<Option<(u16, bool)>>,
+}
+
+impl Maps {
+    /// Writes the filled groups of `port` into the program's table (or takes the port out).
+    fn publish(&mut self, port: u16) -> Result<(), SteerError> {
+        let mut entry = [0; STEER_PORT_GROUPS];
+        let filled = (0..)
+            .zip(&self.used)
+            .filter(|(_, u)| **u == Some((port, true)));
+        for (place, (index, _)) in entry.iter_mut().zip(filled) {
+            *place = index + 1;
+        }
+        let key = u32::from(port.to_be());
+        if entry[0] == 0 {
+            // Fails only for a port that was never in the table: nothing to take out.
+            let _ = self.groups.remove(&key);
+            return Ok(());
+        }
+        self.groups
+            .insert(key, entry, 0)
+            .map_err(|e| SteerError::Map(STEER_GROUPS_MAP, e))
+    }
 }
 
 /// `STEER_LOAD` mapped into this process: one counter per lane, then the number of lanes.
@@ -160,18 +183,20 @@ impl Steer {
             .collect()
     }
 
-    /// Reserves a group for `port`, before its sockets are bound.
+    /// Reserves a group for `port`, before its sockets are bound. A port takes up to
+    /// [`STEER_PORT_GROUPS`] groups, listening on different addresses of it.
     pub fn reserve(&'static self, port: u16) -> Result<Group, SteerError> {
         let mut maps = self.maps.lock().unwrap_or_else(|e| e.into_inner());
-        if maps.used.contains(&Some(port)) {
-            return Err(SteerError::PortTaken(port));
+        let on_port = maps.used.iter().flatten().filter(|(p, _)| *p == port);
+        if on_port.count() >= STEER_PORT_GROUPS {
+            return Err(SteerError::PortFull(port));
         }
         let index = maps
             .used
             .iter()
             .position(Option::is_none)
             .ok_or(SteerError::Full)?;
-        maps.used[index] = Some(port);
+        maps.used[index] = Some((port, false));
         Ok(Group {
             steer: self,
             index: index as u32,
@@ -215,17 +240,18 @@ impl Group {
         if let Some(first) = sockets.first() {
             program.attach(first).map_err(SteerError::Program)?;
         }
-        // Last: until the port is in the table, the program leaves the choice to the hash.
-        maps.groups
-            .insert(u32::from(self.port.to_be()), self.index, 0)
-            .map_err(|e| SteerError::Map(STEER_GROUPS_MAP, e))
+        // Last: until the group is in the port's table, the program leaves it to the hash.
+        maps.used[self.index as usize] = Some((self.port, true));
+        maps.publish(self.port)
     }
 }
 
 impl Drop for Group {
     fn drop(&mut self) {
         let mut maps = self.steer.maps.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = maps.groups.remove(&u32::from(self.port.to_be()));
+        // First out of the port's table (the port's other groups stay), then its sockets.
+        maps.used[self.index as usize] = Some((self.port, false));
+        let _ = maps.publish(self.port);
         for lane in 0..self.filled {
             let _ = maps
                 .sockets

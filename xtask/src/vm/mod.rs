@@ -107,8 +107,15 @@ pub const VM_TESTS: &[(&str, &[&str])] = &[
             "sigterm_with_a_live_connection",
         ],
     ),
-    // Accepting on the lanes: the sk_reuseport steering program and its mmapped loads (5.5+).
-    ("daemon", &["a_route_accepts_on_a_socket_per_lane"]),
+    // Accepting on the lanes: the sk_reuseport steering program and its mmapped loads (5.5+),
+    // and its try of each group on a port (two routes on two addresses of one).
+    (
+        "daemon",
+        &[
+            "a_route_accepts_on_a_socket_per_lane",
+            "two_routes_on_one_port_are_both_steered",
+        ],
+    ),
     // The XDP front's ACL over veth, native and generic, and through the daemon (issue 15).
     ("xdp_front", &["acl_"]),
     ("xdp", &["daemon_xdp_acl", "loopback_rules_at_accept"]),
