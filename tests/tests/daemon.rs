@@ -589,6 +589,16 @@ fn accepting_lines(spliced: &Spliced, routes: &[&str], cores: usize) -> String {
     spliced.log()
 }
 
+/// The connections the steering handed to the lanes, over all `cores` of them (metrics `text`).
+fn steered_total(text: &str, cores: usize) -> u64 {
+    (0..cores)
+        .map(|l| {
+            let series = format!("spliced_lane_steered_total{{lane=\"{l}\"}}");
+            metric(text, &series)
+        })
+        .sum()
+}
+
 /// Waits until the lanes accept (`spliced status` shows their line; at most 20 s): a connection
 /// before that is accepted on the shared runtime and left to the kernel's hash, uncounted.
 fn wait_for_lanes(socket: &str, cores: usize) {
@@ -638,14 +648,7 @@ fn a_route_accepts_on_a_socket_per_lane() {
         // The program chose each connection's lane (a miss would leave it to the hash,
         // uncounted).
         let text = scrape(metrics_addr(&spliced));
-        let steered: u64 = (0..cores)
-            .map(|l| {
-                metric(
-                    &text,
-                    &format!("spliced_lane_steered_total{{lane=\"{l}\"}}"),
-                )
-            })
-            .sum();
+        let steered = steered_total(&text, cores);
         assert_eq!(steered, 40, "{text}");
         let (code, out, err) = status(&["--socket", &f.dir.socket()], None);
         assert_eq!(code, Some(0), "{err}");
@@ -749,14 +752,7 @@ fn two_routes_on_one_port_are_both_steered() {
         assert_eq!(opened, 20, "route {name}: {text}");
     }
     if is_steered {
-        let steered: u64 = (0..cores)
-            .map(|l| {
-                metric(
-                    &text,
-                    &format!("spliced_lane_steered_total{{lane=\"{l}\"}}"),
-                )
-            })
-            .sum();
+        let steered = steered_total(&text, cores);
         assert_eq!(
             steered, 40,
             "every connection steered, both routes': {text}"
