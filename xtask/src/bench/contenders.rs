@@ -87,7 +87,12 @@ impl Contender {
         }
     }
 
-    /// A file-name-safe short name.
+    /// The contender whose [`Contender::slug`] is `slug`.
+    pub fn from_slug(slug: &str) -> Option<Contender> {
+        Contender::ALL.into_iter().find(|c| c.slug() == slug)
+    }
+
+    /// A file-name-safe short name; also what `--contender` takes.
     pub fn slug(self) -> &'static str {
         match self {
             Contender::Direct => "direct",

@@ -67,7 +67,7 @@ impl Document<'_> {
         "Measured by `cargo xtask bench{}` on {date}: {} rounds, contenders interleaved round by \
          round (each round in its own order: every k-th contender of the table, k differing from \
          round to round, so none always follows the same one), every figure the median over the rounds.\n",
-        if plan.quick { " --quick" } else { "" },
+        plan.flags(),
         plan.rounds
     );
         let _ = writeln!(

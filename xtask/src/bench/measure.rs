@@ -44,11 +44,12 @@ pub fn measure(
     client::quit(client::greet(Target::plain(env.upstream_addr(ECHO_PORT)))?.0)
         .context("the echo server does not answer at fe80::2")?;
 
-    let mut rows = preflight_all(&mut env, figures, notes)?;
+    let mut rows = preflight_all(&mut env, &plan.contenders, figures, notes)?;
     for round in 1..=plan.rounds {
         run_round(&env, plan, round, &mut rows, notes)?;
     }
-    let descriptions = Contender::ALL
+    let descriptions = plan
+        .contenders
         .iter()
         .map(|&c| (c, contenders::describe(c, env.proxyd_form)))
         .collect();
@@ -114,8 +115,13 @@ fn proxyd_path() -> PathBuf {
 }
 
 /// A row per contender, each checked once with [`preflight`]; one that fails is skipped, noted.
-fn preflight_all(env: &mut Env, figures: &[Figure], notes: &mut Notes) -> Result<Vec<Row>> {
-    let mut rows: Vec<Row> = Contender::ALL
+fn preflight_all(
+    env: &mut Env,
+    contenders: &[Contender],
+    figures: &[Figure],
+    notes: &mut Notes,
+) -> Result<Vec<Row>> {
+    let mut rows: Vec<Row> = contenders
         .iter()
         .map(|&c| Row {
             contender: c,

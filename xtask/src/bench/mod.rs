@@ -46,6 +46,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use self::{
+    contenders::Contender,
     document::Document,
     measure::{measure, Measured},
     notes::Notes,
@@ -68,8 +69,17 @@ pub struct Args {
     pub quick: bool,
     /// Rounds instead of the default (5, or 3 with --quick); every figure is the median over
     /// them.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=20))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=40))]
     pub rounds: Option<u16>,
+    /// Only this contender (repeatable; `direct`, the baseline, and `auto` always run): for a
+    /// run of many rounds on the few rows a question is about. Needs --output: such a run does
+    /// not replace the full report.
+    #[arg(long = "contender", value_name = "NAME", value_parser = contender_parser())]
+    pub contenders: Vec<Contender>,
+    /// Leave out the idle-connection ramp (memory and set-up time at each level), the longest
+    /// case of a round. Needs --output, as --contender.
+    #[arg(long)]
+    pub no_idle: bool,
     /// The markdown report (default docs/benchmarks.md); the chart goes beside it, same name
     /// with .svg.
     #[arg(long, value_name = "FILE")]
@@ -99,6 +109,13 @@ pub struct Args {
     pub serve_last: Option<u16>,
 }
 
+/// `--contender`'s values: the contenders' slugs.
+fn contender_parser() -> impl clap::builder::TypedValueParser<Value = Contender> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Contender::ALL.map(Contender::slug))
+        .map(|s: String| Contender::from_slug(&s).unwrap_or(Contender::Auto))
+}
+
 /// The bench: `--serve` (the echo server, inside the namespace), `--time-wait`, or the figures.
 pub fn command(args: Args) -> Result<()> {
     if let Some(port) = args.serve {
@@ -108,6 +125,12 @@ pub fn command(args: Args) -> Result<()> {
         reexec_as_root()?;
     }
     let started = Instant::now();
+    if (!args.contenders.is_empty() || args.no_idle) && args.output.is_none() {
+        bail!(
+            "--contender and --no-idle measure part of the table, which would replace the full \
+             report (docs/benchmarks.md): give --output FILE, e.g. --output /tmp/bench.md"
+        );
+    }
     crate::setup::run()?;
     crate::setup::bench_packages()?;
     if args.perf.is_some() {
@@ -141,7 +164,7 @@ pub fn command(args: Args) -> Result<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     ));
     let report = render(&plan, &figures, &measured, &mut notes, (&output, &commit));
-    write(&output, &report, &notes, started)?;
+    write(&output, &report, &notes, (started, &plan.contenders))?;
     if !notes.spliced_broke.is_empty() {
         bail!(
             "spliced broke connections (every one must end cleanly):\n- {}",
@@ -174,6 +197,14 @@ fn plan(args: &Args, notes: &mut Notes) -> Result<Plan> {
     let mut plan = Plan::new(args.quick, nofile, notes);
     if let Some(n) = args.rounds {
         plan.rounds = usize::from(n);
+    }
+    if !args.contenders.is_empty() {
+        plan.contenders.retain(|c| {
+            matches!(c, Contender::Direct | Contender::Auto) || args.contenders.contains(c)
+        });
+    }
+    if args.no_idle {
+        plan.levels.clear();
     }
     if let Some(dir) = &args.perf {
         plan.perf = Some(Perf::new(dir)?);
@@ -269,7 +300,12 @@ fn chart_path(output: &Path) -> PathBuf {
 
 /// Writes the report and the chart, prints the table and the notes, and checks the report
 /// as written.
-fn write(output: &Path, report: &Report, notes: &Notes, started: Instant) -> Result<()> {
+fn write(
+    output: &Path,
+    report: &Report,
+    notes: &Notes,
+    (started, contenders): (Instant, &[Contender]),
+) -> Result<()> {
     let chart = chart_path(output);
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -287,6 +323,67 @@ fn write(output: &Path, report: &Report, notes: &Notes, started: Instant) -> Res
         started.elapsed().as_secs_f64()
     );
     let written = fs::read_to_string(output)?;
-    validate(&written).with_context(|| format!("{} is malformed", output.display()))?;
+    report::validate_rows(&written, contenders)
+        .with_context(|| format!("{} is malformed", output.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{plan, Args, Contender, Notes};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[test]
+    fn contender_picks_rows_and_no_idle_drops_the_ramp() {
+        let argv = [
+            "bench",
+            "--contender",
+            "haproxy",
+            "--contender",
+            "proxyd",
+            "--no-idle",
+            "--rounds",
+            "30",
+        ];
+        let args = Cli::try_parse_from(argv).unwrap().args;
+        let plan = plan(&args, &mut Notes::default()).unwrap();
+        assert_eq!(
+            plan.contenders,
+            [
+                Contender::Direct,
+                Contender::Auto,
+                Contender::Haproxy,
+                Contender::Proxyd
+            ]
+        );
+        assert!(plan.levels.is_empty());
+        assert_eq!(plan.rounds, 30);
+        assert_eq!(
+            plan.flags(),
+            " --contender haproxy --contender proxyd --no-idle"
+        );
+        let err = Cli::try_parse_from(["bench", "--contender", "nginx"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("nginx") && err.contains("haproxy"), "{err}");
+        let full = plan_of(&["bench"]);
+        assert_eq!(full.contenders, Contender::ALL);
+        assert_eq!(full.flags(), "");
+    }
+
+    fn plan_of(argv: &[&str]) -> super::Plan {
+        plan(
+            &Cli::try_parse_from(argv).unwrap().args,
+            &mut Notes::default(),
+        )
+        .unwrap()
+    }
 }

@@ -30,6 +30,8 @@ pub fn small_port(round: usize, c: Contender) -> u16 {
 pub struct Plan {
     pub quick: bool,
     pub rounds: usize,
+    /// The rows, in [`Contender::ALL`]'s order (`--contender` picks some).
+    pub contenders: Vec<Contender>,
     /// iperf3's `-t SECS` or `-n BYTES`, each way.
     pub iperf_amount: [&'static str; 2],
     pub rr_dur: Duration,
@@ -39,7 +41,8 @@ pub struct Plan {
     /// Short connections, the client closing first: fewer than 10,000, so the TIME_WAIT they
     /// leave (two per connection for a forwarder) stays well inside the ephemeral port range.
     pub client_closes: Amount,
-    /// The live connection counts the ramp stops at, in order, and what is measured there.
+    /// The live connection counts the ramp stops at, in order, and what is measured there
+    /// (none with `--no-idle`).
     pub levels: Vec<Level>,
     pub probes: usize,
     pub open_threads: usize,
@@ -48,6 +51,27 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The options that shaped this run, as typed (` --quick`, ` --contender NAME`,
+    /// ` --no-idle`), for the report's first line.
+    pub fn flags(&self) -> String {
+        let mut out = String::new();
+        if self.quick {
+            out.push_str(" --quick");
+        }
+        if self.contenders.len() < Contender::ALL.len() {
+            for c in &self.contenders {
+                if !matches!(c, Contender::Direct | Contender::Auto) {
+                    out.push_str(" --contender ");
+                    out.push_str(c.slug());
+                }
+            }
+        }
+        if self.levels.is_empty() {
+            out.push_str(" --no-idle");
+        }
+        out
+    }
+
     /// The profiler for cases of `round`: the first round only.
     pub fn perf(&self, round: usize) -> Option<&Perf> {
         self.perf.as_ref().filter(|_| round == 1)
@@ -127,6 +151,7 @@ impl Plan {
         Plan {
             quick,
             rounds: if quick { 3 } else { 5 },
+            contenders: Contender::ALL.to_vec(),
             iperf_amount: if quick { ["-n", "128M"] } else { ["-t", "4"] },
             rr_dur: Duration::from_millis(if quick { 300 } else { 2000 }),
             rr_max: 1_000_000,
