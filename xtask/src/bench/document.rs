@@ -166,8 +166,9 @@ fn traffic_items(plan: &Plan) -> [String; 4] {
     ]
 }
 
-/// What the CPU, memory and set-up figures are.
-fn cost_items(plan: &Plan) -> [String; 7] {
+/// What the CPU, memory and set-up figures are (memory and set-up only where the run ramped
+/// idle connections).
+fn cost_items(plan: &Plan) -> Vec<String> {
     let levels: Vec<String> = plan
         .levels
         .iter()
@@ -181,7 +182,7 @@ fn cost_items(plan: &Plan) -> [String; 7] {
         .map(|l| report::group(l.count as u64))
         .collect();
     let n = memory_levels.join(" and ");
-    [
+    let mut items: Vec<String> = vec![
         "**daemon CPU s/GB**: user+system CPU seconds of the forwarder's processes \
          (`/proc/PID/stat` utime+stime of the process and its children, reaped ones included) \
          over the upload and the download, per GB moved (both directions)."
@@ -208,6 +209,11 @@ fn cost_items(plan: &Plan) -> [String; 7] {
         "**all tasks CPU µs per round trip**: the same count over the round trips (their \
          connections' set-up included), per round trip: client, forwarder, upstream and kernel."
             .into(),
+    ];
+    if plan.levels.is_empty() {
+        return items;
+    }
+    items.extend([
         format!(
             "**daemon MiB @K idle** (K = {n}): the forwarder's memory with K idle connections \
              open through it (each greeted, so it reaches the upstream): proportional set size summed over its processes \
@@ -234,5 +240,6 @@ fn cost_items(plan: &Plan) -> [String; 7] {
             plan.probes,
             levels.join(", ")
         ),
-    ]
+    ]);
+    items
 }

@@ -194,7 +194,12 @@ fn time_wait_only(spliced: PathBuf, output: &Path, rate: f64, seconds: u64) -> R
 /// The plan for `args` under this process's open-file limit (raised as far as it goes).
 fn plan(args: &Args, notes: &mut Notes) -> Result<Plan> {
     let nofile = sys::raise_nofile(1 << 20);
-    let mut plan = Plan::new(args.quick, nofile, notes);
+    // Plan::new's notes are about the idle levels, which --no-idle leaves out.
+    let mut idle_notes = Notes::default();
+    let mut plan = Plan::new(args.quick, nofile, &mut idle_notes);
+    if !args.no_idle {
+        notes.lines.append(&mut idle_notes.lines);
+    }
     if let Some(n) = args.rounds {
         plan.rounds = usize::from(n);
     }
