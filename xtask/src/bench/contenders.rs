@@ -87,6 +87,11 @@ impl Contender {
         }
     }
 
+    /// Whether every run has this row, `--contender` or not: the baseline and spliced's default.
+    pub fn always_runs(self) -> bool {
+        matches!(self, Contender::Direct | Contender::Auto)
+    }
+
     /// The contender whose [`Contender::slug`] is `slug`.
     pub fn from_slug(slug: &str) -> Option<Contender> {
         Contender::ALL.into_iter().find(|c| c.slug() == slug)

@@ -204,9 +204,8 @@ fn plan(args: &Args, notes: &mut Notes) -> Result<Plan> {
         plan.rounds = usize::from(n);
     }
     if !args.contenders.is_empty() {
-        plan.contenders.retain(|c| {
-            matches!(c, Contender::Direct | Contender::Auto) || args.contenders.contains(c)
-        });
+        plan.contenders
+            .retain(|c| c.always_runs() || args.contenders.contains(c));
     }
     if args.no_idle {
         plan.levels.clear();
@@ -357,8 +356,7 @@ mod tests {
             "--rounds",
             "30",
         ];
-        let args = Cli::try_parse_from(argv).unwrap().args;
-        let plan = plan(&args, &mut Notes::default()).unwrap();
+        let plan = plan_of(&argv);
         assert_eq!(
             plan.contenders,
             [

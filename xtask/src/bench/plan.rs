@@ -59,11 +59,9 @@ impl Plan {
             out.push_str(" --quick");
         }
         if self.contenders.len() < Contender::ALL.len() {
-            for c in &self.contenders {
-                if !matches!(c, Contender::Direct | Contender::Auto) {
-                    out.push_str(" --contender ");
-                    out.push_str(c.slug());
-                }
+            for c in self.contenders.iter().filter(|c| !c.always_runs()) {
+                out.push_str(" --contender ");
+                out.push_str(c.slug());
             }
         }
         if self.levels.is_empty() {
