@@ -48,9 +48,12 @@ pub(super) async fn run(
     let rc = &route.counters;
     let entry = shared.registry.add(&route.route.name, peer);
     let started = Instant::now();
+    // The connection's own token from the start: waiting on `close_all` itself registered a
+    // waiter in the daemon's one token (a lock every connection shares) and dropped it again.
+    let cancel = shared.close_all.child_token();
     let opened = tokio::select! {
         r = open(&mut client, peer, &route, &entry.conn) => r,
-        () = shared.close_all.cancelled() => {
+        () = cancel.cancelled() => {
             rc.fail(Failure::Shutdown);
             return;
         }
@@ -76,7 +79,6 @@ pub(super) async fn run(
     if let Some(text) = &routing {
         entry.conn.routed(text.clone());
     }
-    let cancel = shared.close_all.child_token();
     let idled = AtomicBool::new(false);
     let cx = forward::Context {
         sockmap: shared.sockmap.as_deref(),
