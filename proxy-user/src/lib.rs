@@ -5,7 +5,7 @@
 //! - [`forward`]: the three data paths and the choice between them; [`registry`]: live
 //!   connections and per-route counters, read by [`status`] (`spliced status`) and `metrics`;
 //! - `ebpf`: the verdict program, its maps, the start-up probe; [`config`]: the TOML file;
-//!   [`privdrop`], [`systemd`], [`log_writer`]: the process's environment;
+//!   [`privdrop`], [`systemd`], [`log_writer`], [`log_time`]: the process's environment;
 //! - [`addr`], `sockopt`: addresses and socket options.
 pub mod addr;
 pub mod cli;
@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 mod ebpf;
 pub mod forward;
+pub mod log_time;
 pub mod log_writer;
 mod metrics;
 pub mod peek;

@@ -11,6 +11,7 @@ use clap::Parser as _;
 use spliced::{
     cli::{Cli, Command},
     config::{Config, ConfigError, DEFAULT_CONTROL_SOCKET, EX_USAGE},
+    log_time::LogTime,
     log_writer,
     systemd::Inherited,
     Daemon,
@@ -232,6 +233,7 @@ fn init_logging(writer: Option<log_writer::LogWriter>) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_timer(LogTime)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

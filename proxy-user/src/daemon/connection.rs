@@ -345,9 +345,16 @@ fn report(route: &RouteState, ended: Ended, outcome: Outcome, idled: bool) {
     if let Some(f) = failure {
         rc.fail(f);
     }
-    let end = match (idled, route.route.idle_timeout) {
-        (true, Some(t)) => format!("idle timeout: no data either way for {t:?}; both sides reset"),
-        _ => end.to_string(),
+    // Formatted into the line itself (no String of its own) unless the idle timeout ended it.
+    let idle_end = match (idled, route.route.idle_timeout) {
+        (true, Some(t)) => Some(format!(
+            "idle timeout: no data either way for {t:?}; both sides reset"
+        )),
+        _ => None,
+    };
+    let end: &dyn std::fmt::Display = match &idle_end {
+        Some(text) => text,
+        None => &end,
     };
     let Ended {
         peer,
