@@ -316,25 +316,10 @@ fn parse_number(s: &str, signed: bool) -> Result<f64> {
 
 /// Today's date (UTC) as YYYY-MM-DD, from the system clock.
 pub fn today() -> String {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
-/// Days since 1970-01-01 -> (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+    let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
+    let mut text = humantime::format_rfc3339_seconds(now).to_string();
+    text.truncate("YYYY-MM-DD".len());
+    text
 }
 
 #[cfg(test)]
@@ -432,8 +417,10 @@ mod tests {
         assert_eq!(number(12.34), "12.3");
         assert_eq!(number(1.234), "1.23");
         assert_eq!(number(0.1234), "0.123");
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(19_723), (2024, 1, 1));
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+        let day = today();
+        let b = day.as_bytes();
+        assert_eq!(b.len(), 10, "{day}");
+        assert!(b[4] == b'-' && b[7] == b'-', "{day}");
+        assert!(day.starts_with("20"), "{day}");
     }
 }
