@@ -316,8 +316,12 @@ fn parse_number(s: &str, signed: bool) -> Result<f64> {
 
 /// Today's date (UTC) as YYYY-MM-DD, from the system clock.
 pub fn today() -> String {
-    let now = std::time::SystemTime::now().max(std::time::UNIX_EPOCH);
-    let mut text = humantime::format_rfc3339_seconds(now).to_string();
+    date_of(std::time::SystemTime::now())
+}
+
+/// `at`'s date (UTC) as YYYY-MM-DD (a time before 1970 as 1970-01-01: humantime panics on it).
+fn date_of(at: std::time::SystemTime) -> String {
+    let mut text = humantime::format_rfc3339_seconds(at.max(std::time::UNIX_EPOCH)).to_string();
     text.truncate("YYYY-MM-DD".len());
     text
 }
@@ -417,10 +421,12 @@ mod tests {
         assert_eq!(number(12.34), "12.3");
         assert_eq!(number(1.234), "1.23");
         assert_eq!(number(0.1234), "0.123");
-        let day = today();
-        let b = day.as_bytes();
-        assert_eq!(b.len(), 10, "{day}");
-        assert!(b[4] == b'-' && b[7] == b'-', "{day}");
-        assert!(day.starts_with("20"), "{day}");
+        let day = |days: u64| {
+            date_of(std::time::UNIX_EPOCH + std::time::Duration::from_secs(days * 86_400))
+        };
+        assert_eq!(day(0), "1970-01-01");
+        assert_eq!(day(19_723), "2024-01-01");
+        assert_eq!(day(19_782), "2024-02-29");
+        assert_eq!(today().len(), "YYYY-MM-DD".len());
     }
 }
