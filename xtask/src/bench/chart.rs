@@ -147,6 +147,7 @@ mod tests {
             title: "up <Gbit/s>".into(),
             higher_better: true,
             daemon_only: false,
+            measured: true,
         }];
         let row = |contender| Row {
             contender,

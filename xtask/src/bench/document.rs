@@ -99,7 +99,8 @@ impl Document<'_> {
         "\nEach cell: the median, and in parentheses its ratio to `direct`. Higher is better for \
          Gbit/s, round trips/s and conn/s; lower is better for the rest. `n/a`: direct has no \
          daemon. `✗ max K`: the contender could not hold more than K connections (median over \
-         the rounds), so the figure at that level does not exist for it.\n"
+         the rounds), so the figure at that level does not exist for it. `not run`: the run \
+         left that case out (`--no-bulk`).\n"
     );
     }
 

@@ -158,13 +158,15 @@ fn run_round(
         let c = row.contender;
         let t0 = Instant::now();
         let tag = format!("r{round}");
-        if let Err(e) = bulk_round(c, env, plan, round, &mut row.samples) {
-            check_stop()?;
-            notes.push(format!(
-                "{}, round {round}, iperf3: {}",
-                c.name(),
-                short_error(&e)
-            ));
+        if plan.bulk {
+            if let Err(e) = bulk_round(c, env, plan, round, &mut row.samples) {
+                check_stop()?;
+                notes.push(format!(
+                    "{}, round {round}, iperf3: {}",
+                    c.name(),
+                    short_error(&e)
+                ));
+            }
         }
         let t1 = Instant::now();
         small_round(c, env, plan, &tag, round, &mut row.samples, notes)?;

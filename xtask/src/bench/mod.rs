@@ -80,6 +80,10 @@ pub struct Args {
     /// case of a round. Needs --output, as --contender.
     #[arg(long)]
     pub no_idle: bool,
+    /// Leave out the bulk cases (iperf3 up and down): the small-message cases alone, for many
+    /// rounds of them in little time. Needs --output, as --contender.
+    #[arg(long)]
+    pub no_bulk: bool,
     /// The markdown report (default docs/benchmarks.md); the chart goes beside it, same name
     /// with .svg.
     #[arg(long, value_name = "FILE")]
@@ -125,9 +129,9 @@ pub fn command(args: Args) -> Result<()> {
         reexec_as_root()?;
     }
     let started = Instant::now();
-    if (!args.contenders.is_empty() || args.no_idle) && args.output.is_none() {
+    if (!args.contenders.is_empty() || args.no_idle || args.no_bulk) && args.output.is_none() {
         bail!(
-            "--contender and --no-idle measure part of the table, which would replace the full \
+            "--contender, --no-idle and --no-bulk measure part of the table, which would replace the full \
              report (docs/benchmarks.md): give --output FILE, e.g. --output /tmp/bench.md"
         );
     }
@@ -210,6 +214,7 @@ fn plan(args: &Args, notes: &mut Notes) -> Result<Plan> {
     if args.no_idle {
         plan.levels.clear();
     }
+    plan.bulk = !args.no_bulk;
     if let Some(dir) = &args.perf {
         plan.perf = Some(Perf::new(dir)?);
         notes.push(format!(
@@ -345,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn contender_picks_rows_and_no_idle_drops_the_ramp() {
+    fn contender_picks_rows_and_no_idle_and_no_bulk_drop_cases() {
         let argv = [
             "bench",
             "--contender",
@@ -353,6 +358,7 @@ mod tests {
             "--contender",
             "proxyd",
             "--no-idle",
+            "--no-bulk",
             "--rounds",
             "30",
         ];
@@ -367,10 +373,11 @@ mod tests {
             ]
         );
         assert!(plan.levels.is_empty());
+        assert!(!plan.bulk);
         assert_eq!(plan.rounds, 30);
         assert_eq!(
             plan.flags(),
-            " --contender haproxy --contender proxyd --no-idle"
+            " --contender haproxy --contender proxyd --no-idle --no-bulk"
         );
         let err = Cli::try_parse_from(["bench", "--contender", "nginx"])
             .err()
@@ -379,6 +386,7 @@ mod tests {
         assert!(err.contains("nginx") && err.contains("haproxy"), "{err}");
         let full = plan_of(&["bench"]);
         assert_eq!(full.contenders, Contender::ALL);
+        assert!(full.bulk);
         assert_eq!(full.flags(), "");
     }
 

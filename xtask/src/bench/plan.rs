@@ -44,6 +44,8 @@ pub struct Plan {
     /// The live connection counts the ramp stops at, in order, and what is measured there
     /// (none with `--no-idle`).
     pub levels: Vec<Level>,
+    /// The bulk cases run (not with `--no-bulk`).
+    pub bulk: bool,
     pub probes: usize,
     pub open_threads: usize,
     /// `--perf DIR`.
@@ -52,7 +54,7 @@ pub struct Plan {
 
 impl Plan {
     /// The options that shaped this run, as typed (` --quick`, ` --contender NAME`,
-    /// ` --no-idle`), for the report's first line.
+    /// ` --no-idle`, ` --no-bulk`), for the report's first line.
     pub fn flags(&self) -> String {
         let mut out = String::new();
         if self.quick {
@@ -66,6 +68,9 @@ impl Plan {
         }
         if self.levels.is_empty() {
             out.push_str(" --no-idle");
+        }
+        if !self.bulk {
+            out.push_str(" --no-bulk");
         }
         out
     }
@@ -164,6 +169,7 @@ impl Plan {
                 max: if quick { 1500 } else { 6000 },
             },
             levels,
+            bulk: true,
             probes: if quick { 30 } else { 200 },
             open_threads: 8,
             perf: None,
@@ -193,6 +199,7 @@ pub fn figures(plan: &Plan) -> Vec<Figure> {
         title,
         higher_better,
         daemon_only,
+        measured: true,
     };
     let mut v = vec![
         f("upload Gbit/s".into(), true, false),
@@ -208,6 +215,11 @@ pub fn figures(plan: &Plan) -> Vec<Figure> {
         f("all tasks CPU µs per conn".into(), false, false),
         f("all tasks CPU µs per round trip".into(), false, false),
     ];
+    if !plan.bulk {
+        for i in [UP, DOWN, DAEMON_CPU, ALL_CPU_UP, ALL_CPU_DOWN] {
+            v[i].measured = false;
+        }
+    }
     let mut memory: Vec<&Level> = plan
         .levels
         .iter()

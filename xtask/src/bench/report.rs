@@ -13,6 +13,8 @@ pub struct Figure {
     pub higher_better: bool,
     /// Only a forwarder has it (`direct` shows n/a).
     pub daemon_only: bool,
+    /// Its case runs in this run (not: the bulk figures with `--no-bulk`, shown as `not run`).
+    pub measured: bool,
 }
 
 /// One round's outcome for one figure.
@@ -35,10 +37,15 @@ pub struct Row {
 /// What a table cell shows.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Cell {
-    Value { v: f64, ratio: Option<f64> },
+    Value {
+        v: f64,
+        ratio: Option<f64>,
+    },
     NotApplicable,
     Capped(usize),
     Skipped,
+    /// The figure's case is left out of this run (`--no-bulk`).
+    NotRun,
     Error,
 }
 
@@ -93,6 +100,8 @@ pub fn cells(figures: &[Figure], rows: &[Row]) -> Vec<Vec<Cell>> {
                 .map(|(i, f)| {
                     if row.skipped.is_some() {
                         Cell::Skipped
+                    } else if !f.measured {
+                        Cell::NotRun
                     } else if f.daemon_only && row.contender == Contender::Direct {
                         Cell::NotApplicable
                     } else {
@@ -166,6 +175,7 @@ pub fn cell_text(c: &Cell) -> String {
         Cell::NotApplicable => "n/a".into(),
         Cell::Capped(n) => format!("✗ max {}", group(*n as u64)),
         Cell::Skipped => "skipped".into(),
+        Cell::NotRun => "not run".into(),
         Cell::Error => "error".into(),
     }
 }
@@ -194,7 +204,8 @@ pub fn table(figures: &[Figure], rows: &[Row], cells: &[Vec<Cell>]) -> String {
 /// Parses the first table of `md` (the one starting `| contender |`) and checks it: a row for
 /// each contender, every row with every column, every cell a number with its ratio to direct
 /// (or without, where direct has none), `n/a` (direct's daemon figures only), `✗ max N` (a
-/// connection count the contender could not get past) or, for a whole row, `skipped`.
+/// connection count the contender could not get past), `not run` (a case the run left out) or,
+/// for a whole row, `skipped`.
 /// Returns the number of columns.
 pub fn validate(md: &str) -> Result<usize> {
     validate_rows(md, &Contender::ALL)
@@ -266,7 +277,7 @@ pub fn validate_rows(md: &str, contenders: &[Contender]) -> Result<usize> {
 /// `head`: the column's header; a kernel memory growth may come out below zero in noise.
 fn check_cell(cell: &str, head: &str, is_direct: bool, row_skipped: bool) -> Result<()> {
     let signed = head.starts_with("kernel");
-    if row_skipped {
+    if row_skipped || cell == "not run" {
         return Ok(());
     }
     if cell == "n/a" {
@@ -336,11 +347,13 @@ mod tests {
                 title: "upload Gbit/s".into(),
                 higher_better: true,
                 daemon_only: false,
+                measured: true,
             },
             Figure {
                 title: "daemon CPU s/GB".into(),
                 higher_better: false,
                 daemon_only: true,
+                measured: true,
             },
         ]
     }

@@ -167,6 +167,7 @@ mod tests {
             title: "f".into(),
             higher_better,
             daemon_only: false,
+            measured: true,
         }
     }
 
