@@ -397,6 +397,14 @@ mod tests {
         let t = table(&f, &r, &c);
         assert!(t.contains("| direct | 15.0 (1.00×) | n/a |"), "{t}");
         assert_eq!(validate(&t).unwrap(), 3);
+        // A case the run left out (`--no-bulk`): every row says so, and the table validates.
+        let mut left_out = figures();
+        left_out[0].measured = false;
+        let c = cells(&left_out, &r);
+        assert!(c.iter().all(|row| row[0] == Cell::NotRun));
+        let t = table(&left_out, &r, &c);
+        assert!(t.contains("| direct | not run | n/a |"), "{t}");
+        assert_eq!(validate(&t).unwrap(), 3);
     }
 
     #[test]
