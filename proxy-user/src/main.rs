@@ -102,7 +102,7 @@ fn serve(cli: Cli, log: log_writer::LogWriter) -> ExitCode {
     };
     raise_fd_limit();
     // Before any route is bound: a route listens with a socket per lane.
-    spliced::forward::lanes::plan(config.worker_threads());
+    spliced::forward::lanes::plan(config.worker_threads(), config.pin_lanes);
     // Idle blocking-pool threads go after a second: a privilege drop waits for the ones that
     // were started with root's credentials (see privdrop).
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -574,6 +574,74 @@ fn workers_sets_the_runtime_threads_and_waits_for_a_restart() {
     carry(&mut c, &mut s, b"still one");
 }
 
+/// Each lane thread's allowed cores (`Cpus_allowed_list`), by lane number.
+fn lane_cores(pid: i32) -> Vec<String> {
+    let mut lanes: Vec<(usize, String)> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| {
+            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            let lane = comm.trim().strip_prefix("lane-")?.parse().ok()?;
+            let status = fs::read_to_string(t.path().join("status")).ok()?;
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+            Some((lane, list.trim().to_string()))
+        })
+        .collect();
+    lanes.sort();
+    lanes.into_iter().map(|(_, cores)| cores).collect()
+}
+
+/// With one lane per core each lane is pinned to its own core (this test's cores are the
+/// daemon's: 0 to N-1), a connection on a `copy` route (which may be bulk) leaves its lane to
+/// the scheduler while it lasts, and `pin_lanes = false` leaves every lane on every core.
+#[test]
+fn lanes_are_pinned_to_their_cores_but_not_for_bulk() {
+    let cores = thread::available_parallelism().map_or(1, |n| n.get());
+    let all = lane_cores(std::process::id() as i32);
+    assert!(all.is_empty(), "this test process has no lanes: {all:?}");
+    let f = Configured::new();
+    let spliced = f.start_route("copy", "", "web", "").unwrap();
+    if cores < 2 {
+        spliced.wait_log("listening on", 1, LOG_WAIT);
+        assert!(!spliced.log().contains("lanes pinned"), "{}", spliced.log());
+        return;
+    }
+    let log = spliced.wait_log("lanes pinned to cores", 1, LOG_WAIT);
+    let own: Vec<String> = (0..cores).map(|c| c.to_string()).collect();
+    assert_eq!(lane_cores(spliced.pid()), own, "{log}");
+    let mut c = spliced.connect();
+    let mut s = accept(&f.listener, ACCEPT);
+    carry(&mut c, &mut s, b"bulk?");
+    let unpinned = lane_cores(spliced.pid());
+    assert!(
+        unpinned.iter().filter(|l| !own.contains(l)).count() == 1,
+        "one lane carries the connection, unpinned: {unpinned:?}"
+    );
+    drop((c, s));
+    wait_until(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || (lane_cores(spliced.pid()) == own).then_some(()),
+        || {
+            format!(
+                "the lane was not pinned again: {:?}",
+                lane_cores(spliced.pid())
+            )
+        },
+    );
+    drop(spliced);
+    let spliced = f
+        .start_route("copy", "pin_lanes = false", "web", "")
+        .unwrap();
+    wait_for_lanes(&f.dir.socket(), cores);
+    let lanes = lane_cores(spliced.pid());
+    assert_eq!(lanes.len(), cores);
+    assert!(lanes.iter().all(|l| !own.contains(l)), "{lanes:?}");
+    assert!(!spliced.log().contains("lanes pinned"), "{}", spliced.log());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Accepting on the lanes.
 

@@ -12,7 +12,7 @@ use crate::{
     xdp::{self, config::ListError},
 };
 
-pub(super) const TOP_KEYS: [&str; 13] = [
+pub(super) const TOP_KEYS: [&str; 14] = [
     "mode",
     "grace_period",
     "send_buffer",
@@ -25,6 +25,7 @@ pub(super) const TOP_KEYS: [&str; 13] = [
     "xdp",
     "xdp_mode",
     "workers",
+    "pin_lanes",
     "route",
 ];
 const ROUTE_KEYS: [&str; 18] = [
@@ -113,6 +114,7 @@ fn top_key(entry: &Entry, config: &mut Config, defaults: &mut Defaults) -> Resul
         "control_socket" => config.control_socket = value::control_socket(item)?,
         "xdp_mode" => config.xdp_mode = value::xdp_mode(item)?,
         "workers" => config.workers = Some(value::workers(item)?),
+        "pin_lanes" => config.pin_lanes = value::boolean(item, "pin_lanes = false")?,
         "metrics" => config.metrics = Some(value::metrics(item)?),
         "user" => config.user = Some(value::user(item)?),
         key => return Err(unknown_key(key, &TOP_KEYS, "top-level")),

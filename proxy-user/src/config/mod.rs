@@ -16,6 +16,7 @@
 //! xdp = ["eth0"]           # interfaces where the XDP front enforces the routes' rules
 //! xdp_mode = "auto"        # or "generic": generic XDP everywhere (for a veth; docs/xdp.md)
 //! workers = 2              # threads that accept, dial and copy; default: one per core
+//! pin_lanes = true         # one lane per core: each pinned to its core (forward/lanes.rs)
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+
@@ -209,6 +210,8 @@ pub struct Config {
     pub xdp_mode: crate::xdp::config::XdpModeChoice,
     /// `workers`: the runtime's worker threads; `None`: [`Config::worker_threads`]' default.
     pub workers: Option<usize>,
+    /// `pin_lanes`: pin each lane to its core when there is one lane per core (default true).
+    pub pin_lanes: bool,
 }
 
 /// One configuration problem: where it is, which key, what is wrong and how to fix it.
@@ -398,6 +401,7 @@ impl Config {
             xdp: Vec::new(),
             xdp_mode: crate::xdp::config::XdpModeChoice::Auto,
             workers: None,
+            pin_lanes: true,
         }
     }
 

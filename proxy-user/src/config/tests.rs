@@ -264,7 +264,7 @@ mode = 3
         errors(text),
         vec![
             r#"spliced.toml:1:8: mode: "fast" is not a mode; use one of auto, sockmap, splice, copy"#,
-            r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, `user`, `xdp`, `xdp_mode`, `workers`, [[route]] tables"#,
+            r#"spliced.toml:2:1: grace: unknown key; valid top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, `user`, `xdp`, `xdp_mode`, `workers`, `pin_lanes`, [[route]] tables"#,
             r#"spliced.toml:3:15: send_buffer: "2GiB" is more than the maximum of 1GiB; use e.g. "16MiB", or 0 for the kernel's autotuning"#,
             r#"spliced.toml:8:12: route[0].upstream: "[fe80::1]:80": fe80::1 is a link-local address (fe80::/10), which exists on every interface; name the interface with "%", e.g. "[fe80::1%eth0]:80""#,
             r#"spliced.toml:11:8: route[1].name: "ghost" is already the name of route[0]; route names must be unique"#,
@@ -316,7 +316,7 @@ fn error_unknown_keys() {
         "spliced.toml:1:1: grace_priod: unknown key; did you mean `grace_period`? valid \
              top-level keys are `mode`, `grace_period`, `send_buffer`, `max_connections`, \
              `max_buffered`, `max_buffered_total`, `control_socket`, `metrics`, `user`, `xdp`, \
-             `xdp_mode`, `workers`, [[route]] tables"
+             `xdp_mode`, `workers`, `pin_lanes`, [[route]] tables"
     );
     assert_eq!(
         error(&route_with("listne = \"x\"")),
@@ -469,6 +469,18 @@ fn workers_default_to_one_per_core() {
     );
     assert!(error(&top_with("workers = 1025")).contains("1025 is out of range"));
     assert!(error(&top_with("workers = \"2\"")).contains("expected an integer, found a string"));
+}
+
+#[test]
+fn lanes_are_pinned_unless_told_not_to() {
+    assert!(load(&route_with("")).pin_lanes);
+    assert!(!load(&top_with("pin_lanes = false")).pin_lanes);
+    assert!(load(&top_with("pin_lanes = true")).pin_lanes);
+    assert_eq!(
+        error(&top_with("pin_lanes = \"no\"")),
+        "spliced.toml:1:13: pin_lanes: expected true or false, found a string; write e.g. \
+         pin_lanes = false"
+    );
 }
 
 #[test]

@@ -311,6 +311,17 @@ pub(super) fn max_connections(value: &Item) -> Result<usize, Problem> {
     count(value, MAX_CONNECTIONS, "max_connections = 10000")
 }
 
+/// `true` or `false`; `example` shows the key.
+pub(super) fn boolean(value: &Item, example: &str) -> Result<bool, Problem> {
+    match value {
+        Item::Value(Value::Boolean(b)) => Ok(*b.value()),
+        other => Err(problem!(
+            "expected true or false, found {}; write e.g. {example}",
+            describe(other)
+        )),
+    }
+}
+
 /// `workers = 2`.
 pub(super) fn workers(value: &Item) -> Result<usize, Problem> {
     count(

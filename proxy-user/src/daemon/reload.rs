@@ -64,6 +64,7 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
         ("user", old.user != new.user),
         ("metrics", old.metrics != new.metrics),
         ("workers", old.workers != new.workers),
+        ("pin_lanes", old.pin_lanes != new.pin_lanes),
     ]
     .into_iter()
     .filter_map(|(key, changed)| changed.then_some(key))
@@ -78,7 +79,7 @@ impl Daemon {
     /// the errors are returned and the old configuration stays.
     ///
     /// Top-level keys that only take effect at start (`send_buffer`, `max_buffered_total`,
-    /// `control_socket`, `metrics`, `user`, `workers`) are reported as warnings when changed;
+    /// `control_socket`, `metrics`, `user`, `workers`, `pin_lanes`) are reported as warnings when changed;
     /// `max_connections` and `grace_period` apply at once.
     pub async fn reload(&mut self, config: Config) -> Result<ReloadSummary, Vec<StartError>> {
         let plan = plan(&self.config.routes, &config.routes);
