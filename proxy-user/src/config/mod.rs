@@ -16,7 +16,7 @@
 //! xdp = ["eth0"]           # interfaces where the XDP front enforces the routes' rules
 //! xdp_mode = "auto"        # or "generic": generic XDP everywhere (for a veth; docs/xdp.md)
 //! workers = 2              # threads that accept, dial and copy; default: one per core
-//! pin_lanes = true         # one lane per core: each pinned to its core (forward/lanes.rs)
+//! pin_lanes = true         # one lane per core: each pinned to its core (forward/pin.rs)
 //!
 //! [[route]]
 //! name = "ghost"                                   # required, unique, [A-Za-z0-9_.-]+

@@ -19,8 +19,7 @@
 //! that took its packets, find its lane there instead of wherever the scheduler last put it.
 //! Measured side by side (docs/profiles.md, "Pinned lanes"): 2.8 % more short connections per
 //! second than the same build unpinned, at the same CPU per connection. While a lane carries a
-//! bulk transfer it is unpinned ([`Bulk`]): pinned, it shared its core with the sender and
-//! moved 0.78x the upload at 1.17x the CPU per GB.
+//! bulk transfer it is unpinned (`pin::Bulk`).
 use std::{
     cell::Cell,
     io,
@@ -30,13 +29,12 @@ use std::{
     },
 };
 
-use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};
-use tracing::{info, warn};
+use tracing::info;
 
 use tokio::{net::TcpStream, runtime};
 use tokio_util::sync::CancellationToken;
 
-use super::{userspace, End, Outcome};
+use super::{pin, userspace, End, Outcome};
 
 /// The lanes, once [`start`] ran.
 static LANES: OnceLock<Vec<Lane>> = OnceLock::new();
@@ -44,14 +42,7 @@ static LANES: OnceLock<Vec<Lane>> = OnceLock::new();
 thread_local! {
     /// The index of the lane whose thread this is (`None` on any other thread).
     static THIS_LANE: Cell<Option<usize>> = const { Cell::new(None) };
-    /// The core this lane is pinned to when it carries no bulk transfer (`None`: not pinned).
-    static CORE: Cell<Option<usize>> = const { Cell::new(None) };
-    /// The bulk transfers this thread carries now.
-    static BULK: Cell<usize> = const { Cell::new(0) };
 }
-
-/// The daemon's allowed cores, where a pinned lane may go while it carries a bulk transfer.
-static ALLOWED: OnceLock<CpuSet> = OnceLock::new();
 
 /// Woken when the lanes start.
 static STARTED: tokio::sync::Notify = tokio::sync::Notify::const_new();
@@ -67,7 +58,10 @@ struct Lane {
 /// started, or a failed start), bulk transfers run on the caller's runtime.
 pub fn start() -> io::Result<()> {
     let count = planned();
-    let cores = pinned_cores(count);
+    let cores = PIN
+        .load(Ordering::Relaxed)
+        .then(|| pin::cores(count))
+        .flatten();
     let mut lanes = Vec::with_capacity(count);
     for i in 0..count {
         let rt = runtime::Builder::new_current_thread()
@@ -82,9 +76,8 @@ pub fn start() -> io::Result<()> {
             .name(format!("lane-{i}"))
             .spawn(move || {
                 THIS_LANE.set(Some(i));
-                CORE.set(core);
                 if let Some(core) = core {
-                    pin(core);
+                    pin::hold(core);
                 }
                 rt.block_on(std::future::pending::<()>());
             })?;
@@ -96,84 +89,6 @@ pub fn start() -> io::Result<()> {
     let _ = LANES.set(lanes);
     STARTED.notify_waiters();
     Ok(())
-}
-
-/// The core each of `count` lanes is pinned to, when [`plan`] asked for pinning and the daemon
-/// may run on exactly `count` cores; `None` otherwise (the scheduler places the lanes).
-fn pinned_cores(count: usize) -> Option<Vec<usize>> {
-    if !PIN.load(Ordering::Relaxed) {
-        return None;
-    }
-    let allowed = sched_getaffinity(None)
-        .inspect_err(|e| warn!("lanes not pinned: cannot read the daemon's cores ({e})"))
-        .ok()?;
-    let cores: Vec<usize> = (0..CpuSet::MAX_CPU)
-        .filter(|&c| allowed.is_set(c))
-        .collect();
-    let by_lane = lane_cores(&cores, count);
-    let _ = ALLOWED.set(allowed);
-    if by_lane.is_none() && cores.len() == count {
-        info!("lanes not pinned: cores {cores:?} do not fall one to each of {count} lanes");
-    }
-    by_lane
-}
-
-/// Lane `core % count` for each of `cores`, as the steering program picks (`crate::steer`), if
-/// that gives each lane exactly one core: `result[lane]` is its core.
-fn lane_cores(cores: &[usize], count: usize) -> Option<Vec<usize>> {
-    if count < 2 || cores.len() != count {
-        return None;
-    }
-    let mut by_lane = vec![None; count];
-    for &core in cores {
-        let slot = &mut by_lane[core % count];
-        if slot.replace(core).is_some() {
-            return None;
-        }
-    }
-    by_lane.into_iter().collect()
-}
-
-/// Pins this thread to `core`; on failure it stays where the scheduler puts it.
-fn pin(core: usize) {
-    let mut set = CpuSet::new();
-    set.set(core);
-    if let Err(e) = sched_setaffinity(None, &set) {
-        warn!("lane {:?} not pinned to core {core}: {e}", THIS_LANE.get());
-    }
-}
-
-/// A bulk transfer on this thread, while alive: the first unpins a pinned lane (its splice or
-/// copy loop needs a core of its own beside the sender's and the receiver's; the scheduler finds
-/// one), the last pins it again. A lane's tasks stay on its thread, so each is created and
-/// dropped there; on any other thread it changes nothing (no core is kept there).
-pub struct Bulk;
-
-impl Bulk {
-    /// Counts one more bulk transfer on this thread (see [`Bulk`]).
-    pub fn start() -> Bulk {
-        if BULK.get() == 0 {
-            if let (Some(_), Some(all)) = (CORE.get(), ALLOWED.get()) {
-                if let Err(e) = sched_setaffinity(None, all) {
-                    warn!(
-                        "lane {:?} not unpinned for a bulk transfer: {e}",
-                        THIS_LANE.get()
-                    );
-                }
-            }
-        }
-        BULK.set(BULK.get() + 1);
-        Bulk
-    }
-}
-
-impl Drop for Bulk {
-    fn drop(&mut self) {
-        BULK.set(BULK.get().saturating_sub(1));
-        if let (0, Some(core)) = (BULK.get(), CORE.get()) {
-            pin(core);
-        }
-    }
 }
 
 /// How many lanes [`start`] starts, as [`plan`] set it (`workers`), or one per core.
@@ -258,7 +173,6 @@ pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &Cancellatio
     let Some(busy) = (if here.is_none() { pick() } else { None }) else {
         // On a lane already (`here` counts it there), or no lanes run: on this thread.
         let _here = here;
-        let _bulk = Bulk::start();
         return userspace::splice(client, upstream, cancel).await;
     };
     let (client, upstream) = match (client.into_std(), upstream.into_std()) {
@@ -268,7 +182,6 @@ pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &Cancellatio
     let cancel = cancel.clone();
     let task = busy.0.handle.spawn(async move {
         let _busy = busy;
-        let _bulk = Bulk::start();
         match (TcpStream::from_std(client), TcpStream::from_std(upstream)) {
             (Ok(c), Ok(u)) => userspace::splice(c, u, &cancel).await,
             (Err(e), _) | (_, Err(e)) => Outcome::ended(End::Ours(e)),
@@ -288,19 +201,6 @@ mod tests {
 
     use super::*;
     use crate::forward::userspace::promotion_tests::sockets;
-
-    /// Lane `core % count` gets `core`, one core each, or nothing is pinned.
-    #[test]
-    fn lanes_get_the_cores_the_steering_gives_them() {
-        assert_eq!(lane_cores(&[0, 1], 2), Some(vec![0, 1]));
-        assert_eq!(lane_cores(&[2, 3], 2), Some(vec![2, 3]));
-        assert_eq!(lane_cores(&[1, 2], 2), Some(vec![2, 1]));
-        assert_eq!(lane_cores(&[4, 5, 6, 7], 4), Some(vec![4, 5, 6, 7]));
-        // Two cores for one lane (0 % 2 == 2 % 2), a core short, one lane: no pinning.
-        assert_eq!(lane_cores(&[0, 2], 2), None);
-        assert_eq!(lane_cores(&[0, 1, 2], 2), None);
-        assert_eq!(lane_cores(&[0], 1), None);
-    }
 
     /// Both directions and both half-closes cross a lane whole, and the lane is free after.
     #[tokio::test]

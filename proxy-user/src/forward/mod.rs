@@ -9,6 +9,7 @@ use crate::ebpf::Sockmap;
 
 mod bulk;
 pub mod lanes;
+mod pin;
 pub mod sockmap;
 pub mod userspace;
 
@@ -221,23 +222,15 @@ pub async fn carry(
                 }
             }
         }
-        // A fixed mode cannot tell bulk from a short exchange: each connection counts as bulk
-        // and a pinned lane is left to the scheduler meanwhile (see `lanes::Bulk`).
-        (Plan::Copy, _) => {
-            let _bulk = lanes::Bulk::start();
-            (
-                DataPath::Copy,
-                userspace::copy(client, upstream, cx.cancel).await,
-            )
-        }
+        (Plan::Copy, _) => (
+            DataPath::Copy,
+            userspace::copy(client, upstream, cx.cancel).await,
+        ),
         // Sockmap without a loaded program cannot happen (start refuses it); splice is safe.
-        _ => {
-            let _bulk = lanes::Bulk::start();
-            (
-                DataPath::Splice,
-                userspace::splice(client, upstream, cx.cancel).await,
-            )
-        }
+        _ => (
+            DataPath::Splice,
+            userspace::splice(client, upstream, cx.cancel).await,
+        ),
     }
 }
 

@@ -17,7 +17,7 @@ use rustix::pipe::{self, PipeFlags, SpliceFlags};
 use tokio::{io::Interest, net::TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use super::{End, Outcome};
+use super::{pin, End, Outcome};
 use crate::sockopt;
 
 /// Moves bytes from a socket into an intermediate store and out to another socket.
@@ -356,16 +356,20 @@ async fn pump(
 }
 
 /// Forwards through splice(2) until both directions have ended, one side failed, or `cancel`
-/// fires.
+/// fires. Counted as a bulk transfer (`pin::Bulk`): whoever calls it (`auto`'s move to splice,
+/// a `splice` route, sockmap's fallback) may carry one.
 pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
+    let _bulk = pin::Bulk::start();
     match (Pipe::new(), Pipe::new()) {
         (Ok(a), Ok(b)) => run(client, upstream, (a, b), cancel).await,
         (Err(e), _) | (_, Err(e)) => finish(&client, &upstream, 0, 0, End::Ours(e)),
     }
 }
 
-/// Forwards through userspace buffers, like [`splice`].
+/// Forwards through userspace buffers, like [`splice`] (a `copy` route's connections, which may
+/// be bulk). `auto`'s short exchanges run [`copy_then_promote`] instead, on a pinned lane.
 pub async fn copy(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
+    let _bulk = pin::Bulk::start();
     run(client, upstream, (Buffer::new(), Buffer::new()), cancel).await
 }
 
