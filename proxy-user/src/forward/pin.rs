@@ -62,12 +62,18 @@ pub fn hold(core: usize) {
     pin(core);
 }
 
-/// Pins this thread to `core`; on failure it stays where the scheduler puts it.
+/// Pins this thread to `core`. On failure (the core left the daemon's cpuset while it ran, and
+/// the kernel widened the thread's affinity) the thread stays where the scheduler puts it and is
+/// not pinned again, so the warning comes once per lane, not once per bulk transfer.
 fn pin(core: usize) {
     let mut set = CpuSet::new();
     set.set(core);
     if let Err(e) = sched_setaffinity(None, &set) {
-        warn!("a lane not pinned to core {core}: {e}");
+        CORE.set(None);
+        warn!(
+            "a lane not pinned to core {core} ({e}); it is left to the scheduler from now on \
+             (a core taken from the daemon's cpuset? restart spliced to pin its lanes again)"
+        );
     }
 }
 
@@ -116,5 +122,31 @@ mod tests {
         assert_eq!(lane_cores(&[0, 2], 2), None);
         assert_eq!(lane_cores(&[0, 1, 2], 2), None);
         assert_eq!(lane_cores(&[0], 1), None);
+    }
+
+    /// A core the thread may not run on: the thread keeps its cores, and a lane that cannot go
+    /// back to its core after a bulk transfer is not tried again.
+    #[test]
+    fn a_core_the_lane_cannot_have_is_given_up_once() {
+        std::thread::spawn(|| {
+            let before = sched_getaffinity(None).unwrap();
+            let absent = CpuSet::MAX_CPU - 1;
+            assert!(
+                !before.is_set(absent),
+                "test needs a core this thread may not use"
+            );
+            hold(absent);
+            assert_eq!(CORE.get(), None, "a core that cannot be had is not kept");
+            assert_eq!(sched_getaffinity(None).unwrap(), before);
+            // A lane pinned at start whose core went away during a transfer.
+            CORE.set(Some(absent));
+            drop(Bulk::start());
+            assert_eq!(CORE.get(), None, "given up after the first failed re-pin");
+            assert_eq!(BULK.get(), 0);
+            drop(Bulk::start());
+            assert_eq!(sched_getaffinity(None).unwrap(), before);
+        })
+        .join()
+        .unwrap();
     }
 }
