@@ -594,8 +594,9 @@ fn lane_cores(pid: i32) -> Vec<String> {
 }
 
 /// With one lane per core each lane is pinned to its own core (this test's cores are the
-/// daemon's: 0 to N-1), a connection on a `copy` route (which may be bulk) leaves its lane to
-/// the scheduler while it lasts, and `pin_lanes = false` leaves every lane on every core.
+/// daemon's: 0 to N-1), a connection on a `copy` route keeps its lane pinned for a short
+/// exchange and leaves it to the scheduler once it carries a bulk transfer (256 KiB one way),
+/// until it ends, and `pin_lanes = false` leaves every lane on every core.
 #[test]
 fn lanes_are_pinned_to_their_cores_but_not_for_bulk() {
     let cores = thread::available_parallelism().map_or(1, |n| n.get());
@@ -613,11 +614,21 @@ fn lanes_are_pinned_to_their_cores_but_not_for_bulk() {
     assert_eq!(lane_cores(spliced.pid()), own, "{log}");
     let mut c = spliced.connect();
     let mut s = accept(&f.listener, ACCEPT);
+    // A short exchange stays on its pinned lane; past 256 KiB one way it is a bulk transfer.
     carry(&mut c, &mut s, b"bulk?");
+    assert_eq!(
+        lane_cores(spliced.pid()),
+        own,
+        "a short exchange unpinned its lane"
+    );
+    let chunk = vec![b'b'; 64 * 1024];
+    for _ in 0..5 {
+        carry(&mut s, &mut c, &chunk);
+    }
     let unpinned = lane_cores(spliced.pid());
     assert!(
         unpinned.iter().filter(|l| !own.contains(l)).count() == 1,
-        "one lane carries the connection, unpinned: {unpinned:?}"
+        "one lane carries the bulk transfer, unpinned: {unpinned:?}"
     );
     drop((c, s));
     wait_until(

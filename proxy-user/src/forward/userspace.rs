@@ -299,8 +299,14 @@ fn paused(pause: Option<&Pause>) -> impl Future<Output = ()> + '_ {
     })
 }
 
+/// Bytes one direction of a connection on the splice or copy loop carries before it counts as a
+/// bulk transfer (`pin::Bulk`: its lane is unpinned until the direction ends); a short exchange
+/// stays on its pinned lane. The same amount as `auto`'s move to a bulk path.
+const BULK_AFTER: u64 = 256 * 1024;
+
 /// One direction: move bytes until EOF, then shut the destination's write side (half-close);
-/// or, with a `pause`, until it fires.
+/// or, with a `pause`, until it fires. Without a pause, past [`BULK_AFTER`] bytes the direction
+/// is a bulk transfer; with one, the pause ends it first.
 async fn pump(
     src: &TcpStream,
     dst: &TcpStream,
@@ -314,6 +320,7 @@ async fn pump(
     // attached, would receive that skb whole, the bytes already read included (measured: the
     // first 256 KiB of an upload delivered twice).
     let mut drained = true;
+    let mut bulk = None;
     loop {
         let n = loop {
             // Quiet here: the store is empty (a fill happens only then, and drains it).
@@ -340,7 +347,10 @@ async fn pump(
             dst.writable().await.map_err(Failed::Destination)?;
             match dst.try_io(Interest::WRITABLE, || mover.drain(dst.as_fd())) {
                 Ok(n) => {
-                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    let carried = count.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                    if bulk.is_none() && pause.is_none() && carried >= BULK_AFTER {
+                        bulk = Some(pin::Bulk::start());
+                    }
                     if let Some(p) = pause {
                         let moved = p.moved.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
                         if moved >= p.after_bytes {
@@ -356,20 +366,19 @@ async fn pump(
 }
 
 /// Forwards through splice(2) until both directions have ended, one side failed, or `cancel`
-/// fires. Counted as a bulk transfer (`pin::Bulk`): whoever calls it (`auto`'s move to splice,
-/// a `splice` route, sockmap's fallback) may carry one.
+/// fires. A direction that carries [`BULK_AFTER`] bytes is a bulk transfer (`pin::Bulk`):
+/// whoever calls this (`auto`'s move to splice, a `splice` route, sockmap's fallback) may carry
+/// one, or a short exchange.
 pub async fn splice(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
-    let _bulk = pin::Bulk::start();
     match (Pipe::new(), Pipe::new()) {
         (Ok(a), Ok(b)) => run(client, upstream, (a, b), cancel).await,
         (Err(e), _) | (_, Err(e)) => finish(&client, &upstream, 0, 0, End::Ours(e)),
     }
 }
 
-/// Forwards through userspace buffers, like [`splice`] (a `copy` route's connections, which may
-/// be bulk). `auto`'s short exchanges run [`copy_then_promote`] instead, on a pinned lane.
+/// Forwards through userspace buffers, like [`splice`] (a `copy` route's connections, bulk
+/// transfers or short exchanges).
 pub async fn copy(client: TcpStream, upstream: TcpStream, cancel: &CancellationToken) -> Outcome {
-    let _bulk = pin::Bulk::start();
     run(client, upstream, (Buffer::new(), Buffer::new()), cancel).await
 }
 
