@@ -115,7 +115,7 @@ impl Outcome {
 /// copy, and move a chatty one on within milliseconds instead of 100; a bulk transfer turns a
 /// few times at most, so it still reaches 256 KiB first and goes to splice.
 const PROMOTION: userspace::Promotion = userspace::Promotion {
-    bytes: 256 * 1024,
+    bytes: userspace::BULK_AFTER,
     turns: 32,
     after: Duration::from_millis(100),
 };

@@ -5,8 +5,9 @@
 //! at the same CPU per connection.
 //!
 //! A thread carrying a bulk transfer ([`Bulk`], taken by a direction of the splice and copy
-//! loops once it has carried 256 KiB) is unpinned while it does: pinned, a lane carrying an upload shared its core with the sender and moved
-//! 0.78x the bytes per second at 1.17x the CPU per GB.
+//! loops once it has carried 256 KiB) is unpinned while it does: pinned, a lane carrying an
+//! upload shared its core with the sender and moved 0.78x the bytes per second at 1.17x the CPU
+//! per GB.
 use std::{cell::Cell, sync::OnceLock};
 
 use rustix::thread::{sched_getaffinity, sched_setaffinity, CpuSet};

@@ -301,8 +301,9 @@ fn paused(pause: Option<&Pause>) -> impl Future<Output = ()> + '_ {
 
 /// Bytes one direction of a connection on the splice or copy loop carries before it counts as a
 /// bulk transfer (`pin::Bulk`: its lane is unpinned until the direction ends); a short exchange
-/// stays on its pinned lane. The same amount as `auto`'s move to a bulk path.
-const BULK_AFTER: u64 = 256 * 1024;
+/// stays on its pinned lane. `auto` moves a connection to a bulk path after as many (its
+/// `PROMOTION`).
+pub const BULK_AFTER: u64 = 256 * 1024;
 
 /// One direction: move bytes until EOF, then shut the destination's write side (half-close);
 /// or, with a `pause`, until it fires. Without a pause, past [`BULK_AFTER`] bytes the direction
