@@ -102,31 +102,39 @@ pub struct RoundTrips {
     pub p99_us: f64,
 }
 
-/// `size`-byte requests, each answered (echoed) before the next, for `dur` or `max` requests,
-/// on [`RT_CONNECTIONS`] connections one after the other (each for its share of `dur`): one
-/// connection's rate on this machine varies 2-3x with the cores its client and forwarder land
-/// on, and fresh connections land anew.
-pub fn round_trips(t: Target, size: usize, dur: Duration, max: usize) -> Result<RoundTrips> {
-    let mut lat = Vec::with_capacity(max.min(1 << 20));
-    let mut elapsed = 0.0;
-    let share = dur / RT_CONNECTIONS as u32;
-    for _ in 0..RT_CONNECTIONS {
-        if lat.len() >= max {
-            break;
-        }
-        elapsed += round_trips_on_one(t, size, share, max, &mut lat)?;
-    }
-    let count = lat.len();
-    lat.sort_unstable();
-    Ok(RoundTrips {
-        count,
-        per_sec: count as f64 / elapsed,
-        p50_us: percentile(&lat, 50.0),
-        p99_us: percentile(&lat, 99.0),
-    })
+/// Round trips gathered over connections taken one at a time (another contender's may come in
+/// between): one connection's rate on this machine varies 2-3x with the cores its client and
+/// forwarder land on, and fresh connections land anew.
+#[derive(Default)]
+pub struct RoundTripLog {
+    lat: Vec<Duration>,
+    secs: f64,
 }
 
-/// How many connections [`round_trips`] uses.
+impl RoundTripLog {
+    /// `size`-byte requests, each answered (echoed) before the next, on one new connection to
+    /// `t`, for `dur` or until the log holds `max` round trips (then nothing is done).
+    pub fn connection(&mut self, t: Target, size: usize, dur: Duration, max: usize) -> Result<()> {
+        if self.lat.len() < max {
+            self.secs += round_trips_on_one(t, size, dur, max, &mut self.lat)?;
+        }
+        Ok(())
+    }
+
+    /// The rate over every connection's time, and the percentiles of the round trips.
+    pub fn summary(mut self) -> RoundTrips {
+        let count = self.lat.len();
+        self.lat.sort_unstable();
+        RoundTrips {
+            count,
+            per_sec: count as f64 / self.secs.max(f64::MIN_POSITIVE),
+            p50_us: percentile(&self.lat, 50.0),
+            p99_us: percentile(&self.lat, 99.0),
+        }
+    }
+}
+
+/// How many connections a contender's round trips take in a round, each its share of the time.
 pub const RT_CONNECTIONS: usize = 4;
 
 /// Round trips on one new connection for `dur`, or until `lat` holds `max` (at least one);

@@ -66,7 +66,8 @@ impl Document<'_> {
         md,
         "Measured by `cargo xtask bench{}` on {date}: {} rounds, contenders interleaved round by \
          round (each round in its own order: every k-th contender of the table, k differing from \
-         round to round, so none always follows the same one), every figure the median over the rounds.\n",
+         round to round, so none always follows the same one) and, for the round trips, \
+         connection by connection; every figure the median over the rounds.\n",
         plan.flags(),
         plan.rounds
     );
@@ -132,11 +133,17 @@ fn traffic_items(plan: &Plan) -> [String; 4] {
         ),
         format!(
             "**64 B round trips/s, p50, p99**: a 64-byte request echoed by the upstream before \
-             the next is sent, on {} connections one after the other, {:.2} s each (one \
+             the next is sent, on {} connections per contender and round, {:.2} s each (one \
              connection's rate here varies 2-3x with the cores its client and forwarder land \
              on; new connections land anew); the rate over all of them and the median and 99th \
-             percentile of each round trip's time. Client and echo server are this bench's own \
-             (Rust, TCP_NODELAY; the server in the namespace, started with `ip netns exec`).",
+             percentile of each round trip's time. The case opens each round with every \
+             contender's instance up at once, their connections taken in turns (one of each \
+             contender's, in an order of its own, then the next), so that what the shared \
+             machine does meanwhile falls on all alike; `spliced auto + XDP in the namespace` is \
+             started for each of its turns and stopped after it (its XDP program on the veth \
+             would sit in the others' path), and a `--perf` round runs each contender's \
+             connections in one turn. Client and echo server are this bench's own (Rust, TCP_NODELAY; the server \
+             in the namespace, started with `ip netns exec`).",
             client::RT_CONNECTIONS,
             plan.rr_dur.as_secs_f64() / client::RT_CONNECTIONS as f64
         ),

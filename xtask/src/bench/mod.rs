@@ -3,15 +3,15 @@
 //! the situation spliced is for: a client on the host, a forwarder on 127.0.0.1, an upstream at
 //! an IPv6 link-local address (fe80::2, `nodad`) in a network namespace behind a veth pair.
 //!
-//! Contenders are interleaved round by round (each round in its own order, see
-//! `measure::round_order`) and every figure is the median over the rounds. Per round and
-//! contender: an upload and a download with iperf3 (and the CPU
-//! they cost, the forwarder's and every task's on the machine), then, on a fresh forwarder, idle
+//! Every round starts with 64-byte round trips (and every task's CPU per round trip): every
+//! contender's instance up at once, their connections taken in turns (`round_trips`). Then the
+//! contenders one after another (each round in its own order, see `order::round_order`): an
+//! upload and a download with iperf3 (and the CPU they cost, the forwarder's and every task's on
+//! the machine), then, on a fresh forwarder in front of an upstream port of its own, idle
 //! connections ramped to 100, 1,000 and N with set-up probes at each level and memory at N,
-//! 64-byte round trips (and every task's CPU per round trip) on a few connections in turn, and
-//! short connections the upstream closes first
-//! (their rate and every task's CPU per connection); last, on another fresh forwarder in front
-//! of an upstream port of its own, short connections the client closes first. The report goes
+//! short connections the upstream closes first (their rate and every task's CPU per
+//! connection), and short connections the client closes first. Every figure is the median over
+//! the rounds. The report goes
 //! to `docs/benchmarks.md` with a chart in `docs/benchmarks.svg`, and the table to stdout; the
 //! table is parsed back and checked before the command succeeds.
 mod bulk;
@@ -25,10 +25,12 @@ mod hello;
 mod idle;
 mod measure;
 mod notes;
+mod order;
 mod perf;
 mod plan;
 mod report;
 mod round;
+mod round_trips;
 mod server;
 mod shorts;
 mod sni_cost;

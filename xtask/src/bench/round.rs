@@ -1,5 +1,6 @@
 //! One contender's round: upload and download through one instance, then on a fresh one the
-//! small-message cases (idle connections and set-up, round trips, short connections).
+//! small-message cases (idle connections and set-up, short connections). The round trips are
+//! the round's own case, every contender's in turn (`round_trips`).
 use std::time::Instant;
 
 use anyhow::{Context as _, Result};
@@ -8,13 +9,11 @@ use super::{
     bulk,
     client::{self, Closer},
     contenders::{self, Contender, Env, Instance},
-    cpu,
     idle::idle_and_setup,
     notes::{short_error, Notes},
-    perf,
     plan::{
-        small_port, Plan, ALL_CPU_CONN, ALL_CPU_DOWN, ALL_CPU_RR, ALL_CPU_UP, DAEMON_CPU, DOWN,
-        IPERF_PORT, RR, RR_P50, RR_P99, SHORT, SHORT_CLIENT_CLOSES, UP,
+        small_port, Plan, ALL_CPU_CONN, ALL_CPU_DOWN, ALL_CPU_UP, DAEMON_CPU, DOWN, IPERF_PORT,
+        SHORT, SHORT_CLIENT_CLOSES, UP,
     },
     report::Sample,
     shorts::{self, TimeWait},
@@ -61,7 +60,7 @@ pub fn small_round(
     samples: &mut [Vec<Sample>],
     notes: &mut Notes,
 ) -> Result<()> {
-    let Some(mut inst) = start_small(c, env, tag, round, notes)? else {
+    let Some(mut inst) = start_small(c, env, &format!("{tag}-small"), round, notes)? else {
         return Ok(());
     };
     let t_idle = Instant::now();
@@ -70,8 +69,6 @@ pub fn small_round(
         let e = e.context(contenders::log_tail(inst.log.as_deref()));
         note(notes, c, round, "idle connections", &e);
     }
-    let t_rr = Instant::now();
-    round_trips(c, &inst, plan, round, samples, notes)?;
     let t_short = Instant::now();
     let tw_before = upstream_closes(c, &inst, plan, round, samples, notes)?;
     let t_close = Instant::now();
@@ -82,11 +79,10 @@ pub fn small_round(
     let t_end = Instant::now();
     drop(inst);
     eprintln!(
-        "bench: round {round}: {}: idle+set-up {:.1} s, round trips {:.1} s, short {:.1} s, \
-         client closes first {:.1} s, stop {:.1} s",
+        "bench: round {round}: {}: idle+set-up {:.1} s, short {:.1} s, client closes first \
+         {:.1} s, stop {:.1} s",
         c.name(),
-        (t_rr - t_idle).as_secs_f64(),
-        (t_short - t_rr).as_secs_f64(),
+        (t_short - t_idle).as_secs_f64(),
         (t_close - t_short).as_secs_f64(),
         (t_end - t_close).as_secs_f64(),
         t_end.elapsed().as_secs_f64()
@@ -95,7 +91,7 @@ pub fn small_round(
 }
 
 /// A remark that `c`'s `what` failed in `round`.
-fn note(notes: &mut Notes, c: Contender, round: usize, what: &str, e: &anyhow::Error) {
+pub fn note(notes: &mut Notes, c: Contender, round: usize, what: &str, e: &anyhow::Error) {
     notes.push(format!(
         "{}, round {round}, {what}: {}",
         c.name(),
@@ -103,9 +99,9 @@ fn note(notes: &mut Notes, c: Contender, round: usize, what: &str, e: &anyhow::E
     ));
 }
 
-/// The small-message instance of `c` for `round`, in front of its own upstream port
-/// ([`small_port`]), warmed up; `None` (noted) if it does not start.
-fn start_small(
+/// A small-message instance of `c` for `round`, in front of its own upstream port
+/// ([`small_port`]), warmed up, its files named by `tag`; `None` (noted) if it does not start.
+pub fn start_small(
     c: Contender,
     env: &Env,
     tag: &str,
@@ -113,7 +109,7 @@ fn start_small(
     notes: &mut Notes,
 ) -> Result<Option<Instance>> {
     let port = small_port(round, c);
-    match contenders::start(c, env, port, &format!("{tag}-small")).and_then(|inst| {
+    match contenders::start(c, env, port, tag).and_then(|inst| {
         // Warm-up: systemd-socket-activate execs proxyd at the first connection.
         client::quit(client::greet(inst.target())?.0)?;
         Ok(inst)
@@ -125,37 +121,6 @@ fn start_small(
             Ok(None)
         }
     }
-}
-
-/// 64-byte round trips (on a few connections in turn, see `client::round_trips`): their rate,
-/// p50 and p99, and the CPU every task used per round trip.
-fn round_trips(
-    c: Contender,
-    inst: &Instance,
-    plan: &Plan,
-    round: usize,
-    samples: &mut [Vec<Sample>],
-    notes: &mut Notes,
-) -> Result<()> {
-    let name = format!("{}-r{round}-round-trips", c.slug());
-    let rr = perf::during(plan.perf(round), &name, inst.pid(), || {
-        let all0 = cpu::snapshot();
-        let rt = client::round_trips(inst.target(), 64, plan.rr_dur, plan.rr_max)?;
-        Ok((rt, all0.seconds_until(&cpu::snapshot())))
-    });
-    match rr {
-        Ok((rt, cpu)) => {
-            samples[ALL_CPU_RR].push(Sample::Value(cpu * 1e6 / rt.count as f64));
-            samples[RR].push(Sample::Value(rt.per_sec));
-            samples[RR_P50].push(Sample::Value(rt.p50_us));
-            samples[RR_P99].push(Sample::Value(rt.p99_us));
-        }
-        Err(e) => {
-            check_stop()?;
-            note(notes, c, round, "round trips", &e);
-        }
-    }
-    Ok(())
 }
 
 /// Short connections that the upstream closes first, and the CPU they cost; returns the
