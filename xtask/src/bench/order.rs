@@ -1,7 +1,8 @@
 //! The order contenders take their turns in: a permutation per turn (a round, or a round's
 //! round-trip connection), so that none always follows the same one.
 
-/// The order of `n` contenders in round `round` (from 1): every k-th one of the table, k the
+/// The order of `n` contenders in round `round` (from 1; or any count of turns from 1, as the
+/// round trips' connections use it): every k-th one of the table, k the
 /// round's own stride prime to `n` (1, 2, 3, … for 11 contenders), rotated to start `round - 1`
 /// further; round 1 is the table's order. A rotation alone would keep every contender's
 /// predecessor, and a predecessor leaves its TIME_WAIT sockets, page cache and kernel threads'

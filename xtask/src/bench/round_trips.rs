@@ -40,11 +40,9 @@ struct Part {
     failed: bool,
 }
 
-impl Part {
-    /// Whether `c` is started for each of its turns and stopped after: the XDP front.
-    fn own_turns(c: Contender) -> bool {
-        c == Contender::AutoXdp
-    }
+/// Whether `c` is started for each of its turns and stopped after: the XDP front.
+fn own_turns(c: Contender) -> bool {
+    c == Contender::AutoXdp
 }
 
 /// The round trips of `round` for every row not skipped, into the rows' samples. A contender
@@ -59,18 +57,23 @@ pub fn run(
     let t0 = Instant::now();
     let mut parts = Vec::with_capacity(rows.len());
     for (row, r) in rows.iter().enumerate().filter(|(_, r)| r.skipped.is_none()) {
-        let inst = if Part::own_turns(r.contender) {
+        let c = r.contender;
+        let inst = if own_turns(c) {
             None
         } else {
-            start(env, round, r.contender, notes)?
+            // One that does not start is noted and takes no turns.
+            let Some(inst) = start(env, round, c, notes)? else {
+                continue;
+            };
+            Some(inst)
         };
         parts.push(Part {
             row,
-            c: r.contender,
-            failed: inst.is_none() && !Part::own_turns(r.contender),
+            c,
             inst,
             log: RoundTripLog::default(),
             cpu: 0.0,
+            failed: false,
         });
     }
     let turns = if plan.perf(round).is_some() {
@@ -137,7 +140,7 @@ fn take_turn(
     )
     .and_then(|cpu| {
         p.cpu += cpu;
-        if Part::own_turns(p.c) {
+        if own_turns(p.c) {
             inst.check_alive()
         } else {
             Ok(())
@@ -149,7 +152,7 @@ fn take_turn(
         note(notes, p.c, round, "round trips", &e);
         p.failed = true;
     }
-    if Part::own_turns(p.c) {
+    if own_turns(p.c) {
         p.inst = None;
     }
     Ok(())
