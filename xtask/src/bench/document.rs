@@ -143,7 +143,8 @@ fn traffic_items(plan: &Plan) -> [String; 4] {
              started for each of its turns and stopped after it (its XDP program on the veth \
              would sit in the others' path), and a `--perf` round runs each contender's \
              connections in one turn. Client and echo server are this bench's own (Rust, TCP_NODELAY; the server \
-             in the namespace, started with `ip netns exec`).",
+             in the namespace, started with `ip netns exec`). The notes give what a wake-up \
+             across cores costs on the machine and how many each contender's round trip took.",
             client::RT_CONNECTIONS,
             plan.rr_dur.as_secs_f64() / client::RT_CONNECTIONS as f64
         ),

@@ -38,6 +38,7 @@ mod sys;
 mod time_wait;
 mod topology;
 mod verdict;
+mod wakeups;
 
 use std::{
     fs,
@@ -154,6 +155,7 @@ pub fn command(args: Args) -> Result<()> {
     }
     let mut notes = Notes::default();
     notes.lines.extend(cpu::irq_time_note());
+    notes.lines.extend(wakeups::cost_note());
     let plan = plan(&args, &mut notes)?;
     topology::catch_signals();
     topology::remove_stale()?;

@@ -1,5 +1,6 @@
 //! What the report says below the table: remarks as the run makes them, the TIME_WAIT each
-//! short-connection case left, and the idle-connection counts a contender could not get past.
+//! short-connection case left, the cross-core wake-ups of a round trip, and the idle-connection
+//! counts a contender could not get past.
 use super::{client::Closer, contenders::Contender, report, shorts::TimeWait};
 
 /// What the report says below the table: remarks in order, and the connection counts each
@@ -13,6 +14,8 @@ pub struct Notes {
     pub spliced_broke: Vec<String>,
     /// TIME_WAIT left by each short-connection case, per contender and round.
     pub time_wait: Vec<(Closer, Contender, TimeWait)>,
+    /// Cross-core wake-ups per round trip, per contender and round (`wakeups::count`).
+    pub wakeups: Vec<(Contender, f64)>,
 }
 
 impl Notes {
@@ -62,6 +65,34 @@ impl Notes {
     }
 }
 
+impl Notes {
+    /// The cross-core wake-ups a round trip took, per contender, the median over the rounds.
+    fn wakeup_line(&self) -> Option<String> {
+        let parts: Vec<String> = Contender::ALL
+            .iter()
+            .filter_map(|&c| {
+                let mut v: Vec<f64> = self
+                    .wakeups
+                    .iter()
+                    .filter(|(k, _)| *k == c)
+                    .map(|(_, w)| *w)
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).map(|m| format!("{} {m:.2}", c.name()))
+            })
+            .collect();
+        (!parts.is_empty()).then(|| {
+            format!(
+                "Cross-core wake-ups per round trip (the rescheduling and function-call IPIs of \
+                 every core, /proc/interrupts, over each contender's round-trip connections, \
+                 set-up included; the median over the rounds; machine-wide, so other work on the \
+                 machine adds to it): {}.",
+                parts.join("; ")
+            )
+        })
+    }
+}
+
 /// A contender stuck below a target: round, connections held, the target, why the next failed.
 type Cap = (usize, usize, usize, String);
 
@@ -93,6 +124,7 @@ impl Notes {
     pub fn lines(&self) -> Vec<String> {
         let mut out = self.lines.clone();
         out.extend(self.time_wait_lines());
+        out.extend(self.wakeup_line());
         for (c, caps) in &self.caps {
             let held: Vec<String> = caps
                 .iter()

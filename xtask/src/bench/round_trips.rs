@@ -23,6 +23,7 @@ use super::{
     report::{Row, Sample},
     round::{note, start_small},
     topology::check_stop,
+    wakeups,
 };
 
 /// The size of a request, and of its echo.
@@ -37,6 +38,8 @@ struct Part {
     log: RoundTripLog,
     /// Every task's CPU over its connections, in seconds.
     cpu: f64,
+    /// Cross-core wake-ups over its connections (`None`: the kernel does not show them).
+    wakeups: Option<u64>,
     failed: bool,
 }
 
@@ -73,6 +76,7 @@ pub fn run(
             inst,
             log: RoundTripLog::default(),
             cpu: 0.0,
+            wakeups: Some(0),
             failed: false,
         });
     }
@@ -138,8 +142,9 @@ fn take_turn(
         share,
         plan.rr_max,
     )
-    .and_then(|cpu| {
+    .and_then(|(cpu, wakeups)| {
         p.cpu += cpu;
+        p.wakeups = p.wakeups.zip(wakeups).map(|(a, b)| a + b);
         if own_turns(p.c) {
             inst.check_alive()
         } else {
@@ -159,7 +164,8 @@ fn take_turn(
 }
 
 /// `n` connections of round trips through `inst`, `share` each, one after the other, under
-/// `perf` if given; returns the CPU every task used meanwhile (their set-up included).
+/// `perf` if given; returns the CPU every task used meanwhile (their set-up included), and the
+/// machine's cross-core wake-ups.
 fn connections(
     perf: Option<&perf::Perf>,
     name: &str,
@@ -168,13 +174,17 @@ fn connections(
     n: usize,
     share: Duration,
     max: usize,
-) -> Result<f64> {
+) -> Result<(f64, Option<u64>)> {
     perf::during(perf, name, inst.pid(), || {
         let all0 = cpu::snapshot();
+        let ipis0 = wakeups::count();
         for _ in 0..n {
             log.connection(inst.target(), SIZE, share, max)?;
         }
-        Ok(all0.seconds_until(&cpu::snapshot()))
+        let ipis = ipis0
+            .zip(wakeups::count())
+            .map(|(a, b)| b.saturating_sub(a));
+        Ok((all0.seconds_until(&cpu::snapshot()), ipis))
     })
 }
 
@@ -192,6 +202,9 @@ fn finish(parts: Vec<Part>, round: usize, rows: &mut [Row], notes: &mut Notes) {
         }
         let samples = &mut rows[p.row].samples;
         samples[ALL_CPU_RR].push(Sample::Value(p.cpu * 1e6 / rt.count as f64));
+        if let Some(w) = p.wakeups {
+            notes.wakeups.push((p.c, w as f64 / rt.count as f64));
+        }
         samples[RR].push(Sample::Value(rt.per_sec));
         samples[RR_P50].push(Sample::Value(rt.p50_us));
         samples[RR_P99].push(Sample::Value(rt.p99_us));
