@@ -105,8 +105,9 @@ impl Document<'_> {
     );
     }
 
-    /// The contenders and the notes.
+    /// Where the profiles are, the contenders and the notes.
     fn tail(&self, md: &mut String) {
+        let _ = writeln!(md, "\n## Profiles\n\n{PROFILES}");
         let _ = writeln!(md, "\n## Contenders\n");
         for (c, d) in self.descriptions {
             let _ = writeln!(md, "- **{}**: {d}", c.name());
@@ -121,6 +122,16 @@ impl Document<'_> {
         }
     }
 }
+
+/// Where the profiles' findings are kept: a file a run does not overwrite.
+const PROFILES: &str = "Why the figures are what they are, from `perf record -g` of the forwarder \
+     and of the whole machine during each case (`cargo xtask bench --perf DIR` profiles each \
+     contender's first round) and from side-by-side runs, is kept in \
+     [docs/profiles.md](profiles.md), which a run does not overwrite: the short connections (the \
+     accept and dial path, and the pinned lanes that keep a connection's wake-ups on one core), \
+     the round trips (when a connection leaves the copy path, and the floor a cross-core \
+     wake-up sets, whose cost on this machine the notes give), bulk transfers (splice against \
+     sockmap, one thread per transfer) and the XDP front's cost.";
 
 /// What the throughput, round-trip and short-connection figures are.
 fn traffic_items(plan: &Plan) -> [String; 4] {
