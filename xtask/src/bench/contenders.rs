@@ -41,6 +41,17 @@ pub enum Contender {
     Proxyd,
 }
 
+/// `--contender NAME`: a contender by its [`Contender::slug`].
+impl clap::ValueEnum for Contender {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Contender::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.slug()))
+    }
+}
+
 impl Contender {
     pub const ALL: [Contender; 11] = [
         Contender::Direct,
@@ -90,11 +101,6 @@ impl Contender {
     /// Whether every run has this row, `--contender` or not: the baseline and spliced's default.
     pub fn always_runs(self) -> bool {
         matches!(self, Contender::Direct | Contender::Auto)
-    }
-
-    /// The contender whose [`Contender::slug`] is `slug`.
-    pub fn from_slug(slug: &str) -> Option<Contender> {
-        Contender::ALL.into_iter().find(|c| c.slug() == slug)
     }
 
     /// A file-name-safe short name; also what `--contender` takes.

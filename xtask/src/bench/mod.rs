@@ -77,7 +77,7 @@ pub struct Args {
     /// Only this contender (repeatable; `direct`, the baseline, and `auto` always run): for a
     /// run of many rounds on the few rows a question is about. Needs --output: such a run does
     /// not replace the full report.
-    #[arg(long = "contender", value_name = "NAME", value_parser = contender_parser())]
+    #[arg(long = "contender", value_name = "NAME", value_enum)]
     pub contenders: Vec<Contender>,
     /// Leave out the idle-connection ramp (memory and set-up time at each level), the longest
     /// case of a round. Needs --output, as --contender.
@@ -116,28 +116,22 @@ pub struct Args {
     pub serve_last: Option<u16>,
 }
 
-/// `--contender`'s values: the contenders' slugs.
-fn contender_parser() -> impl clap::builder::TypedValueParser<Value = Contender> {
-    use clap::builder::TypedValueParser as _;
-    clap::builder::PossibleValuesParser::new(Contender::ALL.map(Contender::slug))
-        .map(|s: String| Contender::from_slug(&s).unwrap_or(Contender::Auto))
-}
-
 /// The bench: `--serve` (the echo server, inside the namespace), `--time-wait`, or the figures.
 pub fn command(args: Args) -> Result<()> {
     if let Some(port) = args.serve {
         return server::serve(port, args.serve_last.unwrap_or(port));
     }
-    if !is_root() {
-        reexec_as_root()?;
-    }
-    let started = Instant::now();
+    // Before the re-exec, so that a bad command line fails without asking for root.
     if (!args.contenders.is_empty() || args.no_idle || args.no_bulk) && args.output.is_none() {
         bail!(
             "--contender, --no-idle and --no-bulk measure part of the table, which would replace the full \
              report (docs/benchmarks.md): give --output FILE, e.g. --output /tmp/bench.md"
         );
     }
+    if !is_root() {
+        reexec_as_root()?;
+    }
+    let started = Instant::now();
     crate::setup::run()?;
     crate::setup::bench_packages()?;
     if args.perf.is_some() {

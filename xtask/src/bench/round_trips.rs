@@ -65,7 +65,7 @@ pub fn run(
             None
         } else {
             // One that does not start is noted and takes no turns.
-            let Some(inst) = start(env, round, c, notes)? else {
+            let Some(inst) = start(env, round, None, c, notes)? else {
                 continue;
             };
             Some(inst)
@@ -87,14 +87,8 @@ pub fn run(
     };
     for turn in 0..turns {
         for i in round_order(parts.len(), (round - 1) * turns + turn + 1) {
-            take_turn(
-                env,
-                plan,
-                round,
-                &mut parts[i],
-                RT_CONNECTIONS / turns,
-                notes,
-            )?;
+            let p = &mut parts[i];
+            take_turn(env, plan, (round, turn), p, RT_CONNECTIONS / turns, notes)?;
         }
     }
     finish(parts, round, rows, notes);
@@ -106,17 +100,28 @@ pub fn run(
     Ok(())
 }
 
-/// `c`'s instance for this round's round trips; `None` (noted) if it does not start.
-fn start(env: &Env, round: usize, c: Contender, notes: &mut Notes) -> Result<Option<Instance>> {
-    start_small(c, env, &format!("r{round}-round-trips"), round, notes)
+/// `c`'s instance for this round's round trips, or for one `turn` of them (its log a file of
+/// its own); `None` (noted) if it does not start.
+fn start(
+    env: &Env,
+    round: usize,
+    turn: Option<usize>,
+    c: Contender,
+    notes: &mut Notes,
+) -> Result<Option<Instance>> {
+    let tag = match turn {
+        Some(t) => format!("r{round}-t{}-round-trips", t + 1),
+        None => format!("r{round}-round-trips"),
+    };
+    start_small(c, env, &tag, round, notes)
 }
 
-/// `p`'s turn, `n` connections, unless it failed before; its instance started first and
-/// stopped after if it has turns of its own. A failure is noted and ends `p`'s part.
+/// `p`'s turn of `round`, `n` connections, unless it failed before; its instance started
+/// first and stopped after if it has turns of its own. A failure is noted and ends `p`'s part.
 fn take_turn(
     env: &Env,
     plan: &Plan,
-    round: usize,
+    (round, turn): (usize, usize),
     p: &mut Part,
     n: usize,
     notes: &mut Notes,
@@ -125,7 +130,7 @@ fn take_turn(
         return Ok(());
     }
     if p.inst.is_none() {
-        p.inst = start(env, round, p.c, notes)?;
+        p.inst = start(env, round, Some(turn), p.c, notes)?;
     }
     let Some(inst) = p.inst.as_mut() else {
         p.failed = true;
