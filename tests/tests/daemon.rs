@@ -532,15 +532,21 @@ fn sighup_without_a_config_file_changes_nothing() {
     carry(&mut c, &mut s, b"ok");
 }
 
-/// The threads of `pid` that tokio's runtime runs (its workers, and blocking-pool threads
-/// while they live: they go after a second idle).
-fn runtime_threads(pid: i32) -> usize {
+/// The directories of `pid`'s threads, `/proc/PID/task/TID`.
+fn tasks(pid: i32) -> Vec<PathBuf> {
     fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
-        .filter(|t| {
-            fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("tokio-r"))
-        })
+        .map(|t| t.path())
+        .collect()
+}
+
+/// The threads of `pid` that tokio's runtime runs (its workers, and blocking-pool threads
+/// while they live: they go after a second idle).
+fn runtime_threads(pid: i32) -> usize {
+    tasks(pid)
+        .iter()
+        .filter(|t| fs::read_to_string(t.join("comm")).is_ok_and(|c| c.starts_with("tokio-r")))
         .count()
 }
 
@@ -576,13 +582,12 @@ fn workers_sets_the_runtime_threads_and_waits_for_a_restart() {
 
 /// Each lane thread's allowed cores (`Cpus_allowed_list`), by lane number.
 fn lane_cores(pid: i32) -> Vec<String> {
-    let mut lanes: Vec<(usize, String)> = fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
+    let mut lanes: Vec<(usize, String)> = tasks(pid)
+        .iter()
         .filter_map(|t| {
-            let comm = fs::read_to_string(t.path().join("comm")).ok()?;
+            let comm = fs::read_to_string(t.join("comm")).ok()?;
             let lane = comm.trim().strip_prefix("lane-")?.parse().ok()?;
-            let status = fs::read_to_string(t.path().join("status")).ok()?;
+            let status = fs::read_to_string(t.join("status")).ok()?;
             let list = status
                 .lines()
                 .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
@@ -1060,8 +1065,8 @@ const KEPT_CAPS: u64 = (1 << 10) | (1 << 12);
 /// Every thread of `pid`: (tid, Uid line fields, CapEff, CapPrm, CapBnd).
 fn thread_creds(pid: i32) -> Vec<(String, Vec<u32>, u64, u64, u64)> {
     let mut out = Vec::new();
-    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let Ok(text) = fs::read_to_string(task.path().join("status")) else {
+    for task in tasks(pid) {
+        let Ok(text) = fs::read_to_string(task.join("status")) else {
             continue;
         };
         let field = |key: &str| {
@@ -1077,7 +1082,7 @@ fn thread_creds(pid: i32) -> Vec<(String, Vec<u32>, u64, u64, u64)> {
             .map(|u| u.parse().unwrap())
             .collect();
         out.push((
-            task.file_name().to_string_lossy().into_owned(),
+            task.file_name().unwrap().to_string_lossy().into_owned(),
             uids,
             hex("CapEff:"),
             hex("CapPrm:"),
