@@ -63,22 +63,19 @@ impl Notes {
         }
         out
     }
-}
 
-impl Notes {
     /// The cross-core wake-ups a round trip took, per contender, the median over the rounds.
     fn wakeup_line(&self) -> Option<String> {
         let parts: Vec<String> = Contender::ALL
             .iter()
             .filter_map(|&c| {
-                let mut v: Vec<f64> = self
+                let v: Vec<f64> = self
                     .wakeups
                     .iter()
                     .filter(|(k, _)| *k == c)
                     .map(|(_, w)| *w)
                     .collect();
-                v.sort_by(f64::total_cmp);
-                v.get(v.len() / 2).map(|m| format!("{} {m:.2}", c.name()))
+                (!v.is_empty()).then(|| format!("{} {:.2}", c.name(), report::median(v)))
             })
             .collect();
         (!parts.is_empty()).then(|| {
@@ -152,5 +149,29 @@ pub fn short_error(e: &anyhow::Error) -> String {
         format!("{}…", s.chars().take(400).collect::<String>())
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wake_up_line_gives_each_contenders_median_in_table_order() {
+        let mut notes = Notes::default();
+        assert_eq!(notes.wakeup_line(), None);
+        notes.wakeups = vec![
+            (Contender::Socat, 3.5),
+            (Contender::Auto, 2.0),
+            (Contender::Auto, 1.0),
+            (Contender::Auto, 4.0),
+        ];
+        let line = notes.wakeup_line().unwrap();
+        let want = format!(
+            "{} 2.00; {} 3.50.",
+            Contender::Auto.name(),
+            Contender::Socat.name()
+        );
+        assert!(line.ends_with(&want), "{line}");
     }
 }
