@@ -201,7 +201,8 @@ fn bench_quick() -> Result<()> {
 }
 
 /// How long one guest of the VM step may run: with the musl build, the step stays under 22
-/// minutes even when both guests use all of it. 330 s cut 5.10 off in its `cli` tests on
+/// minutes even when both guests use all of it (a guest booted again after a silent first boot
+/// adds at most `vm::SILENT_LIMIT`, 3 minutes). 330 s cut 5.10 off in its `cli` tests on
 /// 2026-11-30, on a machine at half the speed of the one before (its `datapath` tests alone
 /// took 297 s beside the arm64 guest, 147 s without it).
 const CI_GUEST_LIMIT: Duration = Duration::from_secs(600);

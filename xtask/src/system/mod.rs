@@ -53,6 +53,10 @@ pub const CHECKS: &[&str] = &[
 /// How long the guest may run, boot to power-off (amd64 about 5 minutes on a loaded host).
 pub const GUEST_LIMIT: Duration = Duration::from_secs(900);
 
+/// How long the guest may go without its first marker (systemd up, the checks' unit started)
+/// before it is booted again (see [`qemu::boot`]).
+const SILENT_LIMIT: Duration = Duration::from_secs(300);
+
 const GUEST_SCRIPT: &str = include_str!("guest.sh");
 
 /// The unit that runs the checks once the system is up; its output goes to the console.
@@ -109,14 +113,17 @@ pub fn run(arch: Arch, limit: Duration) -> Result<()> {
     );
     let console = base.join(format!("console-{}.log", arch.deb()));
     let running = work.0.join("console.log");
-    let result = qemu::boot(
-        (arch, 2048),
-        &vmlinuz,
-        &initrd,
-        &running,
+    let result = qemu::boot(&qemu::Guest {
+        arch,
+        mem_mib: 2048,
+        vmlinuz: &vmlinuz,
+        initrd: &initrd,
+        console: &running,
+        boot_log: false,
         limit,
-        &format!("system {}: ", arch.deb()),
-    );
+        silent: SILENT_LIMIT,
+        prefix: &format!("system {}: ", arch.deb()),
+    });
     let _ = fs::copy(&running, &console);
     let text = result.with_context(|| format!("console: {}", console.display()))?;
     let verdict = Verdict::parse(&text);

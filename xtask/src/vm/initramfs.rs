@@ -347,6 +347,9 @@ const INIT_HEAD: &str = r#"#!/bin/sh
 export PATH=/usr/sbin:/bin:/sbin
 export HOME=/root
 mount -t proc proc /proc
+# The kernel booted without `quiet` (its log shows where a hung boot stopped); from here on
+# only errors, as `quiet` gives, so that its messages do not split the tests' lines.
+echo 4 > /proc/sys/kernel/printk
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp

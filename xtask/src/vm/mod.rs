@@ -44,6 +44,10 @@ pub const GUEST_LIMIT: Duration = Duration::from_secs(600);
 /// host loaded by other builds and a second guest).
 pub const ARM64_GUEST_LIMIT: Duration = Duration::from_secs(900);
 
+/// How long a guest may go without its first marker before it is booted again (see
+/// [`qemu::boot`]): the kernel's boot and the init's first line, under 60 s on a loaded host.
+pub const SILENT_LIMIT: Duration = Duration::from_secs(180);
+
 /// The guest limit for `arch`.
 pub fn guest_limit(arch: Arch) -> Duration {
     match arch {
@@ -324,14 +328,17 @@ fn run_one(
     initramfs::build(&k, userland, spliced, tests, &guest_env(), &initrd)?;
     let running = work.join(format!("console-{}.log", k.release));
     let vmlinuz = qemu::loadable_kernel(arch, &k.vmlinuz, work)?;
-    let result = qemu::boot(
-        (arch, 1024),
-        &vmlinuz,
-        &initrd,
-        &running,
+    let result = qemu::boot(&qemu::Guest {
+        arch,
+        mem_mib: 1024,
+        vmlinuz: &vmlinuz,
+        initrd: &initrd,
+        console: &running,
+        boot_log: true,
         limit,
-        &format!("vm {}: ", k.release),
-    );
+        silent: SILENT_LIMIT,
+        prefix: &format!("vm {}: ", k.release),
+    });
     let _ = fs::remove_file(&initrd);
     // Kept after the run (the work directory is not): the latest console of each kernel.
     let console = consoles.join(format!("console-{}.log", k.release));
