@@ -19,7 +19,7 @@ use aya_ebpf::{
     bindings::{sk_action::SK_PASS, BPF_F_MMAPABLE},
     helpers::bpf_get_smp_processor_id,
     macros::{map, sk_reuseport},
-    maps::{Array, HashMap, ReusePortSockArray},
+    maps::{Array, HashMap, PerCpuArray, ReusePortSockArray},
     programs::SkReuseportContext,
 };
 use proxy_common::{
@@ -43,9 +43,11 @@ static STEER_GROUPS: HashMap<u32, [u32; STEER_PORT_GROUPS]> =
 #[map]
 static STEER_LOAD: Array<u64> = Array::with_max_entries(STEER_LOAD_SLOTS, BPF_F_MMAPABLE);
 
-/// Lane -> connections handed to it here (for the daemon's status and its tests).
+/// Lane -> connections handed to it here, counted per CPU (the daemon's status and metrics add
+/// the CPUs' counts): SYNs steered on two cores at once must not lose a count, and the BPF
+/// target has no atomic add to give a shared slot.
 #[map]
-static STEER_PICKS: Array<u64> = Array::with_max_entries(STEER_MAX_LANES, 0);
+static STEER_PICKS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STEER_MAX_LANES, 0);
 
 #[sk_reuseport]
 pub fn spliced_steer(ctx: SkReuseportContext) -> u32 {
@@ -88,7 +90,8 @@ fn steer(ctx: &SkReuseportContext) -> Option<()> {
 
 fn count(lane: u32) {
     if let Some(picks) = STEER_PICKS.get_ptr_mut(lane) {
-        // SAFETY: a valid slot of an array map; a lost increment under a race is harmless.
+        // SAFETY: a valid slot of this CPU's copy; the program runs with migration disabled,
+        // so nothing else writes it meanwhile.
         unsafe { *picks += 1 };
     }
 }

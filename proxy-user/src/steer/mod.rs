@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, MapData, ReusePortSockArray},
+    maps::{HashMap, MapData, PerCpuArray, ReusePortSockArray},
     programs::SkReuseport,
     Ebpf,
 };
@@ -56,7 +56,8 @@ pub enum SteerError {
 pub struct Steer {
     ebpf: Mutex<Ebpf>,
     maps: Mutex<Maps>,
-    picks: Array<MapData, u64>,
+    /// Per CPU: the program counts on the CPU it runs on.
+    picks: PerCpuArray<MapData, u64>,
     load: Loads,
     /// Kept open beside its mapping.
     _load_map: aya::maps::Map,
@@ -179,7 +180,7 @@ impl Steer {
     /// Connections the program handed to each of the lanes so far.
     pub fn picks(&self) -> Vec<u64> {
         (0..self.lanes() as u32)
-            .map(|lane| self.picks.get(&lane, 0).unwrap_or(0))
+            .map(|lane| self.picks.get(&lane, 0).map_or(0, |cpus| cpus.iter().sum()))
             .collect()
     }
 
