@@ -57,7 +57,8 @@ enum Ended {
 /// Boots the guest and returns the console's text once QEMU exits (the guest's `poweroff`, or
 /// a panic with `-no-reboot`). A guest that printed no marker within its silence limit is
 /// booted once more: a 7.2 amd64 guest under TCG beside the arm64 one printed nothing in 600 s
-/// once (CI, 2026-12-01) and every other boot of it had its first marker within a minute.
+/// once (CI, 2026-12-01), where boots measured that day had their first marker in 4.5-7 s.
+/// The retry cannot hide a fault of spliced's: nothing of it runs before the first marker.
 pub fn boot(guest: &Guest) -> Result<String> {
     for attempt in 1..=2 {
         match boot_once(guest)? {
